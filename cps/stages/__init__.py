@@ -1,0 +1,1 @@
+"""Stage workflows: each joins library calls to the tracking store for one `cps` command."""

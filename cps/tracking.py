@@ -1,0 +1,350 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+Store: `--tracking-uri` > `MLFLOW_TRACKING_URI` > `sqlite:///mlruns/mlflow.db` (artifacts under
+`mlruns/artifacts`). Runs are created through `start_run`, which always ends them: FINISHED on
+success, FAILED on an error, KILLED on Ctrl-C or SIGTERM — never left RUNNING.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cps
+from cps.errors import CpsError
+
+if TYPE_CHECKING:
+    import polars as pl
+    from mlflow import MlflowClient
+
+DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
+DEFAULT_EXPERIMENT = "cps"
+STAGE_TAG = "cps.stage"
+STAGES = ("calibrate", "prune", "eval", "analyze", "sweep")
+_PARAM_MAX = 6000  # MLflow's limit on a param value
+
+
+@dataclass(frozen=True)
+class Store:
+    """Which tracking store and experiment to use."""
+
+    uri: str | None = None
+    experiment: str = DEFAULT_EXPERIMENT
+
+    @property
+    def resolved_uri(self) -> str:
+        uri = self.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            # Relative to the working directory; made absolute so the store is the same everywhere.
+            uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+        return uri
+
+
+@dataclass
+class RunRecord:
+    """A run read back from the store."""
+
+    run_id: str
+    status: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    artifact_uri: str
+    start_time: int
+    experiment_id: str
+
+    @property
+    def stage(self) -> str | None:
+        return self.tags.get(STAGE_TAG)
+
+
+# ---------------------------------------------------------------------------------------------
+# Connecting
+
+
+def _quiet_mlflow() -> None:
+    for name in ("mlflow", "alembic", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def _check_reachable(uri: str) -> None:
+    """Fail fast with one line instead of MLflow's minutes of retries."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as reply:
+                reply.read()
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            reason = getattr(error, "reason", error)
+            raise CpsError(f"tracking store {uri} is unreachable: {reason}") from None
+    elif uri.startswith("sqlite:///"):
+        db_path = Path(uri.removeprefix("sqlite:///"))
+        try:
+            db_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CpsError(f"tracking store {uri}: cannot create {db_path.parent}: {error}") from None
+    elif uri.startswith("file:") or "://" not in uri:
+        folder = Path(uri.removeprefix("file://").removeprefix("file:"))
+        if folder.exists() and not folder.is_dir():
+            raise CpsError(f"tracking store {uri} is not a folder")
+
+
+def _artifact_root(uri: str) -> str | None:
+    """For a local sqlite store, artifacts live beside the database (`mlruns/artifacts`)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+    return None
+
+
+@lru_cache(maxsize=8)
+def _client_for(uri: str) -> MlflowClient:
+    _check_reachable(uri)
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    _quiet_mlflow()  # after the import: mlflow configures its loggers when imported
+
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # touches the store: migrations, connection
+    except MlflowException as error:
+        raise CpsError(f"tracking store {uri} is unusable: {_first_line(error)}") from None
+    return client
+
+
+def client(store: Store) -> MlflowClient:
+    return _client_for(store.resolved_uri)
+
+
+def experiment_id(store: Store, create: bool = True) -> str | None:
+    mlflow_client = client(store)
+    experiment = mlflow_client.get_experiment_by_name(store.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    if not create:
+        return None
+    return mlflow_client.create_experiment(
+        store.experiment, artifact_location=_artifact_root(store.resolved_uri)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Provenance
+
+
+@lru_cache(maxsize=1)
+def git_sha() -> str:
+    """Commit of the cps source tree (with -dirty for uncommitted changes), or 'unknown'."""
+    source = Path(cps.__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        if sha.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance_params() -> dict[str, str]:
+    return {"cps_version": cps.__version__, "git_sha": git_sha()}
+
+
+def library_tags() -> dict[str, str]:
+    tags = {}
+    for package in ("torch", "transformers", "lm_eval", "mlflow"):
+        try:
+            tags[f"cps.version.{package}"] = importlib.metadata.version(package.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            tags[f"cps.version.{package}"] = "not installed"
+    return tags
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass
+class TrackedRun:
+    """A run being written. Created by `start_run`; its methods write straight to the store."""
+
+    run_id: str
+    store: Store
+    _client: Any = field(repr=False)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:_PARAM_MAX]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self._client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for start in range(0, len(items), 1000):
+            self._client.log_batch(self.run_id, metrics=items[start : start + 1000])
+
+    def log_series(self, name: str, values: list[float]) -> None:
+        """A per-layer series: one point per step (= layer index)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(name, float(v), now, step) for step, v in enumerate(values)]
+        for start in range(0, len(items), 1000):
+            self._client.log_batch(self.run_id, metrics=items[start : start + 1000])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(local_path)
+        if path.is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_frame(self, frame: pl.DataFrame, name: str) -> None:
+        """A polars frame as `<name>` (parquet) in the run's artifacts."""
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / name
+            frame.write_parquet(path)
+            self.log_artifact(path, str(Path(name).parent) if "/" in name else None)
+
+
+@contextmanager
+def start_run(
+    store: Store,
+    stage: str,
+    params: Mapping[str, Any],
+    run_name: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+) -> Iterator[TrackedRun]:
+    """Create a run with `cps.stage`, params and provenance; end it FINISHED, FAILED or KILLED."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}")
+    mlflow_client = client(store)
+    all_tags = {STAGE_TAG: stage, **library_tags(), **(tags or {})}
+    run = mlflow_client.create_run(
+        experiment_id(store), tags={k: str(v) for k, v in all_tags.items()}, run_name=run_name
+    )
+    tracked = TrackedRun(run.info.run_id, store, mlflow_client)
+    status = "FAILED"
+    try:
+        tracked.log_params({**params, **provenance_params()})
+        yield tracked
+        status = "FINISHED"
+    except (KeyboardInterrupt, SystemExit):
+        status = "KILLED"
+        raise
+    finally:
+        mlflow_client.set_terminated(tracked.run_id, status=status)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _record(run: Any) -> RunRecord:
+    return RunRecord(
+        run_id=run.info.run_id,
+        status=run.info.status,
+        params=dict(run.data.params),
+        metrics=dict(run.data.metrics),
+        tags=dict(run.data.tags),
+        artifact_uri=run.info.artifact_uri,
+        start_time=run.info.start_time,
+        experiment_id=run.info.experiment_id,
+    )
+
+
+def get_run(store: Store, run_id: str) -> RunRecord:
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(store)
+    try:
+        return _record(mlflow_client.get_run(run_id))
+    except MlflowException:
+        raise CpsError(f"no run {run_id!r} in tracking store {store.resolved_uri}") from None
+
+
+def find_runs(
+    store: Store,
+    stage: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    status: str | None = "FINISHED",
+) -> list[RunRecord]:
+    """Runs of the experiment matching stage, exact param values and status; newest first."""
+    exp_id = experiment_id(store, create=False)
+    if exp_id is None:
+        return []
+    clauses = []
+    if stage:
+        clauses.append(f"tags.`{STAGE_TAG}` = '{stage}'")
+    for key, value in (params or {}).items():
+        clauses.append(f"params.`{key}` = '{_quote(str(value))}'")
+    if status:
+        clauses.append(f"attributes.status = '{status}'")
+    mlflow_client = client(store)
+    records, token = [], None
+    while True:
+        page = mlflow_client.search_runs(
+            [exp_id],
+            filter_string=" and ".join(clauses),
+            max_results=1000,
+            order_by=["attributes.start_time DESC"],
+            page_token=token,
+        )
+        records.extend(_record(run) for run in page)
+        token = page.token
+        if not token:
+            return records
+
+
+def download_artifact(store: Store, run_id: str, path: str, dst: str | Path) -> Path:
+    """Copy one artifact (file or folder) of a run to `dst`; CpsError when it is missing."""
+    from mlflow.exceptions import MlflowException
+
+    get_run(store, run_id)
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    try:
+        local = client(store).download_artifacts(run_id, path, str(dst))
+    except (MlflowException, OSError):
+        raise CpsError(f"run {run_id} has no artifact {path!r}") from None
+    return Path(local)
+
+
+def _quote(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
