@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -56,7 +58,7 @@ def test_disjoint_windows_when_the_stream_is_long_enough(seed):
     assert not overlapping
     ordered = sorted(starts.tolist())
     assert ordered[0] >= 0 and ordered[-1] + 73 <= 1000
-    assert all(b - a >= 73 for a, b in zip(ordered, ordered[1:], strict=False))
+    assert all(b - a >= 73 for a, b in pairwise(ordered))
 
 
 def test_overlapping_windows_when_the_stream_is_short():

@@ -5,7 +5,7 @@ import pytest
 from cps.errors import CpsError
 from cps.languages import LANGUAGES, PAPER_LANGUAGES, get_language, parse_languages, script_share
 
-CORPUS_LANGUAGES = "ar de en es fr hi ja ko ru sw tr vi zh".split()
+CORPUS_LANGUAGES = ["ar", "de", "en", "es", "fr", "hi", "ja", "ko", "ru", "sw", "tr", "vi", "zh"]
 
 
 def test_registry_covers_the_corpora_languages_with_consistent_codes():

@@ -34,7 +34,7 @@ def test_unknown_model_and_bad_options(tmp_path):
     for bad in ("nope", "a/b/c", "./missing-folder"):
         with pytest.raises(CpsError, match="unknown model"):
             resolve_model(bad)
-    with pytest.raises(CpsError, match="no config.json"):
+    with pytest.raises(CpsError, match=r"no config\.json"):
         resolve_model(str(tmp_path))
     with pytest.raises(CpsError, match="unknown dtype"):
         LoadOptions(dtype="int3")

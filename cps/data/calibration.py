@@ -23,6 +23,7 @@ from cps.data import get_corpus
 from cps.data.corpus import Document, file_sha256
 from cps.errors import CpsError
 from cps.languages import get_language
+from cps.models import resolve_model
 from cps.paths import cache_dir
 
 if TYPE_CHECKING:
@@ -95,6 +96,7 @@ class CalibrationConfig:
         if self.seed < 0:
             raise CpsError(f"--seed must be non-negative (got {self.seed})")
         parse_mixture(self.lang)
+        resolve_model(self.model)
 
     @property
     def mixture(self) -> dict[str, float]:

@@ -1,0 +1,5 @@
+"""`python -m cps` is the `cps` command."""
+
+from cps.cli import main
+
+main()

@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cps import tracking
+from cps.data.calibration import CalibrationConfig, build_calibration
+
+
+def cps(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cps", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize("command", [[], ["calibrate"], ["data"], ["data", "list"], ["models"]])
+def test_help_is_fast(command):
+    started = time.monotonic()
+    result = cps(*command, "--help")
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0 and "Usage" in result.stdout
+    assert elapsed < 1.5, f"cps {' '.join(command)} --help took {elapsed:.2f}s"
+
+
+def _store_args(store: tracking.Store) -> list[str]:
+    return ["--tracking-uri", str(store.uri)]
+
+
+def test_calibrate_logs_a_run_that_reads_back(store, tmp_path, tiny_tokenizer):
+    args = ["calibrate", "--model", "tiny-llama", "--lang", "sw", "--nsamples", "4", "--seqlen", "32"]
+    first = cps(*args, "--seed", "7", *_store_args(store))
+    assert first.returncode == 0, first.stderr
+    assert "(built)" in first.stdout and "new run" in first.stdout
+    (run,) = tracking.find_runs(store, "calibrate")
+    assert run.run_id in first.stdout
+    assert {
+        k: run.params[k] for k in ("model", "calib_lang", "calib_corpus", "nsamples", "seqlen", "seed")
+    } == {
+        "model": "tiny-llama",
+        "calib_lang": "sw",
+        "calib_corpus": "ntrex",
+        "nsamples": "4",
+        "seqlen": "32",
+        "seed": "7",
+    }
+    assert run.params["model_id"] == "cps:tiny-llama@seed0"
+    expected = build_calibration(CalibrationConfig("tiny-llama", "sw", "ntrex", 4, 32, 7), tiny_tokenizer)
+    assert run.params["calib_hash"] == expected.calib_hash
+    assert run.metrics["calib.tokens"] == 128
+    assert run.metrics["calib.coverage"] == pytest.approx(expected.summary_metrics()["calib.coverage"])
+    from cps.stages.calibrate import load_calibration_run
+
+    logged = load_calibration_run(store, run.run_id)
+    assert torch.equal(logged.input_ids, expected.input_ids)
+
+    second = cps(*args, "--seed", "7", *_store_args(store))
+    assert second.returncode == 0 and "(cache hit)" in second.stdout and "existing run" in second.stdout
+    assert len(tracking.find_runs(store, "calibrate", status=None)) == 1
+
+
+def test_data_commands(corpora):
+    listed = cps("data", "list")
+    assert listed.returncode == 0 and "Swahili" in listed.stdout and "123 docs" in listed.stdout
+    checked = cps("data", "check")
+    assert checked.returncode == 0 and "all 37 corpus files parse" in checked.stdout
+    models = cps("models")
+    assert models.returncode == 0 and "gemma3-270m" in models.stdout and "aya23" in models.stdout
+
+
+def _bad_inputs(tmp_path):
+    empty = tmp_path / "texts"
+    empty.mkdir()
+    (empty / "sw.txt").write_text("\n", encoding="utf-8")
+    broken = tmp_path / "broken"
+    (broken / "ntrex").mkdir(parents=True)
+    base = ["calibrate", "--model", "tiny-llama", "--nsamples", "2", "--seqlen", "16"]
+    return {
+        "unknown model": (["calibrate", "--model", "no-such-model", "--lang", "sw"], "unknown model"),
+        "unknown language": ([*base, "--lang", "xx"], "unknown language"),
+        "bad mixture": ([*base, "--lang", "en:0.7,sw:0.7"], "sum to 1"),
+        "unknown corpus": ([*base, "--lang", "sw", "--corpus", "wiki"], "unknown corpus"),
+        "zero samples": ([*base, "--lang", "sw", "--nsamples", "0"], "--nsamples"),
+        "empty data": ([*base, "--lang", "sw", "--corpus", f"textdir:{empty}"], "no 'sw' text"),
+        "missing language": ([*base, "--lang", "en", "--corpus", f"textdir:{empty}"], "no 'en' data"),
+        "missing data dir": ([*base, "--lang", "sw", "--data-dir", str(tmp_path / "x")], "does not exist"),
+        "broken data dir": (["data", "check", "--data-dir", str(broken)], "problem(s)"),
+        "offline mc4": ([*base, "--lang", "sw", "--corpus", "mc4"], "needs network access"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unknown model",
+        "unknown language",
+        "bad mixture",
+        "unknown corpus",
+        "zero samples",
+        "empty data",
+        "missing language",
+        "missing data dir",
+        "broken data dir",
+        "offline mc4",
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(case, tmp_path, store, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # mC4 must fail the same way everywhere
+    args, message = _bad_inputs(tmp_path)[case]
+    if args[0] == "calibrate":
+        args = [*args, *_store_args(store)]
+    result = cps(*args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("cps: error: "), result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr
+    assert tracking.find_runs(store, status=None) == []  # nothing logged, nothing left RUNNING
+
+
+def test_unreachable_tracking_store_is_one_line_and_exit_2():
+    started = time.monotonic()
+    result = cps("calibrate", "--model", "tiny-llama", "--lang", "sw", "--tracking-uri", "http://127.0.0.1:9")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("cps: error: tracking store http://127.0.0.1:9 is unreachable")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert time.monotonic() - started < 30
