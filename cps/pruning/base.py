@@ -1,0 +1,79 @@
+"""The interface every pruning method implements, and the method registry.
+
+Lifecycle: the engine gathers `InputStats` for each linear's input over the calibration tokens,
+calls `method.prune(W, stats, target)` once per linear, and applies what comes back. Methods never
+see layers, hooks or the tracking store.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from cps.errors import CpsError
+from cps.pruning.masks import SparsityTarget
+
+
+@dataclass
+class InputStats:
+    """What the calibration inputs X (tokens, in) of one linear tell the methods."""
+
+    gram: torch.Tensor  # H = X^T X summed over tokens, fp32 (in, in)
+    tokens: int
+
+    def column_norms(self) -> torch.Tensor:
+        """||X_j||_2 per input column (in,)."""
+        return torch.sqrt(torch.diagonal(self.gram).clamp_min(0))
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    blocksize: int = 128  # SparseGPT: columns per lazy-update block
+    dampening: float = 0.01  # SparseGPT: fraction of mean(diag H) added to the diagonal
+
+    def __post_init__(self) -> None:
+        if self.blocksize < 1:
+            raise CpsError(f"--blocksize must be positive (got {self.blocksize})")
+        if not 0 < self.dampening < 1e3:
+            raise CpsError(f"--dampening must be positive (got {self.dampening:g})")
+
+
+@dataclass
+class Pruned:
+    mask: torch.Tensor  # bool (out, in), True = pruned
+    weight: torch.Tensor | None = None  # reconstructed weights (zero where pruned), if the method updates
+
+
+class PruningMethod(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, options: MethodOptions | None = None) -> None:
+        self.options = options or MethodOptions()
+
+    @abstractmethod
+    def prune(self, weight: torch.Tensor, stats: InputStats, target: SparsityTarget) -> Pruned:
+        """Masks (and optionally new weights) for one linear. `weight` is fp32 (out, in)."""
+
+
+METHODS: dict[str, type[PruningMethod]] = {}
+
+
+def register(name: str) -> Callable[[type[PruningMethod]], type[PruningMethod]]:
+    def decorate(cls: type[PruningMethod]) -> type[PruningMethod]:
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return decorate
+
+
+def get_method(name: str, options: MethodOptions | None = None) -> PruningMethod:
+    from cps.pruning import magnitude, sparsegpt, wanda  # noqa: F401  (register themselves)
+
+    if name not in METHODS:
+        raise CpsError(f"unknown method {name!r}; use one of {', '.join(sorted(METHODS))} or dense")
+    return METHODS[name](options)

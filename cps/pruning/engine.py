@@ -1,0 +1,325 @@
+"""The sequential layer-by-layer pruning loop shared by every method (and by activation analyses).
+
+For each decoder layer:
+  1. dense pass: the layer runs on all calibration inputs with pre-hooks on its linears that sum
+     H = X^T X (fp32) per distinct input (q/k/v share one, gate/up share one); the pass stops at the
+     last new input, since its outputs are never used;
+  2. the method turns (W, H) into a mask (and, for SparseGPT, new weights); the engine applies it;
+  3. pruning error ||WX - W'X||^2 = tr(dW H dW^T) and signal ||WX||^2 = tr(W H W^T) come from the
+     same H, on the same inputs, without another pass;
+  4. pruned pass: the pruned layer maps the inputs to the next layer's inputs.
+With `true_sequential`, each group of linears that reads one input (attention in, attention out, MLP
+in, MLP out) is pruned in execution order, its statistics gathered after the earlier groups were
+pruned. Each layer gets its own call arguments (attention masks, position embeddings), captured
+from the model's own forward: Gemma-3 alternates sliding and full attention layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from cps.models import decoder_layers
+from cps.pruning.base import InputStats, PruningMethod
+from cps.pruning.masks import SparsityTarget
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "cpu"  # where each layer and its activations are computed
+    true_sequential: bool = False
+    offload_activations: bool = False  # keep activations on CPU between layers
+    batch_tokens: int = 8192  # calibration tokens per forward batch
+
+
+@dataclass
+class LinearStats:
+    layer: int
+    module: str  # name inside the decoder layer, e.g. self_attn.q_proj
+    error: float  # ||WX - W'X||_F^2 over the calibration tokens
+    signal: float  # ||WX||_F^2
+    sparsity: float  # share of pruned weights
+
+    @property
+    def snr_db(self) -> float:
+        if self.error <= 0:
+            return math.inf
+        return 10 * math.log10(self.signal / self.error)
+
+
+@dataclass
+class EngineResult:
+    masks: dict[str, torch.Tensor]  # full module name -> bool mask (CPU), True = pruned
+    stats: list[LinearStats] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _StopForward(Exception):
+    """Raised from a hook once a pass has seen everything it needs."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Capturing each layer's call
+
+
+@dataclass
+class LayerCalls:
+    """Layer-0 hidden states per batch, and each layer's own keyword arguments per batch size."""
+
+    hidden: list[torch.Tensor]  # per batch: (b, seqlen, d)
+    kwargs: list[dict[int, dict[str, Any]]]  # per layer: batch size -> call kwargs
+
+    def kwargs_for(self, layer: int, batch: torch.Tensor) -> dict[str, Any]:
+        return self.kwargs[layer][batch.shape[0]]
+
+
+def _move(value: Any, device: torch.device | str, memo: dict[int, Any]) -> Any:
+    """Tensors (also inside tuples, lists, dicts) to `device`; shared objects are moved once."""
+    if id(value) in memo:
+        return memo[id(value)]
+    if isinstance(value, torch.Tensor):
+        moved = value.to(device)
+    elif isinstance(value, tuple | list):
+        moved = type(value)(_move(item, device, memo) for item in value)
+    elif isinstance(value, dict):
+        moved = {key: _move(item, device, memo) for key, item in value.items()}
+    else:
+        moved = value
+    memo[id(value)] = moved
+    return moved
+
+
+@contextmanager
+def _recording(layers: nn.ModuleList, sink: Callable[[int, tuple, dict], None]) -> Iterator[None]:
+    """Replace each layer's forward by a recorder that passes hidden states through untouched."""
+
+    def recorder(index: int) -> Callable[..., Any]:
+        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            sink(index, (hidden_states, *args), kwargs)
+            return hidden_states
+
+        return forward
+
+    for index, layer in enumerate(layers):
+        layer.forward = recorder(index)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # back to the class's forward
+
+
+def capture_layer_calls(
+    model: nn.Module, input_ids: torch.Tensor, batch_size: int, device: torch.device | str
+) -> LayerCalls:
+    """Run the base model with recording layers: the embeddings, masks and rotary embeddings are
+    computed by the model's own code, so every layer gets exactly what it would in a real forward."""
+    layers = decoder_layers(model)
+    base = model.base_model
+    embed_device = base.get_input_embeddings().weight.device
+    calls = LayerCalls(hidden=[], kwargs=[{} for _ in layers])
+    for start in range(0, input_ids.shape[0], batch_size):
+        batch = input_ids[start : start + batch_size]
+        size = batch.shape[0]
+
+        def sink(index: int, args: tuple, kwargs: dict, size: int = size) -> None:
+            if index == 0:
+                calls.hidden.append(args[0].detach().to(device))
+            if size not in calls.kwargs[index]:
+                kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
+                calls.kwargs[index][size] = kwargs
+
+        with _recording(layers, sink):
+            base(input_ids=batch.to(embed_device), use_cache=False)
+    memo: dict[int, Any] = {}
+    calls.kwargs = [_move(per_size, device, memo) for per_size in calls.kwargs]
+    return calls
+
+
+# ---------------------------------------------------------------------------------------------
+# One layer
+
+
+def _layer_output(output: Any) -> torch.Tensor:
+    """transformers 5.x layers return a Tensor, older versions a tuple."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    return {name: module for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
+
+
+@dataclass
+class _Group:
+    """Linears that read one input tensor, in execution order."""
+
+    names: list[str]
+    gram: torch.Tensor | None = None
+    tokens: int = 0
+
+
+class _StatsHooks:
+    """Pre-hooks on a layer's linears that find the input groups and sum X^T X for some of them.
+
+    Groups are found in the first batch (by input tensor: linears called on the same tensor share
+    it); from then on the layout is fixed. References to the batch's inputs are held until the batch
+    ends, so the allocator cannot reuse an address and merge two groups by mistake.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.linears = _linears(layer)
+        self.groups: list[_Group] = []
+        self.frozen = False
+        self.active: set[int] = set()  # indices of groups to accumulate; a pass ends after the last
+        self._seen: dict[tuple, tuple[torch.Tensor, int]] = {}
+        self._handles = [
+            module.register_forward_pre_hook(self._hook(name)) for name, module in self.linears.items()
+        ]
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def collect(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape), x.dtype)
+            if key in self._seen:
+                if not self.frozen:
+                    self.groups[self._seen[key][1]].names.append(name)
+                return
+            if not self.frozen:
+                self.groups.append(_Group([]))
+            index = len(self._seen)
+            self._seen[key] = (x, index)
+            group = self.groups[index]
+            if not self.frozen:
+                group.names.append(name)
+            if index in self.active:
+                flat = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+                if group.gram is None:
+                    group.gram = flat.new_zeros(flat.shape[1], flat.shape[1])
+                group.gram.addmm_(flat.T, flat)
+                group.tokens += flat.shape[0]
+            if self.frozen and index == max(self.active):
+                raise _StopForward  # nothing after this input is needed
+
+        return collect
+
+    def run(self, forward: Callable[[torch.Tensor], Any], batches: list[torch.Tensor]) -> None:
+        for batch in batches:
+            try:
+                forward(batch)
+            except _StopForward:
+                pass
+            self._seen.clear()
+            if not self.frozen:
+                self.frozen = True
+                self.active &= set(range(len(self.groups)))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _prune_group(
+    group: _Group, layer: nn.Module, method: PruningMethod, target: SparsityTarget
+) -> dict[str, tuple[torch.Tensor, float, float]]:
+    """Prune every linear of a group; returns name -> (mask, error, signal)."""
+    linears = _linears(layer)
+    stats = InputStats(group.gram, group.tokens)
+    results = {}
+    for name in group.names:
+        linear = linears[name]
+        W = linear.weight.data.float().clone()  # (out, in); a copy even when already fp32
+        pruned = method.prune(W, stats, target)
+        new_weight = pruned.weight if pruned.weight is not None else W.masked_fill(pruned.mask, 0)
+        linear.weight.data.copy_(new_weight.to(linear.weight.dtype))
+        delta = W - linear.weight.data.float()  # what the stored weights really changed by
+        error = torch.sum((delta @ group.gram) * delta).item()
+        signal = torch.sum((W @ group.gram) * W).item()
+        results[name] = (pruned.mask.cpu(), error, signal)
+    group.gram = None  # free (in, in) before the next group
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def prune_model(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    method: PruningMethod,
+    target: SparsityTarget,
+    config: EngineConfig | None = None,
+) -> EngineResult:
+    """Prune every linear inside the decoder layers of `model` in place, layer by layer."""
+    from tqdm.auto import tqdm
+
+    config = config or EngineConfig()
+    started = time.perf_counter()
+    device = torch.device(config.device)
+    batch_size = max(1, config.batch_tokens // input_ids.shape[1])
+    layers = decoder_layers(model)
+    prefix = {id(layer): name for name, layer in model.named_modules()}
+    activation_device = torch.device("cpu") if config.offload_activations else device
+    result = EngineResult(masks={})
+    with torch.inference_mode():
+        calls = capture_layer_calls(model, input_ids, batch_size, activation_device)
+        progress = tqdm(list(enumerate(layers)), desc=f"{method.name} {target.pattern}", unit="layer")
+        for index, layer in progress:
+            home = next(layer.parameters()).device
+            layer.to(device)
+            layer_stats = _prune_layer(index, layer, calls, method, target, config)
+            layer.to(home)
+            for name, (mask, error, signal) in layer_stats.items():
+                result.masks[f"{prefix[id(layer)]}.{name}"] = mask
+                result.stats.append(LinearStats(index, name, error, signal, mask.float().mean().item()))
+            finite = [s.snr_db for s in result.stats[-len(layer_stats) :] if math.isfinite(s.snr_db)]
+            if finite:
+                progress.set_postfix(snr_db=f"{sum(finite) / len(finite):.1f}")
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _prune_layer(
+    index: int,
+    layer: nn.Module,
+    calls: LayerCalls,
+    method: PruningMethod,
+    target: SparsityTarget,
+    config: EngineConfig,
+) -> dict[str, tuple[torch.Tensor, float, float]]:
+    device = torch.device(config.device)
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        hidden = batch.to(device)
+        return _layer_output(layer(hidden, **_move(calls.kwargs_for(index, batch), device, {})))
+
+    hooks = _StatsHooks(layer)
+    results: dict[str, tuple[torch.Tensor, float, float]] = {}
+    try:
+        # The first pass also finds the groups: it accumulates all of them, or only the first
+        # when later groups must see the earlier ones pruned (true-sequential).
+        hooks.active = {0} if config.true_sequential else set(range(len(hooks.linears)))
+        hooks.run(forward, calls.hidden)
+        indices = list(range(len(hooks.groups)))
+        schedule = [[i] for i in indices] if config.true_sequential else [indices]
+        for position, step in enumerate(schedule):
+            if position > 0:
+                hooks.active = set(step)
+                hooks.run(forward, calls.hidden)
+            for group_index in step:
+                results.update(_prune_group(hooks.groups[group_index], layer, method, target))
+    finally:
+        hooks.remove()
+    for position, batch in enumerate(calls.hidden):  # pruned pass: next layer's inputs, in place
+        calls.hidden[position] = forward(batch).to(batch.device)
+    return results
