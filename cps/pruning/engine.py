@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,10 +214,8 @@ class _StatsHooks:
 
     def run(self, forward: Callable[[torch.Tensor], Any], batches: list[torch.Tensor]) -> None:
         for batch in batches:
-            try:
+            with suppress(_StopForward):
                 forward(batch)
-            except _StopForward:
-                pass
             self._seen.clear()
             if not self.frozen:
                 self.frozen = True

@@ -19,7 +19,7 @@ from cps.pruning.masks import SparsityTarget, _prune_smallest
 
 log = logging.getLogger(__name__)
 
-MAX_DAMPENING_RETRIES = 6
+MAX_DAMPENING = 100.0  # retries stop once the dampening exceeds this
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
@@ -30,7 +30,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> torch.Ten
     """
     mean_diag = torch.diagonal(hessian).mean()
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    for _ in range(MAX_DAMPENING_RETRIES):
+    while dampening <= MAX_DAMPENING:
         lower, info = torch.linalg.cholesky_ex(hessian + dampening * mean_diag * eye)
         if info.item() == 0:
             upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)

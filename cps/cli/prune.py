@@ -1,0 +1,86 @@
+"""`cps prune`: prune a model calibrated on one language (or mixture) and log everything to MLflow."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cps.cli.options import Corpus, DataDir, Experiment, Model, NSamples, SeqLen, Seed, TrackingUri
+
+
+def prune_command(
+    lang: Annotated[
+        str | None,
+        typer.Option("--lang", "-l", help="Calibration language or mixture (en:0.5,sw:0.5)."),
+    ] = None,
+    model: Model = "gemma3-270m",
+    method: Annotated[str, typer.Option(help="wanda | sparsegpt | magnitude | dense.")] = "wanda",
+    sparsity: Annotated[
+        float | None, typer.Option(help="Unstructured sparsity in [0, 1); default 0.5.")
+    ] = None,
+    pattern: Annotated[
+        str, typer.Option(help="unstructured, or N:M (N weights kept in every M, e.g. 2:4).")
+    ] = "unstructured",
+    corpus: Corpus = "ntrex",
+    nsamples: NSamples = 128,
+    seqlen: SeqLen = 2048,
+    seed: Seed = 0,
+    calib: Annotated[
+        str | None, typer.Option("--calib", help="Reuse the calibration set of this calibrate run.")
+    ] = None,
+    true_sequential: Annotated[
+        bool, typer.Option(help="Prune attention then MLP sub-blocks in order.")
+    ] = False,
+    blocksize: Annotated[int, typer.Option(help="SparseGPT block size.")] = 128,
+    dampening: Annotated[float, typer.Option(help="SparseGPT dampening (share of mean diag H).")] = 0.01,
+    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto.")] = "cpu",
+    dtype: Annotated[
+        str, typer.Option(help="auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16.")
+    ] = "auto",
+    offload_activations: Annotated[
+        bool, typer.Option(help="Keep calibration activations on the CPU between layers.")
+    ] = False,
+    batch_tokens: Annotated[int, typer.Option(help="Calibration tokens per forward batch.")] = 8192,
+    save_model: Annotated[bool, typer.Option(help="Log the pruned weights as model/.")] = True,
+    data_dir: DataDir = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = "cps",
+) -> None:
+    """Prune with Wanda, SparseGPT or magnitude; log params, per-layer error/SNR, masks and model."""
+    from cps.data.calibration import CalibrationConfig
+    from cps.errors import CpsError
+    from cps.pruning.base import MethodOptions
+    from cps.pruning.engine import EngineConfig
+    from cps.pruning.masks import SparsityTarget
+    from cps.stages.prune import DENSE, PruneConfig, run_prune
+    from cps.tracking import Store
+
+    if lang is None and method != DENSE and calib is None:
+        raise CpsError("--lang is required (the calibration language), unless --method dense or --calib")
+    if batch_tokens < 1:
+        raise CpsError(f"--batch-tokens must be positive (got {batch_tokens})")
+    target = SparsityTarget.parse(
+        pattern, 0.5 if sparsity is None and pattern == "unstructured" else sparsity
+    )
+    config = PruneConfig(
+        calibration=CalibrationConfig(model, lang or "en", corpus, nsamples, seqlen, seed, data_dir),
+        method=method,
+        target=target,
+        options=MethodOptions(blocksize, dampening),
+        engine=EngineConfig(device, true_sequential, offload_activations, batch_tokens),
+        dtype=dtype,
+        calib_run=calib,
+        save_model=save_model,
+    )
+    store = Store(tracking_uri, experiment)
+    result = run_prune(config, store)
+    metrics = result.metrics
+    typer.echo(f"run {result.run_id}: {method} {target.pattern} on {model}")
+    typer.echo(f"  actual sparsity {metrics['sparsity.actual']:.4f}")
+    if "snr_db.mean" in metrics:
+        typer.echo(
+            f"  mean SNR {metrics['snr_db.mean']:.2f} dB, total error {metrics['prune_error.total']:.4g}"
+        )
+    typer.echo(f"  {metrics['time.prune_s']:.1f} s pruning, peak RSS {metrics['mem.peak_rss_gb']:.2f} GB")
+    typer.echo(f"  look: `make ui` (MLflow at http://127.0.0.1:5000), store {store.resolved_uri}")

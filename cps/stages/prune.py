@@ -1,0 +1,220 @@
+"""`cps prune`: calibrate, prune with one method, and log a `cps.stage=prune` run with its artifacts."""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from cps import tracking
+from cps.data.calibration import CalibrationConfig, CalibrationSet
+from cps.errors import CpsError
+from cps.models import LoadedModel, LoadOptions, load_model, model_id, resolve_device, resolve_model
+from cps.pruning.base import MethodOptions, get_method
+from cps.pruning.engine import EngineConfig, EngineResult, prune_model
+from cps.pruning.masks import SparsityTarget, save_masks
+from cps.stages.calibrate import calibration_params, load_calibration_run, run_calibrate
+
+if TYPE_CHECKING:
+    import polars as pl
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+DENSE = "dense"
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    calibration: CalibrationConfig
+    method: str = "wanda"
+    target: SparsityTarget = field(default_factory=lambda: SparsityTarget(0.5))
+    options: MethodOptions = field(default_factory=MethodOptions)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    dtype: str = "auto"
+    calib_run: str | None = None  # reuse the calibration set of this calibrate run
+    save_model: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method != DENSE:
+            get_method(self.method)  # unknown methods fail before any work
+        LoadOptions(self.dtype, self.engine.device)
+
+    @property
+    def model(self) -> str:
+        return self.calibration.model
+
+
+@dataclass
+class PruneResult:
+    run_id: str
+    stats: pl.DataFrame
+    metrics: dict[str, float]
+    calib: CalibrationSet | None
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def stats_frame(result: EngineResult, model: nn.Module) -> pl.DataFrame:
+    """layer_stats.parquet: one row per pruned linear; sparsity measured on the stored weights."""
+    import polars as pl
+
+    modules = dict(model.named_modules())
+    names = list(result.masks)
+    rows = []
+    for name, stat in zip(names, result.stats, strict=True):
+        weight = modules[name].weight
+        rows.append(
+            {
+                "layer": stat.layer,
+                "module": stat.module,
+                "error": stat.error,
+                "signal": stat.signal,
+                "snr_db": stat.snr_db,
+                "sparsity": (weight == 0).float().mean().item(),
+                "mask_sparsity": stat.sparsity,
+                "rows": weight.shape[0],
+                "columns": weight.shape[1],
+            }
+        )
+    return pl.DataFrame(rows)
+
+
+def summary_metrics(stats: pl.DataFrame, seconds: float) -> dict[str, float]:
+    finite = stats.filter(stats["snr_db"].is_finite())
+    weights = stats["rows"] * stats["columns"]
+    return {
+        "snr_db.mean": float(finite["snr_db"].mean()) if finite.height else math.inf,
+        "prune_error.total": float(stats["error"].sum()),
+        "sparsity.actual": float((stats["sparsity"] * weights).sum() / weights.sum()),
+        "time.prune_s": seconds,
+        "mem.peak_rss_gb": peak_rss_gb(),
+    }
+
+
+def prune_params(config: PruneConfig, calib: CalibrationSet | None) -> dict[str, object]:
+    spec = resolve_model(config.model)
+    if calib is None:  # the dense baseline: no calibration involved
+        base: dict[str, object] = {
+            "model": config.model,
+            "model_id": model_id(spec),
+            "calib_lang": "none",
+            "calib_corpus": "none",
+            "nsamples": 0,
+            "seqlen": 0,
+            "seed": config.calibration.seed,
+            "calib_hash": "none",
+        }
+    else:
+        base = calibration_params(calib.config, calib)
+    dense = config.method == DENSE
+    params = {
+        **base,
+        "method": config.method,
+        "sparsity": 0.0 if dense else config.target.sparsity,
+        "pattern": "unstructured" if dense else config.target.pattern,
+        "true_sequential": config.engine.true_sequential,
+        "dtype": config.dtype,
+    }
+    if config.method == "sparsegpt":
+        params |= {"blocksize": config.options.blocksize, "dampening": config.options.dampening}
+    return params
+
+
+def _calibration(config: PruneConfig, store: tracking.Store) -> tuple[CalibrationSet, str]:
+    if config.calib_run:
+        record = tracking.get_run(store, config.calib_run)
+        if record.stage != "calibrate":
+            raise CpsError(f"run {config.calib_run} is a {record.stage} run, not a calibrate run")
+        if record.params.get("model") != config.model:
+            raise CpsError(
+                f"calibration run {config.calib_run} was tokenized for {record.params.get('model')!r}, "
+                f"not {config.model!r}"
+            )
+        return load_calibration_run(store, config.calib_run), config.calib_run
+    result = run_calibrate(config.calibration, store)
+    return result.calib, result.run_id
+
+
+def run_prune(config: PruneConfig, store: tracking.Store) -> PruneResult:
+    """The whole `cps prune`: calibration, pruning, and one tracked run with every artifact."""
+    tracking.client(store)  # an unreachable store fails before any work
+    torch.manual_seed(config.calibration.seed)
+    device = resolve_device(config.engine.device)
+    calib, calib_run = (None, None) if config.method == DENSE else _calibration(config, store)
+    params = prune_params(config, calib)
+    run_name = f"{config.method}-{config.model}-{params['calib_lang']}-{params['pattern']}"
+    with tracking.start_run(store, "prune", params, run_name) as run:
+        if calib_run:
+            run.set_tags({"cps.calib_run_id": calib_run})
+        # The model stays on the CPU; the engine moves one layer at a time to the device.
+        loaded = load_model(config.model, LoadOptions(config.dtype, "cpu"))
+        if loaded.model.dtype != torch.float32 and device == "cpu":
+            log.info("pruning in %s on the CPU", loaded.model.dtype)
+        engine = EngineConfig(
+            device=device,
+            true_sequential=config.engine.true_sequential,
+            offload_activations=config.engine.offload_activations,
+            batch_tokens=config.engine.batch_tokens,
+        )
+        if calib is None:
+            result = EngineResult(masks={})
+        else:
+            method = get_method(config.method, config.options)
+            result = prune_model(loaded.model, calib.input_ids, method, config.target, engine)
+        stats, metrics = _log_outputs(run, config, loaded, result)
+    return PruneResult(run.run_id, stats, metrics, calib)
+
+
+def _log_outputs(
+    run: tracking.TrackedRun, config: PruneConfig, loaded: LoadedModel, result: EngineResult
+) -> tuple[pl.DataFrame, dict[str, float]]:
+    import polars as pl
+
+    from cps.analysis.plots import snr_per_layer
+
+    if not result.masks:  # dense baseline: nothing was pruned, there is nothing per layer
+        metrics = {"sparsity.actual": 0.0, "time.prune_s": 0.0, "mem.peak_rss_gb": peak_rss_gb()}
+        run.log_metrics(metrics)
+        return pl.DataFrame(), metrics
+    stats = stats_frame(result, loaded.model)
+    metrics = summary_metrics(stats, result.seconds)
+    run.log_metrics(metrics)
+    per_layer = (
+        stats.group_by("layer")
+        .agg(
+            pl.col("snr_db").filter(pl.col("snr_db").is_finite()).mean().alias("snr_db"),
+            pl.col("error").sum().alias("error"),
+            pl.col("sparsity").mean().alias("sparsity"),
+        )
+        .sort("layer")
+    )
+    run.log_series("snr_db.layer", per_layer["snr_db"].fill_null(float("nan")).to_list())
+    run.log_series("prune_error.layer", per_layer["error"].to_list())
+    run.log_series("sparsity.layer", per_layer["sparsity"].to_list())
+    run.log_frame(stats, "layer_stats.parquet")
+    with tempfile.TemporaryDirectory() as folder:
+        masks_path = Path(folder) / "masks.safetensors"
+        save_masks(result.masks, str(masks_path))
+        run.log_artifact(masks_path)
+        figure = snr_per_layer(stats, f"{config.method} {config.target.pattern} — {config.model}")
+        (Path(folder) / "plots").mkdir()
+        figure.savefig(Path(folder) / "plots" / "snr_per_layer.png", dpi=120)
+        run.log_artifact(Path(folder) / "plots", "plots")
+        if config.save_model:
+            model_dir = Path(folder) / "model"
+            loaded.model.save_pretrained(model_dir)
+            loaded.tokenizer.save_pretrained(model_dir)
+            run.log_artifact(model_dir, "model")
+    return stats, metrics
