@@ -17,7 +17,9 @@ def cps(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("command", [[], ["calibrate"], ["data"], ["data", "list"], ["models"]])
+@pytest.mark.parametrize(
+    "command", [[], ["calibrate"], ["prune"], ["data"], ["data", "list"], ["models"]]
+)
 def test_help_is_fast(command):
     started = time.monotonic()
     result = cps(*command, "--help")
@@ -78,6 +80,7 @@ def _bad_inputs(tmp_path):
     broken = tmp_path / "broken"
     (broken / "ntrex").mkdir(parents=True)
     base = ["calibrate", "--model", "tiny-llama", "--nsamples", "2", "--seqlen", "16"]
+    prune = ["prune", "--model", "tiny-llama", "--lang", "sw", "--nsamples", "2", "--seqlen", "16"]
     return {
         "unknown model": (["calibrate", "--model", "no-such-model", "--lang", "sw"], "unknown model"),
         "unknown language": ([*base, "--lang", "xx"], "unknown language"),
@@ -89,6 +92,13 @@ def _bad_inputs(tmp_path):
         "missing data dir": ([*base, "--lang", "sw", "--data-dir", str(tmp_path / "x")], "does not exist"),
         "broken data dir": (["data", "check", "--data-dir", str(broken)], "problem(s)"),
         "offline mc4": ([*base, "--lang", "sw", "--corpus", "mc4"], "needs network access"),
+        "sparsity 1": ([*prune, "--sparsity", "1.0"], "[0, 1)"),
+        "negative sparsity": ([*prune, "--sparsity", "-0.5"], "[0, 1)"),
+        "N:M with N>=M": ([*prune, "--pattern", "4:4"], "0 < N < M"),
+        "bad pattern": ([*prune, "--pattern", "half"], "bad pattern"),
+        "unknown method": ([*prune, "--method", "obc"], "unknown method"),
+        "unknown calib run": ([*prune, "--calib", "deadbeef"], "no run 'deadbeef'"),
+        "prune without language": (["prune", "--model", "tiny-llama"], "--lang is required"),
     }
 
 
@@ -105,12 +115,19 @@ def _bad_inputs(tmp_path):
         "missing data dir",
         "broken data dir",
         "offline mc4",
+        "sparsity 1",
+        "negative sparsity",
+        "N:M with N>=M",
+        "bad pattern",
+        "unknown method",
+        "unknown calib run",
+        "prune without language",
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(case, tmp_path, store, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # mC4 must fail the same way everywhere
     args, message = _bad_inputs(tmp_path)[case]
-    if args[0] == "calibrate":
+    if args[0] in ("calibrate", "prune"):
         args = [*args, *_store_args(store)]
     result = cps(*args)
     assert result.returncode == 2, result.stdout + result.stderr

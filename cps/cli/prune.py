@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from cps.cli.options import Corpus, DataDir, Experiment, Model, NSamples, SeqLen, Seed, TrackingUri
+from cps.cli.options import Corpus, DataDir, Experiment, Model, NSamples, Seed, SeqLen, TrackingUri
 
 
 def prune_command(

@@ -1,0 +1,106 @@
+"""Pruning speed and memory on the embedded Gemma-3 270M (issue: `cps prune` benchmark).
+
+Prunes gemma3-270m with 32 x 512 Swahili NTREX tokens with each method, each in a fresh process,
+and prints seconds, peak RSS and the ratio of pruning time to one dense forward pass of the decoder
+layers over the same tokens, measured in the same process just before pruning.
+
+    .venv/bin/python benchmarks/prune_bench.py [--nsamples 32 --seqlen 512 --methods wanda,sparsegpt]
+
+Targets on the 2-core machine: Wanda <= 2.5x, SparseGPT <= 5x, peak RSS <= 3 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+
+def dense_forward_seconds(model, input_ids, batch_tokens: int) -> float:
+    """One dense pass of every decoder layer over all calibration tokens (same batching)."""
+    import torch
+
+    from cps.models import decoder_layers
+    from cps.pruning.engine import capture_layer_calls
+
+    batch_size = max(1, batch_tokens // input_ids.shape[1])
+    with torch.inference_mode():
+        calls = capture_layer_calls(model, input_ids, batch_size, "cpu")
+        started = time.perf_counter()
+        for index, layer in enumerate(decoder_layers(model)):
+            for position, batch in enumerate(calls.hidden):
+                out = layer(batch, **calls.kwargs_for(index, batch))
+                calls.hidden[position] = out[0] if isinstance(out, tuple) else out
+        return time.perf_counter() - started
+
+
+def measure(method: str, nsamples: int, seqlen: int, batch_tokens: int) -> dict:
+    import torch
+
+    from cps.data.calibration import CalibrationConfig, build_calibration
+    from cps.models import load_model
+    from cps.pruning.base import get_method
+    from cps.pruning.engine import EngineConfig, prune_model
+    from cps.pruning.masks import SparsityTarget
+    from cps.stages.prune import peak_rss_gb
+
+    loaded = load_model("gemma3-270m")
+    calib = build_calibration(
+        CalibrationConfig("gemma3-270m", "sw", "ntrex", nsamples, seqlen), loaded.tokenizer
+    )
+    dense = dense_forward_seconds(loaded.model, calib.input_ids, batch_tokens)
+    target = SparsityTarget(0.5)
+    result = prune_model(
+        loaded.model, calib.input_ids, get_method(method), target, EngineConfig(batch_tokens=batch_tokens)
+    )
+    return {
+        "method": method,
+        "threads": torch.get_num_threads(),
+        "tokens": calib.input_ids.numel(),
+        "dense_forward_s": dense,
+        "prune_s": result.seconds,
+        "ratio": result.seconds / dense,
+        "peak_rss_gb": peak_rss_gb(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="magnitude,wanda,sparsegpt")
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--batch-tokens", type=int, default=8192)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args.nsamples, args.seqlen, args.batch_tokens)))
+        return
+    targets = {"wanda": 2.5, "sparsegpt": 5.0}
+    print(f"gemma3-270m, {args.nsamples} x {args.seqlen} sw NTREX tokens, 50% unstructured")
+    print(f"{'method':<10} {'prune s':>8} {'dense fwd s':>11} {'ratio':>6} {'target':>7} {'peak RSS GB':>11}")
+    for method in args.methods.split(","):
+        command = [
+            sys.executable,
+            __file__,
+            "--one",
+            method,
+            "--nsamples",
+            str(args.nsamples),
+            "--seqlen",
+            str(args.seqlen),
+            "--batch-tokens",
+            str(args.batch_tokens),
+        ]
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        row = json.loads(output.strip().splitlines()[-1])
+        target = f"<={targets[method]}x" if method in targets else "-"
+        print(
+            f"{method:<10} {row['prune_s']:>8.1f} {row['dense_forward_s']:>11.2f} {row['ratio']:>6.2f} "
+            f"{target:>7} {row['peak_rss_gb']:>11.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
