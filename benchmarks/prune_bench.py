@@ -2,7 +2,8 @@
 
 Prunes gemma3-270m with 32 x 512 Swahili NTREX tokens with each method, each in a fresh process,
 and prints seconds, peak RSS and the ratio of pruning time to one dense forward pass of the decoder
-layers over the same tokens, measured in the same process just before pruning.
+layers over the same tokens, measured in the same process (the mean of one pass before and one
+after pruning).
 
     .venv/bin/python benchmarks/prune_bench.py [--nsamples 32 --seqlen 512 --methods wanda,sparsegpt]
 

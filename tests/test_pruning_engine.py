@@ -19,6 +19,17 @@ from cps.stages.prune import PruneConfig, run_prune
 ARCHITECTURES = ["tiny-llama", "tiny-gemma3", "tiny-cohere", "tiny-qwen2"]
 
 
+@pytest.mark.parametrize("width", [5, 700, 1000])
+def test_upper_gram_accumulation_equals_the_full_product(width):
+    from cps.pruning.engine import accumulate_upper_gram, symmetrize
+
+    X = torch.randn(300, width, dtype=torch.float64)
+    gram = torch.zeros(width, width, dtype=torch.float64)
+    accumulate_upper_gram(gram, X[:200])
+    accumulate_upper_gram(gram, X[200:])
+    assert torch.allclose(symmetrize(gram), X.T @ X, rtol=1e-12, atol=1e-9)
+
+
 def _calibration(model: str, tokenizer, nsamples: int = 6, seqlen: int = 48, seed: int = 0):
     return build_calibration(
         CalibrationConfig(model, "sw", nsamples=nsamples, seqlen=seqlen, seed=seed), tokenizer

@@ -168,6 +168,28 @@ class _Group:
     tokens: int = 0
 
 
+GRAM_PANEL = 256
+
+
+def accumulate_upper_gram(gram: torch.Tensor, X: torch.Tensor) -> None:
+    """gram += X^T X on and above the diagonal (X: tokens x in), in row panels of the upper
+    triangle: about half a full matmul's work for wide inputs. `symmetrize` fills in the lower
+    triangle once all batches are in. (BLAS syrk through scipy was measured slower inside the
+    forward passes: its thread pool competes with torch's.)"""
+    width = X.shape[1]
+    if width < 3 * GRAM_PANEL:
+        gram.addmm_(X.T, X)
+        return
+    for start in range(0, width, GRAM_PANEL):
+        stop = min(start + GRAM_PANEL, width)
+        gram[start:stop, start:].addmm_(X[:, start:stop].T, X[:, start:])
+
+
+def symmetrize(gram: torch.Tensor) -> torch.Tensor:
+    """The full X^T X from its upper triangle (exact for the full-matmul case too)."""
+    return torch.triu(gram) + torch.triu(gram, diagonal=1).T
+
+
 class _StatsHooks:
     """Pre-hooks on a layer's linears that find the input groups and sum X^T X for some of them.
 
@@ -176,10 +198,10 @@ class _StatsHooks:
     ends, so the allocator cannot reuse an address and merge two groups by mistake.
     """
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, layout: list[list[str]] | None = None) -> None:
         self.linears = _linears(layer)
-        self.groups: list[_Group] = []
-        self.frozen = False
+        self.groups = [_Group(list(names)) for names in layout or []]
+        self.frozen = layout is not None  # a known layout lets the very first batch stop early
         self.active: set[int] = set()  # indices of groups to accumulate; a pass ends after the last
         self._seen: dict[tuple, tuple[torch.Tensor, int]] = {}
         self._handles = [
@@ -205,14 +227,20 @@ class _StatsHooks:
                 flat = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
                 if group.gram is None:
                     group.gram = flat.new_zeros(flat.shape[1], flat.shape[1])
-                group.gram.addmm_(flat.T, flat)
+                accumulate_upper_gram(group.gram, flat)
                 group.tokens += flat.shape[0]
             if self.frozen and index == max(self.active):
                 raise _StopForward  # nothing after this input is needed
 
         return collect
 
+    @property
+    def layout(self) -> list[list[str]]:
+        return [group.names for group in self.groups]
+
     def run(self, forward: Callable[[torch.Tensor], Any], batches: list[torch.Tensor]) -> None:
+        if self.frozen:
+            self.active &= set(range(len(self.groups)))
         for batch in batches:
             with suppress(_StopForward):
                 forward(batch)
@@ -231,7 +259,9 @@ def _prune_group(
 ) -> dict[str, tuple[torch.Tensor, float, float]]:
     """Prune every linear of a group; returns name -> (mask, error, signal)."""
     linears = _linears(layer)
-    stats = InputStats(group.gram, group.tokens)
+    gram = symmetrize(group.gram)
+    group.gram = None  # free the accumulator before the (in, in) products below
+    stats = InputStats(gram, group.tokens)
     results = {}
     for name in group.names:
         linear = linears[name]
@@ -240,10 +270,9 @@ def _prune_group(
         new_weight = pruned.weight if pruned.weight is not None else W.masked_fill(pruned.mask, 0)
         linear.weight.data.copy_(new_weight.to(linear.weight.dtype))
         delta = W - linear.weight.data.float()  # what the stored weights really changed by
-        error = torch.sum((delta @ group.gram) * delta).item()
-        signal = torch.sum((W @ group.gram) * W).item()
+        error = torch.sum((delta @ gram) * delta).item()
+        signal = torch.sum((W @ gram) * W).item()
         results[name] = (pruned.mask.cpu(), error, signal)
-    group.gram = None  # free (in, in) before the next group
     return results
 
 
@@ -269,13 +298,14 @@ def prune_model(
     prefix = {id(layer): name for name, layer in model.named_modules()}
     activation_device = torch.device("cpu") if config.offload_activations else device
     result = EngineResult(masks={})
+    layouts: dict[tuple[str, ...], list[list[str]]] = {}  # linear names -> input groups
     with torch.inference_mode():
         calls = capture_layer_calls(model, input_ids, batch_size, activation_device)
         progress = tqdm(list(enumerate(layers)), desc=f"{method.name} {target.pattern}", unit="layer")
         for index, layer in progress:
             home = next(layer.parameters()).device
             layer.to(device)
-            layer_stats = _prune_layer(index, layer, calls, method, target, config)
+            layer_stats = _prune_layer(index, layer, calls, method, target, config, layouts)
             layer.to(home)
             for name, (mask, error, signal) in layer_stats.items():
                 result.masks[f"{prefix[id(layer)]}.{name}"] = mask
@@ -294,20 +324,25 @@ def _prune_layer(
     method: PruningMethod,
     target: SparsityTarget,
     config: EngineConfig,
+    layouts: dict[tuple[str, ...], list[list[str]]],
 ) -> dict[str, tuple[torch.Tensor, float, float]]:
+    """Statistics, masks and the pruned pass for one layer. Layers of one structure share their
+    input-group layout, found on the first of them."""
     device = torch.device(config.device)
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
         hidden = batch.to(device)
         return _layer_output(layer(hidden, **_move(calls.kwargs_for(index, batch), device, {})))
 
-    hooks = _StatsHooks(layer)
+    structure = tuple(_linears(layer))
+    hooks = _StatsHooks(layer, layouts.get(structure))
     results: dict[str, tuple[torch.Tensor, float, float]] = {}
     try:
         # The first pass also finds the groups: it accumulates all of them, or only the first
         # when later groups must see the earlier ones pruned (true-sequential).
         hooks.active = {0} if config.true_sequential else set(range(len(hooks.linears)))
         hooks.run(forward, calls.hidden)
+        layouts[structure] = hooks.layout
         indices = list(range(len(hooks.groups)))
         schedule = [[i] for i in indices] if config.true_sequential else [indices]
         for position, step in enumerate(schedule):
