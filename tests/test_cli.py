@@ -143,3 +143,73 @@ def test_unreachable_tracking_store_is_one_line_and_exit_2():
     assert result.stderr.strip().startswith("cps: error: tracking store http://127.0.0.1:9 is unreachable")
     assert len(result.stderr.strip().splitlines()) == 1
     assert time.monotonic() - started < 30
+
+
+def test_prune_reuses_a_calibrate_run(store):
+    calibrated = cps(
+        "calibrate",
+        "--model",
+        "tiny-llama",
+        "--lang",
+        "zh",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        *_store_args(store),
+    )
+    assert calibrated.returncode == 0, calibrated.stderr
+    (calib_run,) = tracking.find_runs(store, "calibrate")
+    pruned = cps(
+        "prune",
+        "--model",
+        "tiny-llama",
+        "--calib",
+        calib_run.run_id,
+        "--method",
+        "magnitude",
+        "--no-save-model",
+        *_store_args(store),
+    )
+    assert pruned.returncode == 0, pruned.stderr
+    (run,) = tracking.find_runs(store, "prune")
+    assert run.params["calib_hash"] == calib_run.params["calib_hash"]
+    assert run.params["calib_lang"] == "zh" and run.tags["cps.calib_run_id"] == calib_run.run_id
+    assert "actual sparsity 0.5000" in pruned.stdout
+    other_model = cps("prune", "--model", "tiny-qwen2", "--calib", calib_run.run_id, *_store_args(store))
+    assert other_model.returncode == 2 and "tokenized for 'tiny-llama'" in other_model.stderr
+
+
+def test_sigterm_ends_a_prune_run_killed(store):
+    import signal
+
+    tracking.experiment_id(store)  # the store exists before two processes use it
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cps",
+            "prune",
+            "--model",
+            "gemma3-270m",
+            "--lang",
+            "sw",
+            "--nsamples",
+            "8",
+            "--seqlen",
+            "128",
+            "--no-save-model",
+            *_store_args(store),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not tracking.find_runs(store, "prune", status="RUNNING"):
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=60)
+    (run,) = tracking.find_runs(store, "prune", status=None)
+    assert run.status == "KILLED"
