@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import ClassVar
 
 from cps.errors import CpsError
 from cps.languages import get_language
+from cps.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -101,13 +101,5 @@ def read_lines(path: Path) -> list[str]:
         raise CpsError(f"{path} is not UTF-8 text: {error}") from None
 
 
-CORPORA: dict[str, type[Corpus]] = {}
-
-
-def register_corpus(name: str) -> Callable[[type[Corpus]], type[Corpus]]:
-    def decorate(cls: type[Corpus]) -> type[Corpus]:
-        cls.name = name
-        CORPORA[name] = cls
-        return cls
-
-    return decorate
+CORPORA: Registry[Corpus] = Registry()
+register_corpus = CORPORA.register

@@ -8,7 +8,6 @@ see layers, hooks or the tracking store.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -16,6 +15,7 @@ import torch
 
 from cps.errors import CpsError
 from cps.pruning.masks import SparsityTarget
+from cps.registry import Registry
 
 
 @dataclass
@@ -59,16 +59,8 @@ class PruningMethod(ABC):
         """Masks (and optionally new weights) for one linear. `weight` is fp32 (out, in)."""
 
 
-METHODS: dict[str, type[PruningMethod]] = {}
-
-
-def register(name: str) -> Callable[[type[PruningMethod]], type[PruningMethod]]:
-    def decorate(cls: type[PruningMethod]) -> type[PruningMethod]:
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-
-    return decorate
+METHODS: Registry[PruningMethod] = Registry()
+register = METHODS.register
 
 
 def get_method(name: str, options: MethodOptions | None = None) -> PruningMethod:
