@@ -268,6 +268,24 @@ def start_run(
         mlflow_client.set_terminated(tracked.run_id, status=status)
 
 
+def open_run(store: Store, run_id: str) -> TrackedRun:
+    """A handle to write more metrics, tags and artifacts into an existing run (e.g. `cps eval`
+    into the prune run it evaluates); its status is left as it is."""
+    get_run(store, run_id)
+    return TrackedRun(run_id, store, client(store))
+
+
+def local_artifact_dir(store: Store, run_id: str, path: str) -> Path | None:
+    """The artifact's folder itself when the store keeps artifacts on this machine (no copy)."""
+    uri = get_run(store, run_id).artifact_uri
+    if not uri.startswith("file:"):
+        return None
+    from urllib.parse import unquote, urlparse
+
+    local = Path(unquote(urlparse(uri).path)) / path
+    return local if local.exists() else None
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading
 

@@ -149,3 +149,10 @@ def test_gemma_windows_start_with_bos():
     calib = build_calibration(config, tokenizer)
     assert (calib.input_ids[:, 0] == tokenizer.bos_token_id).all()
     assert (calib.input_ids[:, 1:] != tokenizer.bos_token_id).all()
+
+
+def test_a_cache_hit_carries_the_callers_model(tiny_tokenizer):
+    first = build_calibration(CalibrationConfig("tiny-llama", "de", nsamples=2, seqlen=16), tiny_tokenizer)
+    other = build_calibration(CalibrationConfig("tiny-qwen2", "de", nsamples=2, seqlen=16), tiny_tokenizer)
+    assert other.cache_hit and other.calib_hash == first.calib_hash  # same tokenizer, same windows
+    assert other.config.model == "tiny-qwen2"

@@ -333,7 +333,9 @@ def build_calibration(config: CalibrationConfig, tokenizer: PreTrainedTokenizerB
     path = _cache_path(calib_hash)
     if path.is_file():
         cached = load_calibration(path)
-        cached.cache_hit = True
+        # The windows depend on the tokenizer, not the model: another model with the same
+        # tokenizer hits this entry, and the set must then carry the caller's config.
+        cached.config, cached.cache_hit = config, True
         return cached
     corpus = get_corpus(config.corpus, config.data_dir)
     counts = window_counts(config.mixture, config.nsamples)

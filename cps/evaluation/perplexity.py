@@ -90,7 +90,9 @@ def perplexity(
     start_token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     nll, predicted = 0.0, 0
-    for batch in _batches(score_chunks(stream, seqlen, start_token), model.config.get_text_config().vocab_size):
+    for batch in _batches(
+        score_chunks(stream, seqlen, start_token), model.config.get_text_config().vocab_size
+    ):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits  # (b, L, vocab)
         targets = batch[:, 1:]

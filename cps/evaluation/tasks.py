@@ -64,7 +64,11 @@ def _xcopa_items(lang: str, data_dir: str | None) -> dict[str, list[dict]]:
     def item(raw: dict) -> dict:
         connector = because if raw["question"] == "cause" else therefore
         lower = [raw[key][0].lower() + raw[key][1:] for key in ("choice1", "choice2")]
-        return {"text": raw["premise"].strip()[:-1] + f" {connector}", "choices": lower, "label": raw["label"]}
+        return {
+            "text": raw["premise"].strip()[:-1] + f" {connector}",
+            "choices": lower,
+            "label": raw["label"],
+        }
 
     return {
         "validation": [item(raw) for raw in corpus.items(lang, "val")],
@@ -188,7 +192,7 @@ def pack_task_config(name: str, data_dir: str | None) -> dict[str, Any]:
 @dataclass(frozen=True)
 class TaskScore:
     task: str
-    metric: str  # acc | acc_norm
+    metric: str  # acc | acc_norm | acc_mutual_info
     value: float
     stderr: float | None
     samples: int
@@ -241,7 +245,7 @@ def run_tasks(
     scores = []
     for task, metrics in output["results"].items():
         samples = output.get("n-samples", {}).get(task, {}).get("effective", 0)
-        for metric in ("acc", "acc_norm"):
+        for metric in ("acc", "acc_norm", "acc_mutual_info"):
             if f"{metric},none" in metrics:
                 stderr = metrics.get(f"{metric}_stderr,none")
                 stderr = float(stderr) if isinstance(stderr, int | float) else None

@@ -44,7 +44,7 @@ def calibration_params(config: CalibrationConfig, calib: CalibrationSet) -> dict
 def run_calibrate(config: CalibrationConfig, store: tracking.Store) -> CalibrateResult:
     tracking.client(store)  # an unreachable store fails before any work
     calib = build_calibration(config, load_tokenizer(config.model))
-    previous = tracking.find_runs(store, "calibrate", {"calib_hash": calib.calib_hash})
+    previous = tracking.find_runs(store, "calibrate", {"calib_hash": calib.calib_hash, "model": config.model})
     if previous:
         return CalibrateResult(calib, previous[0].run_id, reused_run=True)
     run_name = f"calib-{config.model}-{calib.calib_lang}-{config.nsamples}x{config.seqlen}"

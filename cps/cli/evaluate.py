@@ -1,0 +1,82 @@
+"""`cps eval`: perplexity and zero-shot tasks per language, logged into the evaluated run."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cps.cli.options import DataDir, Experiment, TrackingUri
+
+
+def eval_command(
+    run_id: Annotated[str | None, typer.Argument(help="Prune run to evaluate.")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Evaluate this dense model instead of a run.")
+    ] = None,
+    langs: Annotated[
+        str, typer.Option(help="Languages for perplexity and pack tasks.")
+    ] = "ar,de,en,es,ru,sw,zh",
+    tasks: Annotated[
+        str,
+        typer.Option(help="Pack families (sib, flores_next, xcopa), tasks like sib_sw, or lm-eval names."),
+    ] = "",
+    corpus: Annotated[str, typer.Option(help="Held-out text: flores, or textdir:<folder>.")] = "flores",
+    seqlen: Annotated[int, typer.Option(help="Tokens per perplexity chunk.")] = 1024,
+    limit: Annotated[
+        float | None, typer.Option(help="Items per task (or a fraction), for quick runs.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="lm-eval batch size.")] = 8,
+    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16.")] = "auto",
+    data_dir: DataDir = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = "cps",
+) -> None:
+    """Evaluate a pruned model (or the dense one) and log ppl.<lang>, bpb.<lang>, acc.<task>."""
+    from cps.languages import parse_languages
+    from cps.stages.evaluate import EvalConfig, run_eval
+    from cps.tracking import Store
+
+    config = EvalConfig(
+        run_id=run_id,
+        model=model,
+        langs=tuple(parse_languages(langs)),
+        tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
+        corpus=corpus,
+        seqlen=seqlen,
+        limit=limit,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        data_dir=data_dir,
+    )
+    result = run_eval(config, Store(tracking_uri, experiment))
+    _print_table(result.scores)
+    typer.echo(f"logged into run {result.run_id}")
+
+
+def _print_table(scores) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from cps.evaluation.tasks import split_task
+
+    table = Table(title="evaluation")
+    table.add_column("lang")
+    by_lang: dict[str, dict[str, str]] = {}
+    columns: list[str] = []
+    for name, metric, value, stderr in scores.iter_rows():
+        split = split_task(name)
+        lang, column = (split[1], f"{split[0]} {metric}") if split else (name, metric)
+        if metric == "tokens":
+            continue
+        text = f"{value:.4g}" if stderr is None else f"{value:.3f}±{stderr:.3f}"
+        by_lang.setdefault(lang, {})[column] = text
+        if column not in columns:
+            columns.append(column)
+    for column in columns:
+        table.add_column(column)
+    for lang, cells in by_lang.items():
+        table.add_row(lang, *(cells.get(column, "") for column in columns))
+    Console().print(table)

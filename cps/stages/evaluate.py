@@ -1,0 +1,211 @@
+"""`cps eval`: perplexity per language and zero-shot tasks, logged into the evaluated model's run.
+
+A prune run is evaluated with its pruned weights: the `model/` artifact when it was saved, else the
+dense model rebuilt with the saved masks (Wanda, magnitude) or pruned again from the same
+calibration set and checked against the saved masks (SparseGPT, whose weights are updated).
+`--model` alone evaluates the dense model into its `method=dense` run, reused when one exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from cps import tracking
+from cps.data import get_corpus
+from cps.data.calibration import CalibrationConfig
+from cps.errors import CpsError
+from cps.evaluation.perplexity import perplexity
+from cps.evaluation.tasks import expand_tasks, run_tasks, task_configs
+from cps.languages import PAPER_LANGUAGES, get_language
+from cps.models import (
+    LoadedModel,
+    LoadOptions,
+    load_model,
+    load_tokenizer,
+    model_id,
+    resolve_device,
+    resolve_dtype,
+    resolve_model,
+)
+from cps.pruning.masks import load_masks
+
+if TYPE_CHECKING:
+    import polars as pl
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    run_id: str | None = None
+    model: str | None = None
+    langs: tuple[str, ...] = PAPER_LANGUAGES
+    tasks: tuple[str, ...] = ()
+    corpus: str = "flores"
+    seqlen: int = 1024
+    limit: float | None = None  # tasks: items per task (or a fraction)
+    batch_size: int = 8
+    device: str = "cpu"
+    dtype: str = "auto"
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.run_id is None) == (self.model is None):
+            raise CpsError("give a run id to evaluate, or --model for the dense baseline (not both)")
+        for lang in self.langs:
+            get_language(lang)
+        if self.seqlen < 2:
+            raise CpsError(f"--seqlen must be at least 2 (got {self.seqlen})")
+        if self.limit is not None and self.limit <= 0:
+            raise CpsError(f"--limit must be positive (got {self.limit:g})")
+        if self.batch_size < 1:
+            raise CpsError(f"--batch-size must be positive (got {self.batch_size})")
+        if self.model is not None:
+            resolve_model(self.model)
+        LoadOptions(self.dtype, self.device)
+
+
+@dataclass
+class EvalResult:
+    run_id: str
+    scores: pl.DataFrame  # long: name (lang or task), metric, value, stderr
+    metrics: dict[str, float]
+
+
+# ---------------------------------------------------------------------------------------------
+# Which run, which weights
+
+
+def dense_run(store: tracking.Store, model: str, dtype: str) -> str:
+    """The `method=dense` run of this model, created when there is none yet."""
+    from cps.stages.prune import PruneConfig, run_prune
+
+    wanted = {"method": "dense", "model": model, "model_id": model_id(resolve_model(model)), "dtype": dtype}
+    existing = tracking.find_runs(store, "prune", wanted)
+    if existing:
+        return existing[0].run_id
+    return run_prune(PruneConfig(CalibrationConfig(model, "en"), "dense", dtype=dtype), store).run_id
+
+
+def load_run_model(store: tracking.Store, record: tracking.RunRecord, options: LoadOptions) -> LoadedModel:
+    """The weights a prune run produced, as a model in memory."""
+    params = record.params
+    if params.get("method") == "dense":
+        return load_model(params["model"], options)
+    local = tracking.local_artifact_dir(store, record.run_id, "model")
+    if local is not None or _has_artifact(store, record.run_id, "model"):
+        return _load_saved(store, record, options, local)
+    return _rebuild(store, record, options)
+
+
+def _has_artifact(store: tracking.Store, run_id: str, path: str) -> bool:
+    return any(item.path == path for item in tracking.client(store).list_artifacts(run_id))
+
+
+def _load_saved(
+    store: tracking.Store, record: tracking.RunRecord, options: LoadOptions, local: Path | None
+) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(options.device)
+    with tempfile.TemporaryDirectory() as folder:
+        path = local or tracking.download_artifact(store, record.run_id, "model", folder)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(options.dtype, device))
+    # The tokenizer of the source model, exactly as pruning used it: a copy reloaded beside another
+    # architecture's config can come back as that architecture's tokenizer class.
+    tokenizer = load_tokenizer(record.params["model"], options.trust_remote_code)
+    model.eval().to(device)
+    return LoadedModel(resolve_model(record.params["model"]), model, tokenizer)
+
+
+def _rebuild(store: tracking.Store, record: tracking.RunRecord, options: LoadOptions) -> LoadedModel:
+    with tempfile.TemporaryDirectory() as folder:
+        masks = load_masks(str(tracking.download_artifact(store, record.run_id, "masks.safetensors", folder)))
+    loaded = load_model(record.params["model"], options)
+    if record.params["method"] in ("wanda", "magnitude"):  # weights are the dense ones, masked
+        with torch.no_grad():
+            for name, mask in masks.items():
+                loaded.model.get_submodule(name).weight.mul_(~mask.to(loaded.model.device))
+        return loaded
+    return _prune_again(store, record, loaded, masks)
+
+
+def _prune_again(
+    store: tracking.Store, record: tracking.RunRecord, loaded: LoadedModel, masks: dict[str, torch.Tensor]
+) -> LoadedModel:
+    """SparseGPT changes the kept weights: prune again (deterministic) and check the masks agree."""
+    from cps.pruning.base import MethodOptions, get_method
+    from cps.pruning.engine import EngineConfig, prune_model
+    from cps.pruning.masks import SparsityTarget
+    from cps.stages.calibrate import load_calibration_run
+
+    params = record.params
+    calib_run = record.tags.get("cps.calib_run_id")
+    if not calib_run:
+        raise CpsError(f"run {record.run_id} saved no model and names no calibration run to rebuild it")
+    log.warning("run %s saved no model: pruning again with %s to rebuild it", record.run_id, params["method"])
+    calib = load_calibration_run(store, calib_run)
+    pattern = params["pattern"]
+    target = SparsityTarget.parse(pattern, None if ":" in pattern else float(params["sparsity"]))
+    options = MethodOptions(int(params.get("blocksize", 128)), float(params.get("dampening", 0.01)))
+    engine = EngineConfig(
+        device=str(loaded.model.device), true_sequential=params.get("true_sequential") == "True"
+    )
+    result = prune_model(loaded.model, calib.input_ids, get_method(params["method"], options), target, engine)
+    if result.masks.keys() != masks.keys() or any(not torch.equal(result.masks[k], masks[k]) for k in masks):
+        raise CpsError(f"rebuilding run {record.run_id} gave different masks; cannot evaluate it faithfully")
+    return loaded
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def run_eval(config: EvalConfig, store: tracking.Store) -> EvalResult:
+    import polars as pl
+    from tqdm.auto import tqdm
+
+    tracking.client(store)
+    # Everything a user can get wrong fails here, before a model is loaded.
+    corpus = get_corpus(config.corpus, config.data_dir)
+    langs = [corpus.require(lang) for lang in config.langs]
+    task_names = expand_tasks(list(config.tasks), langs, config.data_dir)
+    task_configs(task_names, config.data_dir)
+    if config.run_id is not None:
+        record = tracking.get_run(store, config.run_id)
+        if record.stage != "prune":
+            raise CpsError(f"run {config.run_id} is a {record.stage} run; evaluate prune runs (or --model)")
+        run_id = config.run_id
+    else:
+        run_id = dense_run(store, str(config.model), config.dtype)
+        record = tracking.get_run(store, run_id)
+    loaded = load_run_model(store, record, LoadOptions(config.dtype, config.device))
+    rows = []
+    for lang in tqdm(langs, desc="perplexity", unit="lang"):
+        result = perplexity(loaded.model, loaded.tokenizer, corpus.documents(lang), config.seqlen)
+        rows += [(lang, "ppl", result.ppl, None), (lang, "bpb", result.bpb, None)]
+        rows.append((lang, "tokens", float(result.tokens), None))
+    for score in run_tasks(
+        loaded.model, loaded.tokenizer, task_names, config.data_dir, config.limit, config.batch_size
+    ):
+        rows.append((score.task, score.metric, score.value, score.stderr))
+    scores = pl.DataFrame(rows, schema=["name", "metric", "value", "stderr"], orient="row")
+    metrics = {}
+    for name, metric, value, stderr in rows:
+        key = "eval_tokens" if metric == "tokens" else metric
+        metrics[f"{key}.{name}"] = value
+        if stderr is not None:
+            metrics[f"{metric}_stderr.{name}"] = stderr
+    run = tracking.open_run(store, run_id)
+    run.log_metrics(metrics)
+    run.set_tags(
+        {"cps.eval.corpus": config.corpus, "cps.eval.seqlen": config.seqlen, "cps.eval.limit": config.limit}
+    )
+    run.log_frame(scores, "eval_scores.parquet")
+    return EvalResult(run_id, scores, metrics)
