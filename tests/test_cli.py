@@ -97,6 +97,10 @@ def _bad_inputs(tmp_path):
         "unknown method": ([*prune, "--method", "obc"], "unknown method"),
         "unknown calib run": ([*prune, "--calib", "deadbeef"], "no run 'deadbeef'"),
         "prune without language": (["prune", "--model", "tiny-llama"], "--lang is required"),
+        "eval unknown run": (["eval", "0123abcd"], "no run '0123abcd'"),
+        "eval unknown task": (["eval", "--model", "tiny-llama", "--tasks", "nonsense"], "unknown task"),
+        "eval missing language": (["eval", "--model", "tiny-llama", "--langs", "qu"], "no 'qu' data"),
+        "eval nothing to evaluate": (["eval"], "give a run id"),
     }
 
 
@@ -120,12 +124,16 @@ def _bad_inputs(tmp_path):
         "unknown method",
         "unknown calib run",
         "prune without language",
+        "eval unknown run",
+        "eval unknown task",
+        "eval missing language",
+        "eval nothing to evaluate",
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(case, tmp_path, store, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # mC4 must fail the same way everywhere
     args, message = _bad_inputs(tmp_path)[case]
-    if args[0] in ("calibrate", "prune"):
+    if args[0] in ("calibrate", "prune", "eval"):
         args = [*args, *_store_args(store)]
     result = cps(*args)
     assert result.returncode == 2, result.stdout + result.stderr
