@@ -15,12 +15,14 @@ def snr_per_layer(stats: pl.DataFrame, title: str) -> Figure:
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(8, 4.5), layout="constrained")
     axes = figure.add_subplot()
     for module in sorted(stats["module"].unique()):
         rows = stats.filter(stats["module"] == module).sort("layer")
         axes.plot(rows["layer"], rows["snr_db"], marker="o", markersize=3, label=module)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("decoder layer")
     axes.set_ylabel("SNR of the pruned output (dB)")
     axes.set_title(title)

@@ -117,14 +117,15 @@ def _flores_next_items(lang: str, data_dir: str | None) -> dict[str, list[dict]]
 class Builder:
     items: Callable[[str, str | None], dict[str, list[dict]]]
     corpus: str  # which corpus decides the languages
+    supported: frozenset[str] | None = None  # languages the prompt exists for (None: all)
 
     def languages(self, data_dir: str | None) -> list[str]:
         codes = get_corpus(self.corpus, data_dir).languages()
-        return [c for c in codes if self.items is not _xcopa_items or c in XCOPA_CONNECTORS]
+        return [code for code in codes if self.supported is None or code in self.supported]
 
 
 BUILDERS = {
-    "xcopa": Builder(_xcopa_items, "xcopa"),
+    "xcopa": Builder(_xcopa_items, "xcopa", frozenset(XCOPA_CONNECTORS)),
     "sib": Builder(_sib_items, "flores"),
     "flores_next": Builder(_flores_next_items, "flores"),
 }

@@ -7,7 +7,7 @@ import math
 import resource
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -162,12 +162,7 @@ def run_prune(config: PruneConfig, store: tracking.Store) -> PruneResult:
         loaded = load_model(config.model, LoadOptions(config.dtype, "cpu"))
         if loaded.model.dtype != torch.float32 and device == "cpu":
             log.info("pruning in %s on the CPU", loaded.model.dtype)
-        engine = EngineConfig(
-            device=device,
-            true_sequential=config.engine.true_sequential,
-            offload_activations=config.engine.offload_activations,
-            batch_tokens=config.engine.batch_tokens,
-        )
+        engine = replace(config.engine, device=device)
         if calib is None:
             result = EngineResult(masks={})
         else:
