@@ -1,0 +1,47 @@
+"""Mask overlap across calibration languages (arXiv 2408.14398, Sec. 5): IoU of pruned-weight sets."""
+
+from __future__ import annotations
+
+import re
+from itertools import combinations
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    import polars as pl
+
+_LAYER = re.compile(r"\.(\d+)\.(.+)$")
+
+
+def split_module_name(name: str) -> tuple[int, str]:
+    """'model.layers.3.mlp.down_proj' -> (3, 'mlp.down_proj')."""
+    match = _LAYER.search(name)
+    if not match:
+        raise ValueError(f"no layer index in module name {name!r}")
+    return int(match[1]), match[2]
+
+
+def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|A & B| / |A | B| of two pruned sets (bool masks, True = pruned); 1.0 when both are empty."""
+    union = torch.logical_or(a, b).sum().item()
+    return 1.0 if union == 0 else torch.logical_and(a, b).sum().item() / union
+
+
+def pairwise_iou(masks: dict[str, dict[str, torch.Tensor]]) -> pl.DataFrame:
+    """Long table (layer, module, lang_a, lang_b, iou) for every pair of calibration languages."""
+    import polars as pl
+
+    rows = []
+    for lang_a, lang_b in combinations(sorted(masks), 2):
+        for name in sorted(masks[lang_a].keys() & masks[lang_b].keys()):
+            layer, module = split_module_name(name)
+            rows.append((layer, module, lang_a, lang_b, mask_iou(masks[lang_a][name], masks[lang_b][name])))
+    schema = {
+        "layer": pl.Int64,
+        "module": pl.String,
+        "lang_a": pl.String,
+        "lang_b": pl.String,
+        "iou": pl.Float64,
+    }
+    return pl.DataFrame(rows, schema=schema, orient="row")

@@ -1,0 +1,86 @@
+"""Pure analyses on hand-made and synthetic inputs with known answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cps.analysis.lape import lape
+from cps.analysis.lsar import language_subspace, principal_angles, split_deviation
+from cps.analysis.masks_overlap import mask_iou, pairwise_iou, split_module_name
+
+
+def test_iou_on_hand_made_masks():
+    a = torch.tensor([[True, True, False, False]])
+    b = torch.tensor([[True, False, True, False]])
+    assert mask_iou(a, b) == pytest.approx(1 / 3)  # one shared of three pruned
+    assert mask_iou(a, a) == 1.0
+    assert mask_iou(a, ~a) == 0.0
+    assert mask_iou(torch.zeros(2, 2, dtype=torch.bool), torch.zeros(2, 2, dtype=torch.bool)) == 1.0
+
+
+def test_pairwise_iou_table():
+    name = "model.layers.2.mlp.down_proj"
+    masks = {
+        "sw": {name: torch.tensor([True, True, False, False])},
+        "en": {name: torch.tensor([True, False, True, False])},
+        "zh": {name: torch.tensor([True, True, False, False])},
+    }
+    table = pairwise_iou(masks).sort(["lang_a", "lang_b"])
+    assert table.columns == ["layer", "module", "lang_a", "lang_b", "iou"]
+    assert table.rows() == [
+        (2, "mlp.down_proj", "en", "sw", pytest.approx(1 / 3)),
+        (2, "mlp.down_proj", "en", "zh", pytest.approx(1 / 3)),
+        (2, "mlp.down_proj", "sw", "zh", 1.0),
+    ]
+    assert split_module_name("model.layers.11.self_attn.o_proj") == (11, "self_attn.o_proj")
+
+
+def test_lape_recovers_planted_language_specific_neurons():
+    generator = torch.Generator().manual_seed(0)
+    languages = ["ar", "en", "sw", "zh"]
+    probs = 0.3 + 0.2 * torch.rand(3, 500, 4, generator=generator)  # shared neurons: all languages
+    planted = {(0, 7): "sw", (1, 42): "zh", (2, 99): "ar", (2, 300): "en", (0, 400): "sw"}
+    for (layer, neuron), lang in planted.items():
+        probs[layer, neuron] = 0.01
+        probs[layer, neuron, languages.index(lang)] = 0.9
+    found = lape(probs, languages, ratio=5 / 1500)
+    assert {tuple(x) for x in found.selected.tolist()} == set(planted)
+    for lang in languages:
+        expected = {key for key, value in planted.items() if value == lang}
+        assert {tuple(x) for x in found.assignment[lang].tolist()} == expected
+
+
+def test_lape_dismisses_neurons_that_never_fire_much():
+    probs = torch.full((1, 100, 2), 0.5)
+    probs[0, 3] = torch.tensor([0.001, 0.0])  # lowest entropy, but never above the quantile
+    probs[0, 5] = torch.tensor([0.9, 0.1])
+    found = lape(probs, ["en", "sw"], ratio=0.01)
+    assert found.selected.tolist() == [[0, 5]]
+    assert found.entropy[0, 3] == float("inf")
+
+
+def test_lsar_recovers_a_planted_language_subspace():
+    generator = torch.Generator().manual_seed(1)
+    d, languages, rank = 64, 7, 6
+    planted, _ = torch.linalg.qr(torch.randn(d, rank, generator=generator, dtype=torch.float64))
+    shared = torch.randn(d, generator=generator, dtype=torch.float64) * 5
+    coefficients = torch.randn(languages, rank, generator=generator, dtype=torch.float64) * 3
+    coefficients -= coefficients.mean(0)  # language identity only, no shared offset
+    means = shared + coefficients @ planted.T  # (languages, d)
+    subspace = language_subspace(means)
+    assert subspace.basis.shape == (d, rank)
+    assert torch.allclose(subspace.agnostic, shared, atol=1e-10)
+    assert principal_angles(subspace.basis, planted).max() < 1e-6
+    inside = planted @ torch.randn(rank, generator=generator, dtype=torch.float64)
+    outside = torch.randn(d, generator=generator, dtype=torch.float64)
+    outside -= planted @ (planted.T @ outside)
+    specific, agnostic = split_deviation(torch.stack([inside, outside]), subspace)
+    assert specific[0] == pytest.approx((inside**2).sum().item()) and agnostic[0] == pytest.approx(
+        0, abs=1e-9
+    )
+    assert specific[1] == pytest.approx(0, abs=1e-9) and agnostic[1] == pytest.approx(
+        (outside**2).sum().item()
+    )
+    with pytest.raises(ValueError):
+        language_subspace(means, rank=7)
