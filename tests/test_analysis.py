@@ -84,3 +84,21 @@ def test_lsar_recovers_a_planted_language_subspace():
     )
     with pytest.raises(ValueError):
         language_subspace(means, rank=7)
+
+
+def test_groups_ignore_runs_that_differ_in_anything_but_the_varied_param():
+    from cps.analysis.groups import comparison_groups
+
+    base = {"model": "m", "method": "wanda", "sparsity": "0.5", "seed": "0", "git_sha": "a"}
+    runs = [
+        ("r1", {**base, "calib_lang": "sw"}),
+        ("r2", {**base, "calib_lang": "en", "git_sha": "b"}),  # provenance does not split
+        ("r3", {**base, "calib_lang": "zh", "seed": "42"}),  # another seed: another group
+        ("r4", {**base, "calib_lang": "sw"}),  # older duplicate: the newest (r1) stays
+        ("r5", {**base, "calib_lang": "ar", "method": "sparsegpt"}),
+    ]
+    (group,) = comparison_groups(runs)
+    assert group.members == {"sw": "r1", "en": "r2"}
+    assert group.shared["method"] == "wanda" and "calib_lang" not in group.shared
+    by_method = comparison_groups(runs, vary="method")
+    assert [g.members for g in by_method] == []  # no two methods share everything else
