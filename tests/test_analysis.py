@@ -102,3 +102,31 @@ def test_groups_ignore_runs_that_differ_in_anything_but_the_varied_param():
     assert group.shared["method"] == "wanda" and "calib_lang" not in group.shared
     by_method = comparison_groups(runs, vary="method")
     assert [g.members for g in by_method] == []  # no two methods share everything else
+
+
+def test_mask_overlap_of_a_group_from_the_store(store):
+    from cps.analysis.plots import iou_heatmap, language_matrix
+    from cps.data.calibration import CalibrationConfig
+    from cps.stages.analyze import find_groups, mask_overlap
+    from cps.stages.prune import PruneConfig, run_prune
+
+    for lang in ("sw", "zh", "ru"):
+        run_prune(
+            PruneConfig(CalibrationConfig("tiny-llama", lang, nsamples=4, seqlen=32), save_model=False), store
+        )
+    run_prune(
+        PruneConfig(CalibrationConfig("tiny-llama", "sw", nsamples=4, seqlen=32, seed=1), save_model=False),
+        store,
+    )
+    (group,) = find_groups(store)
+    assert sorted(group.members) == ["ru", "sw", "zh"] and group.shared["seed"] == "0"
+    table = mask_overlap(store, group)
+    assert table.height == 3 * 14  # 3 language pairs x 7 linears x 2 layers
+    assert table["iou"].min() > 0 and table["iou"].max() < 1  # Wanda masks move with the language
+    # 50% masks of the same size: IoU = s / (2 * 0.5 - s) for a shared share s, so >= 1/3 at chance
+    assert table["iou"].mean() > 1 / 3
+    figure = iou_heatmap(table, "IoU")
+    import polars as pl
+
+    pairs = table.group_by("lang_a", "lang_b").agg(pl.col("iou").mean())
+    assert len(figure.axes) == 2 and len(language_matrix(pairs, "iou", "IoU").axes) == 2

@@ -29,3 +29,52 @@ def snr_per_layer(stats: pl.DataFrame, title: str) -> Figure:
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, ncols=2)
     return figure
+
+
+def iou_heatmap(iou: pl.DataFrame, title: str) -> Figure:
+    """Mean IoU over language pairs, layer (rows) x module (columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import polars as pl
+    from matplotlib.figure import Figure
+
+    mean = iou.group_by("layer", "module").agg(pl.col("iou").mean()).sort("layer", "module")
+    wide = mean.pivot(on="module", index="layer", values="iou").sort("layer")
+    modules = [column for column in wide.columns if column != "layer"]
+    values = wide.select(modules).to_numpy()
+    figure = Figure(figsize=(1.2 * len(modules) + 2, 0.3 * wide.height + 2), layout="constrained")
+    axes = figure.add_subplot()
+    image = axes.imshow(values, aspect="auto", cmap="viridis")
+    axes.set_xticks(range(len(modules)), modules, rotation=45, ha="right", fontsize=8)
+    axes.set_yticks(range(wide.height), wide["layer"].to_list(), fontsize=7)
+    axes.set_ylabel("decoder layer")
+    axes.set_title(title)
+    figure.colorbar(image, ax=axes, label="mean IoU of pruned weights")
+    return figure
+
+
+def language_matrix(matrix: pl.DataFrame, value: str, title: str) -> Figure:
+    """A symmetric language x language matrix from a long (lang_a, lang_b, value) table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    langs = sorted(set(matrix["lang_a"]) | set(matrix["lang_b"]))
+    grid = np.eye(len(langs))
+    for lang_a, lang_b, score in matrix.select("lang_a", "lang_b", value).iter_rows():
+        i, j = langs.index(lang_a), langs.index(lang_b)
+        grid[i, j] = grid[j, i] = score
+    figure = Figure(figsize=(1 + 0.7 * len(langs), 0.6 + 0.7 * len(langs)), layout="constrained")
+    axes = figure.add_subplot()
+    image = axes.imshow(grid, cmap="viridis")
+    axes.set_xticks(range(len(langs)), langs)
+    axes.set_yticks(range(len(langs)), langs)
+    for i in range(len(langs)):
+        for j in range(len(langs)):
+            axes.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color="white")
+    axes.set_title(title)
+    figure.colorbar(image, ax=axes)
+    return figure
