@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from cps import tracking
 from cps.analysis.lape import lape
 from cps.analysis.lsar import language_subspace, principal_angles, split_deviation
 from cps.analysis.masks_overlap import mask_iou, pairwise_iou, split_module_name
+from cps.errors import CpsError
 
 
 def test_iou_on_hand_made_masks():
@@ -107,7 +111,7 @@ def test_groups_ignore_runs_that_differ_in_anything_but_the_varied_param():
 def test_mask_overlap_of_a_group_from_the_store(store):
     from cps.analysis.plots import iou_heatmap, language_matrix
     from cps.data.calibration import CalibrationConfig
-    from cps.stages.analyze import find_groups, mask_overlap
+    from cps.stages.analyze import AnalyzeConfig, find_groups, mask_overlap, run_analyze
     from cps.stages.prune import PruneConfig, run_prune
 
     for lang in ("sw", "zh", "ru"):
@@ -130,3 +134,12 @@ def test_mask_overlap_of_a_group_from_the_store(store):
 
     pairs = table.group_by("lang_a", "lang_b").agg(pl.col("iou").mean())
     assert len(figure.axes) == 2 and len(language_matrix(pairs, "iou", "IoU").axes) == 2
+    (result,) = run_analyze(AnalyzeConfig(filters=(("method", "wanda"),)), store)
+    record = tracking.get_run(store, result.run_id)
+    assert record.stage == "analyze" and record.params["vary"] == "calib_lang"
+    assert json.loads(record.params["runs"]) == group.members
+    assert record.metrics["iou.mean"] == pytest.approx(table["iou"].mean())
+    assert result.snr.height == 3 * 14 and set(result.snr["calib_lang"]) == {"ru", "sw", "zh"}
+    assert len(result.lowest_modules) == 2
+    with pytest.raises(CpsError, match="differ only in calib_lang"):
+        run_analyze(AnalyzeConfig(filters=(("method", "sparsegpt"),)), store)

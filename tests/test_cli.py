@@ -101,6 +101,8 @@ def _bad_inputs(tmp_path):
         "eval unknown task": (["eval", "--model", "tiny-llama", "--tasks", "nonsense"], "unknown task"),
         "eval missing language": (["eval", "--model", "tiny-llama", "--langs", "qu"], "no 'qu' data"),
         "eval nothing to evaluate": (["eval"], "give a run id"),
+        "analyze empty store": (["analyze"], "no two finished prune runs"),
+        "analyze bad filter": (["analyze", "--filter", "method"], "bad --filter"),
     }
 
 
@@ -128,12 +130,14 @@ def _bad_inputs(tmp_path):
         "eval unknown task",
         "eval missing language",
         "eval nothing to evaluate",
+        "analyze empty store",
+        "analyze bad filter",
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(case, tmp_path, store, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # mC4 must fail the same way everywhere
     args, message = _bad_inputs(tmp_path)[case]
-    if args[0] in ("calibrate", "prune", "eval"):
+    if args[0] in ("calibrate", "prune", "eval", "analyze"):
         args = [*args, *_store_args(store)]
     result = cps(*args)
     assert result.returncode == 2, result.stdout + result.stderr

@@ -21,13 +21,14 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-from cps.cli import calibrate, data, evaluate, models, prune  # noqa: E402  (registers the subcommands)
+from cps.cli import analyze, calibrate, data, evaluate, models, prune  # noqa: E402  (registers the subcommands)
 
 app.add_typer(data.app, name="data")
 app.command("models")(models.models_command)
 app.command("calibrate")(calibrate.calibrate_command)
 app.command("prune")(prune.prune_command)
 app.command("eval")(evaluate.eval_command)
+app.command("analyze")(analyze.analyze_command)
 
 
 def _terminate(signum: int, frame: object) -> NoReturn:
