@@ -17,7 +17,9 @@ def cps(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("command", [[], ["calibrate"], ["prune"], ["data"], ["data", "list"], ["models"]])
+@pytest.mark.parametrize(
+    "command", [[], ["calibrate"], ["prune"], ["eval"], ["analyze"], ["data"], ["data", "list"], ["models"]]
+)
 def test_help_is_fast(command):
     started = time.monotonic()
     result = cps(*command, "--help")
