@@ -143,3 +143,30 @@ def test_mask_overlap_of_a_group_from_the_store(store):
     assert len(result.lowest_modules) == 2
     with pytest.raises(CpsError, match="differ only in calib_lang"):
         run_analyze(AnalyzeConfig(filters=(("method", "sparsegpt"),)), store)
+
+
+def test_activation_analyses_of_a_group(store):
+    from cps.data.calibration import CalibrationConfig
+    from cps.stages.analyze import AnalyzeConfig, run_analyze
+    from cps.stages.prune import PruneConfig, run_prune
+
+    runs = {}
+    for lang in ("sw", "zh"):
+        calibration = CalibrationConfig("tiny-gemma3", lang, nsamples=4, seqlen=32)
+        runs[lang] = run_prune(PruneConfig(calibration, save_model=False), store).run_id
+    config = AnalyzeConfig(
+        activations=True, langs=("sw", "zh", "ru"), max_documents=3, seqlen=64, lape_ratio=0.05
+    )
+    (result,) = run_analyze(config, store)
+    tables = result.activation_tables
+    overlap = tables["lape_overlap"]
+    assert overlap.height == 2 * 3 and overlap["overlap"].is_between(0, 1).all()
+    cross = tables["cross_snr"]
+    assert cross.height == 2 * 3 * 4 and cross["snr_db"].is_finite().all()  # 2 runs x 3 langs x 4 layers
+    lsar = tables["lsar"]
+    assert (lsar["specific"] >= -1e-9).all() and (lsar["agnostic"] >= -1e-9).all()
+    assert tables["lape_dense_counts"]["neurons"].sum() > 0
+    pruned = tracking.get_run(store, runs["sw"])
+    assert {"lape.overlap.sw", "lape.overlap.zh", "lape.overlap.ru"} <= pruned.metrics.keys()
+    with pytest.raises(CpsError, match="at least two"):
+        AnalyzeConfig(activations=True, langs=("sw",))

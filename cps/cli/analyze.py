@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from cps.cli.options import Experiment, TrackingUri
+from cps.cli.options import DataDir, Experiment, TrackingUri
 
 
 def analyze_command(
@@ -14,10 +14,26 @@ def analyze_command(
     filter_: Annotated[
         list[str] | None, typer.Option("--filter", help="Only runs with this param value (key=value).")
     ] = None,
+    activations: Annotated[
+        bool, typer.Option(help="Also LAPE, LSAR and cross-language SNR on held-out text (loads models).")
+    ] = False,
+    langs: Annotated[
+        str, typer.Option(help="Held-out languages for the activation analyses.")
+    ] = "ar,de,en,es,ru,sw,zh",
+    max_docs: Annotated[
+        int | None, typer.Option(help="Held-out documents per language (quick runs).")
+    ] = None,
+    seqlen: Annotated[int, typer.Option(help="Tokens per held-out chunk.")] = 512,
+    lape_ratio: Annotated[float, typer.Option(help="Share of neurons called language-specific.")] = 0.01,
+    lsar_rank: Annotated[
+        int | None, typer.Option(help="Language subspace rank (default languages - 1).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda | auto.")] = "cpu",
+    data_dir: DataDir = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = "cps",
 ) -> None:
-    """Mask IoU across calibration languages and SNR by language, one analysis run per group."""
+    """Mask IoU and SNR by calibration language (+ LAPE, LSAR, cross-language SNR), one run per group."""
     from cps.errors import CpsError
     from cps.stages.analyze import AnalyzeConfig, run_analyze
     from cps.tracking import Store
@@ -28,7 +44,21 @@ def analyze_command(
         if not sep or not key:
             raise CpsError(f"bad --filter {item!r}; use key=value, e.g. method=wanda")
         filters.append((key.strip(), value.strip()))
-    results = run_analyze(AnalyzeConfig(group_by, tuple(filters)), Store(tracking_uri, experiment))
+    from cps.languages import parse_languages
+
+    config = AnalyzeConfig(
+        vary=group_by,
+        filters=tuple(filters),
+        activations=activations,
+        langs=tuple(parse_languages(langs)),
+        seqlen=seqlen,
+        max_documents=max_docs,
+        lape_ratio=lape_ratio,
+        lsar_rank=lsar_rank,
+        device=device,
+        data_dir=data_dir,
+    )
+    results = run_analyze(config, Store(tracking_uri, experiment))
     for result in results:
         shared = result.group.shared
         members = ", ".join(sorted(result.group.members))
@@ -39,6 +69,21 @@ def analyze_command(
         typer.echo(
             f"  mean mask IoU {result.headlines['iou.mean']:.3f}; lowest in early layers: "
             f"{', '.join(result.lowest_modules)} "
-            f"({'agrees' if result.paper_agrees else 'differs from'} the paper: o_proj, down_proj)"
+            f"({'agrees with' if result.paper_agrees else 'differs from'} the paper: o_proj, down_proj)"
         )
+        if result.activation_tables:
+            import polars as pl
+
+            overlap = result.activation_tables["lape_overlap"]
+            cross = (
+                result.activation_tables["cross_snr"]
+                .group_by(group_by, "eval_lang")
+                .agg(pl.col("snr_db").mean())
+            )
+            typer.echo(
+                f"  LAPE overlap with the dense model's language neurons: {overlap['overlap'].mean():.3f}"
+            )
+            best = cross.sort("snr_db", descending=True).group_by("eval_lang", maintain_order=True).first()
+            for eval_lang, winner in best.select("eval_lang", group_by).sort("eval_lang").iter_rows():
+                typer.echo(f"  {eval_lang} held-out text is best preserved by {group_by}={winner}")
         typer.echo(f"  analysis run {result.run_id}")

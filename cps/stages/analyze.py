@@ -4,7 +4,11 @@ A group is a set of prune runs that differ only in the calibration language (or 
 param). For each group: pairwise IoU of the masks (long table, layer x module heatmap, language x
 language matrix, and whether the paper's finding holds: the lowest overlap in attention-output and
 MLP-down projections of early layers), and the per-layer SNR by calibration language from each
-run's `layer_stats.parquet`. (LAPE, LSAR and the cross-language SNR on held-out text are next.)
+run's `layer_stats.parquet`. With `activations`, on held-out text of each language: LAPE
+language-specific neurons of the dense model against each pruned one, the layer-wise SNR of each
+pruned model's hidden states against the dense ones per evaluation language ("does calibrating on
+L best preserve L?"), and LSAR: that deviation split into the dense model's language-specific
+subspace and the language-agnostic rest.
 """
 
 from __future__ import annotations
@@ -32,6 +36,21 @@ PAPER_LOW_IOU_MODULES = ("o_proj", "down_proj")  # arXiv 2408.14398: lowest over
 class AnalyzeConfig:
     vary: str = "calib_lang"
     filters: tuple[tuple[str, str], ...] = ()
+    activations: bool = False  # LAPE, LSAR and cross-language SNR on held-out text
+    langs: tuple[str, ...] = ("ar", "de", "en", "es", "ru", "sw", "zh")
+    corpus: str = "flores"
+    seqlen: int = 512
+    max_documents: int | None = None  # per language, for quick runs
+    lape_ratio: float = 0.01
+    lsar_rank: int | None = None  # default: languages - 1
+    device: str = "cpu"
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.activations and len(self.langs) < 2:
+            raise CpsError("activation analyses compare languages: give at least two --langs")
+        if not 0 < self.lape_ratio < 1:
+            raise CpsError(f"--lape-ratio must be in (0, 1) (got {self.lape_ratio:g})")
 
 
 @dataclass
@@ -40,6 +59,7 @@ class GroupAnalysis:
     run_id: str
     iou: pl.DataFrame
     snr: pl.DataFrame
+    activation_tables: dict[str, pl.DataFrame] = field(default_factory=dict)
     headlines: dict[str, float] = field(default_factory=dict)
     paper_agrees: bool | None = None
     lowest_modules: list[str] = field(default_factory=list)
@@ -88,13 +108,15 @@ def lowest_overlap_modules(iou: pl.DataFrame, count: int = 2) -> list[str]:
     return ranked["module"].head(count).to_list()
 
 
-def analyze_group(store: tracking.Store, group: Group, vary: str) -> GroupAnalysis:
+def analyze_group(store: tracking.Store, group: Group, config: AnalyzeConfig) -> GroupAnalysis:
     import polars as pl
 
     from cps.analysis.plots import iou_heatmap, language_matrix
 
+    vary = config.vary
     iou = mask_overlap(store, group)
     snr = snr_by_member(store, group, vary)
+    tables = activation_analyses(store, group, config) if config.activations else {}
     pairs = iou.group_by("lang_a", "lang_b").agg(pl.col("iou").mean()).sort("lang_a", "lang_b")
     lowest = lowest_overlap_modules(iou)
     agrees = all(any(m.endswith(p) for m in lowest) for p in PAPER_LOW_IOU_MODULES)
@@ -120,7 +142,7 @@ def analyze_group(store: tracking.Store, group: Group, vary: str) -> GroupAnalys
                 plots / "iou_languages.png", dpi=110
             )
             run.log_artifact(plots, "plots")
-    return GroupAnalysis(group, run.run_id, iou, snr, headlines, agrees, lowest)
+    return GroupAnalysis(group, run.run_id, iou, snr, tables, headlines, agrees, lowest)
 
 
 def run_analyze(config: AnalyzeConfig, store: tracking.Store) -> list[GroupAnalysis]:
@@ -129,4 +151,90 @@ def run_analyze(config: AnalyzeConfig, store: tracking.Store) -> list[GroupAnaly
     if not groups:
         where = " ".join(f"{k}={v}" for k, v in config.filters) or "the store"
         raise CpsError(f"no two finished prune runs in {where} differ only in {config.vary}")
-    return [analyze_group(store, group, config.vary) for group in groups]
+    return [analyze_group(store, group, config) for group in groups]
+
+
+def activation_analyses(
+    store: tracking.Store, group: Group, config: AnalyzeConfig
+) -> dict[str, pl.DataFrame]:
+    """LAPE overlap, cross-language SNR and the LSAR split for every member against the dense model."""
+    import polars as pl
+    import torch
+
+    from cps.analysis.lape import lape
+    from cps.analysis.lsar import language_subspace
+    from cps.data import get_corpus
+    from cps.evaluation.activations import activation_statistics, deviation_statistics
+    from cps.models import LoadOptions, load_model
+    from cps.stages.evaluate import load_run_model
+
+    corpus = get_corpus(config.corpus, config.data_dir)
+    langs = [corpus.require(lang) for lang in config.langs]
+    documents = {lang: corpus.documents(lang)[: config.max_documents] for lang in langs}
+    options = LoadOptions(group.shared.get("dtype", "auto"), config.device)
+    dense = load_model(group.shared["model"], options)
+
+    def probabilities(model: torch.nn.Module) -> tuple[torch.Tensor, dict]:
+        stats = {
+            lang: activation_statistics(model, dense.tokenizer, documents[lang], config.seqlen)
+            for lang in langs
+        }
+        return torch.stack([stats[lang].probabilities for lang in langs], -1), stats
+
+    dense_probs, dense_stats = probabilities(dense.model)
+    dense_neurons = lape(dense_probs, langs, config.lape_ratio)
+    layers = dense_probs.shape[0]
+    subspaces = [
+        language_subspace(torch.stack([dense_stats[lang].hidden_mean[i] for lang in langs]), config.lsar_rank)
+        for i in range(layers)
+    ]
+    lape_rows, snr_rows, lsar_rows = [], [], []
+    for value, run_id in group.members.items():
+        pruned = load_run_model(store, tracking.get_run(store, run_id), options)
+        pruned_probs, _ = probabilities(pruned.model)
+        pruned_neurons = lape(pruned_probs, langs, config.lape_ratio)
+        summaries = {}
+        for index, lang in enumerate(langs):
+            before = {tuple(x) for x in dense_neurons.assignment[lang].tolist()}
+            after = {tuple(x) for x in pruned_neurons.assignment[lang].tolist()}
+            overlap = len(before & after) / len(before | after) if before | after else 1.0
+            where = dense_neurons.assignment[lang]
+            change = (
+                (pruned_probs - dense_probs)[where[:, 0], where[:, 1], index].mean().item()
+                if len(where)
+                else 0.0
+            )
+            lape_rows.append((value, lang, len(before), len(after), overlap, change))
+            summaries[f"lape.overlap.{lang}"] = overlap
+            deviation = deviation_statistics(
+                pruned.model, dense.model, dense.tokenizer, documents[lang], config.seqlen
+            )
+            for layer in range(layers):
+                basis = subspaces[layer].basis.double()
+                specific = (
+                    torch.trace(basis.T @ deviation.second_moment[layer] @ basis).item() / deviation.tokens
+                )
+                total = deviation.noise[layer].item() / deviation.tokens
+                snr_rows.append((value, lang, layer, deviation.snr_db[layer].item()))
+                lsar_rows.append((value, lang, layer, specific, total - specific))
+        tracking.open_run(store, run_id).log_metrics(summaries)
+    vary = config.vary
+    counts = [
+        (lang, int(layer), int(n))
+        for lang in langs
+        for layer, n in zip(
+            *torch.unique(dense_neurons.assignment[lang][:, 0], return_counts=True), strict=True
+        )
+    ]
+    return {
+        "lape_overlap": pl.DataFrame(
+            lape_rows,
+            schema=[vary, "lang", "dense_neurons", "pruned_neurons", "overlap", "prob_change"],
+            orient="row",
+        ),
+        "lape_dense_counts": pl.DataFrame(counts, schema=["lang", "layer", "neurons"], orient="row"),
+        "cross_snr": pl.DataFrame(snr_rows, schema=[vary, "eval_lang", "layer", "snr_db"], orient="row"),
+        "lsar": pl.DataFrame(
+            lsar_rows, schema=[vary, "eval_lang", "layer", "specific", "agnostic"], orient="row"
+        ),
+    }
