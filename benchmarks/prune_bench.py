@@ -24,7 +24,7 @@ def dense_forward_seconds(model, input_ids, batch_tokens: int) -> float:
     import torch
 
     from cps.models import decoder_layers
-    from cps.pruning.engine import capture_layer_calls
+    from cps.pruning.engine import capture_layer_calls, layer_output
 
     batch_size = max(1, batch_tokens // input_ids.shape[1])
     with torch.inference_mode():
@@ -32,8 +32,7 @@ def dense_forward_seconds(model, input_ids, batch_tokens: int) -> float:
         started = time.perf_counter()
         for index, layer in enumerate(decoder_layers(model)):
             for position, batch in enumerate(calls.hidden):
-                out = layer(batch, **calls.kwargs_for(index, batch))
-                calls.hidden[position] = out[0] if isinstance(out, tuple) else out
+                calls.hidden[position] = layer_output(layer(batch, **calls.kwargs_for(index, batch)))
         return time.perf_counter() - started
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cps.errors import CpsError
+from cps.errors import CpsError, first_line
 from cps.paths import cache_dir
 
 if TYPE_CHECKING:
@@ -281,7 +281,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise CpsError(
-            f"cannot load the tokenizer of {name!r} from {location}: {_first_line(error)}"
+            f"cannot load the tokenizer of {name!r} from {location}: {first_line(error)}"
         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -324,15 +324,10 @@ def load_model(name: str, options: LoadOptions | None = None) -> LoadedModel:
                 location, dtype=dtype, trust_remote_code=options.trust_remote_code
             )
         except (OSError, ValueError) as error:
-            raise CpsError(f"cannot load model {name!r} from {location}: {_first_line(error)}") from None
+            raise CpsError(f"cannot load model {name!r} from {location}: {first_line(error)}") from None
     model.eval()
     model.to(device)
     return LoadedModel(spec, model, tokenizer)
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # ---------------------------------------------------------------------------------------------

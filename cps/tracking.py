@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import cps
-from cps.errors import CpsError
+from cps.errors import CpsError, first_line
 
 if TYPE_CHECKING:
     import polars as pl
@@ -121,7 +121,7 @@ def _client_for(uri: str) -> MlflowClient:
         client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)  # touches the store: migrations, connection
     except MlflowException as error:
-        raise CpsError(f"tracking store {uri} is unusable: {_first_line(error)}") from None
+        raise CpsError(f"tracking store {uri} is unusable: {first_line(error)}") from None
     return client
 
 
@@ -361,8 +361,3 @@ def download_artifact(store: Store, run_id: str, path: str, dst: str | Path) -> 
 
 def _quote(value: str) -> str:
     return value.replace("\\", "\\\\").replace("'", "\\'")
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -8,7 +8,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from cps.data.corpus import Corpus, CorpusSize, Document, register_corpus
-from cps.errors import CpsError
+from cps.errors import CpsError, first_line
 from cps.languages import LANGUAGES, get_language
 
 DATASET = "allenai/c4"
@@ -46,7 +46,7 @@ class Mc4Corpus(Corpus):
                 if chars >= budget:
                     break
         except Exception as error:  # any failure to reach the hub is the same user-facing problem
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            reason = first_line(error)
             raise CpsError(
                 f"mC4 ({DATASET}, config {config!r}) streams from the Hugging Face hub and needs "
                 f"network access, which failed: {reason[:200]}. Offline, use --corpus ntrex or "

@@ -23,6 +23,7 @@ from cps.data.corpus import Document
 from cps.errors import CpsError
 from cps.evaluation.perplexity import score_chunks
 from cps.models import decoder_layers
+from cps.pruning.engine import layer_output
 
 
 @dataclass
@@ -67,14 +68,10 @@ def _chunks(tokenizer, documents: list[Document], seqlen: int) -> list[torch.Ten
     return score_chunks(stream, seqlen, start)
 
 
-def _output(value: object) -> torch.Tensor:
-    return value[0] if isinstance(value, tuple) else value  # type: ignore[index,return-value]
-
-
 @contextmanager
 def _hooks(modules: list[nn.Module], record: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
     handles = [
-        module.register_forward_hook(lambda m, args, out, i=i: record(i, _output(out)))
+        module.register_forward_hook(lambda m, args, out, i=i: record(i, layer_output(out)))
         for i, module in enumerate(modules)
     ]
     try:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from cps.data import get_corpus
 from cps.data.flores import EVAL_SPLITS, FloresCorpus
 from cps.data.xcopa import XcopaCorpus
-from cps.errors import CpsError
+from cps.errors import CpsError, first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -242,7 +242,7 @@ def run_tasks(
             model=lm, tasks=configs, limit=limit, log_samples=False, bootstrap_iters=1000, verbosity="WARNING"
         )
     except (ConnectionError, OSError, FileNotFoundError) as error:
-        raise CpsError(f"lm-eval could not load its task data: {str(error).splitlines()[0][:200]}") from None
+        raise CpsError(f"lm-eval could not load its task data: {first_line(error)[:200]}") from None
     scores = []
     for task, metrics in output["results"].items():
         samples = output.get("n-samples", {}).get(task, {}).get("effective", 0)

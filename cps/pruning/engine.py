@@ -150,7 +150,7 @@ def capture_layer_calls(
 # One layer
 
 
-def _layer_output(output: Any) -> torch.Tensor:
+def layer_output(output: Any) -> torch.Tensor:
     """transformers 5.x layers return a Tensor, older versions a tuple."""
     return output[0] if isinstance(output, tuple) else output
 
@@ -332,7 +332,7 @@ def _prune_layer(
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
         hidden = batch.to(device)
-        return _layer_output(layer(hidden, **_move(calls.kwargs_for(index, batch), device, {})))
+        return layer_output(layer(hidden, **_move(calls.kwargs_for(index, batch), device, {})))
 
     structure = tuple(_linears(layer))
     hooks = _StatsHooks(layer, layouts.get(structure))
