@@ -165,7 +165,27 @@ def test_activation_analyses_of_a_group(store):
     assert cross.height == 2 * 3 * 4 and cross["snr_db"].is_finite().all()  # 2 runs x 3 langs x 4 layers
     lsar = tables["lsar"]
     assert (lsar["specific"] >= -1e-9).all() and (lsar["agnostic"] >= -1e-9).all()
-    assert tables["lape_dense_counts"]["neurons"].sum() > 0
+    counts = tables["lape_counts"]
+    assert set(counts["model"]) == {"dense", "sw", "zh"} and counts["neurons"].sum() > 0
+    dense_counts = counts.filter(counts["model"] == "dense")
+    assert (
+        overlap.filter(overlap["calib_lang"] == "sw")["dense_neurons"].sum() == dense_counts["neurons"].sum()
+    )
+    assert ((lsar["specific_share"] >= 0) & (lsar["specific_share"] <= 1 + 1e-9)).all()
+    # own-language share from the table by hand: eval languages sw and zh, which calib wins each
+    means = {(c, e): [] for c in ("sw", "zh") for e in ("sw", "zh")}
+    for calib, lang, _, snr in cross.filter(cross["eval_lang"] != "ru").iter_rows():
+        means[calib, lang].append(snr)
+    wins = [max(("sw", "zh"), key=lambda c: sum(means[c, e]) / len(means[c, e])) == e for e in ("sw", "zh")]
+    record = tracking.get_run(store, result.run_id)
+    assert record.metrics["cross_snr.own_lang_best"] == pytest.approx(sum(wins) / 2)
+    assert record.metrics["lape.overlap.mean"] == pytest.approx(overlap["overlap"].mean())
+    folder = tracking.local_artifact_dir(store, result.run_id, "plots")
+    assert {"cross_snr.png", "lsar_specific_share.png", "lape_counts_dense.png", "snr_by_calib.png"} <= {
+        path.name for path in folder.iterdir()
+    }
+    for name in ("lape_overlap", "lape_counts", "cross_snr", "lsar"):
+        assert tracking.local_artifact_dir(store, result.run_id, f"{name}.parquet").is_file()
     pruned = tracking.get_run(store, runs["sw"])
     assert {"lape.overlap.sw", "lape.overlap.zh", "lape.overlap.ru"} <= pruned.metrics.keys()
     with pytest.raises(CpsError, match="at least two"):

@@ -78,3 +78,71 @@ def language_matrix(matrix: pl.DataFrame, value: str, title: str) -> Figure:
     axes.set_title(title)
     figure.colorbar(image, ax=axes)
     return figure
+
+
+def layer_lines(frame: pl.DataFrame, value: str, hue: str, title: str, ylabel: str) -> Figure:
+    """`value` against the decoder layer, one line per `hue` value (averaged over any other column)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import polars as pl
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    mean = frame.group_by(hue, "layer").agg(pl.col(value).mean()).sort(hue, "layer")
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    axes = figure.add_subplot()
+    for key in sorted(mean[hue].unique().to_list()):
+        rows = mean.filter(pl.col(hue) == key)
+        axes.plot(rows["layer"], rows[value], marker="o", markersize=3, label=f"{hue}={key}")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("decoder layer")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, ncols=2)
+    return figure
+
+
+def matrix_heatmap(
+    frame: pl.DataFrame, row: str, column: str, value: str, title: str, best: str | None = "max"
+) -> Figure:
+    """A row x column heatmap of `value` (mean over other columns) with numbers in the cells.
+
+    Cells whose row and column labels are equal (calibration language = evaluation language) get a
+    red box; with `best` ("max" or "min") each column's best cell is starred.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import numpy as np
+    import polars as pl
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    mean = frame.group_by(row, column).agg(pl.col(value).mean())
+    rows = sorted(mean[row].unique().to_list())
+    columns = sorted(mean[column].unique().to_list())
+    grid = np.full((len(rows), len(columns)), np.nan)
+    for r, c, score in mean.select(row, column, value).iter_rows():
+        grid[rows.index(r), columns.index(c)] = score
+    figure = Figure(figsize=(1.6 + 0.8 * len(columns), 1.0 + 0.6 * len(rows)), layout="constrained")
+    axes = figure.add_subplot()
+    image = axes.imshow(grid, cmap="viridis", aspect="auto")
+    axes.set_xticks(range(len(columns)), [str(c) for c in columns])
+    axes.set_yticks(range(len(rows)), [str(r) for r in rows])
+    axes.set_xlabel(column)
+    axes.set_ylabel(row)
+    sign = {"max": 1.0, "min": -1.0}.get(best or "", 0.0)
+    winners = np.nanargmax(np.where(np.isnan(grid), -np.inf, sign * grid), axis=0)
+    for i in range(len(rows)):
+        for j in range(len(columns)):
+            if np.isnan(grid[i, j]):
+                continue
+            star = "*" if sign and winners[j] == i else ""
+            axes.text(j, i, f"{grid[i, j]:.3g}{star}", ha="center", va="center", fontsize=7, color="white")
+            if str(rows[i]) == str(columns[j]):
+                axes.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.5))
+    axes.set_title(title)
+    figure.colorbar(image, ax=axes, label=value)
+    return figure

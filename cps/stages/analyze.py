@@ -28,6 +28,9 @@ from cps.pruning.masks import load_masks
 
 if TYPE_CHECKING:
     import polars as pl
+    from matplotlib.figure import Figure
+
+    from cps.analysis.lape import LanguageNeurons
 
 PAPER_LOW_IOU_MODULES = ("o_proj", "down_proj")  # arXiv 2408.14398: lowest overlap, early layers
 
@@ -111,8 +114,6 @@ def lowest_overlap_modules(iou: pl.DataFrame, count: int = 2) -> list[str]:
 def analyze_group(store: tracking.Store, group: Group, config: AnalyzeConfig) -> GroupAnalysis:
     import polars as pl
 
-    from cps.analysis.plots import iou_heatmap, language_matrix
-
     vary = config.vary
     iou = mask_overlap(store, group)
     snr = snr_by_member(store, group, vary)
@@ -123,26 +124,86 @@ def analyze_group(store: tracking.Store, group: Group, config: AnalyzeConfig) ->
     headlines = {"iou.mean": float(iou["iou"].mean())}
     for module, value in iou.group_by("module").agg(pl.col("iou").mean()).iter_rows():
         headlines[f"iou.{module}"] = float(value)
+    if tables:
+        headlines.update(activation_headlines(tables, vary))
     params = {**group.shared, "vary": vary, "runs": json.dumps(group.members, sort_keys=True)}
     name = f"analyze-{group.shared.get('method')}-{group.shared.get('model')}-by-{vary}"
+    frames = {"iou": iou, "iou_pairs": pairs, "snr_by_calib": snr, **tables}
     with tracking.start_run(store, "analyze", params, name) as run:
         run.log_metrics(headlines)
         run.set_tags({"cps.paper_low_iou_agrees": agrees, "cps.lowest_iou_modules": ",".join(lowest)})
-        for frame, artifact in (
-            (iou, "iou.parquet"),
-            (pairs, "iou_pairs.parquet"),
-            (snr, "snr_by_calib.parquet"),
-        ):
-            run.log_frame(frame, artifact)
+        for artifact, frame in frames.items():
+            run.log_frame(frame, f"{artifact}.parquet")
         with tempfile.TemporaryDirectory() as folder:
             plots = Path(folder) / "plots"
             plots.mkdir()
-            iou_heatmap(iou, f"mask IoU across {vary} — {name}").savefig(plots / "iou_heatmap.png", dpi=110)
-            language_matrix(pairs, "iou", f"mean mask IoU by {vary}").savefig(
-                plots / "iou_languages.png", dpi=110
-            )
+            for artifact, figure in group_figures(frames, vary, name).items():
+                figure.savefig(plots / f"{artifact}.png", dpi=110)
             run.log_artifact(plots, "plots")
     return GroupAnalysis(group, run.run_id, iou, snr, tables, headlines, agrees, lowest)
+
+
+def group_figures(frames: Mapping[str, pl.DataFrame], vary: str, name: str) -> dict[str, Figure]:
+    """The analysis run's plots, from whichever tables it has."""
+    import polars as pl
+
+    from cps.analysis.plots import iou_heatmap, language_matrix, layer_lines, matrix_heatmap
+
+    figures = {
+        "iou_heatmap": iou_heatmap(frames["iou"], f"mask IoU across {vary} — {name}"),
+        "iou_languages": language_matrix(frames["iou_pairs"], "iou", f"mean mask IoU by {vary}"),
+        "snr_by_calib": layer_lines(
+            frames["snr_by_calib"], "snr_db", vary, f"pruning SNR per layer by {vary}", "mean SNR (dB)"
+        ),
+    }
+    if "cross_snr" in frames:
+        cross = frames["cross_snr"]
+        figures["cross_snr"] = matrix_heatmap(
+            cross, vary, "eval_lang", "snr_db", "hidden-state SNR vs dense, mean over layers (dB)"
+        )
+        for lang in sorted(cross["eval_lang"].unique()):
+            figures[f"cross_snr_layers_{lang}"] = layer_lines(
+                cross.filter(pl.col("eval_lang") == lang),
+                "snr_db",
+                vary,
+                f"hidden-state SNR vs dense on {lang} held-out text",
+                "SNR (dB)",
+            )
+        counts = frames["lape_counts"]
+        for model in counts["model"].unique().sort():
+            figures[f"lape_counts_{model}"] = layer_lines(
+                counts.filter(pl.col("model") == model),
+                "neurons",
+                "lang",
+                f"language-specific neurons (LAPE) per layer — {model}",
+                "neurons",
+            )
+        figures["lape_overlap"] = matrix_heatmap(
+            frames["lape_overlap"], vary, "lang", "overlap", "LAPE neuron overlap with the dense model"
+        )
+        figures["lsar_specific_share"] = layer_lines(
+            frames["lsar"],
+            "specific_share",
+            vary,
+            "share of the hidden-state deviation in the language-specific subspace (LSAR)",
+            "specific / total deviation",
+        )
+    return figures
+
+
+def activation_headlines(tables: Mapping[str, pl.DataFrame], vary: str) -> dict[str, float]:
+    """Mean LAPE overlap, LSAR specific share, and how often calibrating on L best preserves L."""
+    import polars as pl
+
+    cross = tables["cross_snr"].group_by(vary, "eval_lang").agg(pl.col("snr_db").mean())
+    best = cross.sort("snr_db", descending=True).group_by("eval_lang").first()
+    evaluated = best.filter(pl.col("eval_lang").is_in(cross[vary].unique().to_list()))
+    own = (evaluated[vary] == evaluated["eval_lang"]).mean() if evaluated.height else float("nan")
+    return {
+        "lape.overlap.mean": float(tables["lape_overlap"]["overlap"].mean()),
+        "lsar.specific_share.mean": float(tables["lsar"]["specific_share"].mean()),
+        "cross_snr.own_lang_best": float(own),
+    }
 
 
 def run_analyze(config: AnalyzeConfig, store: tracking.Store) -> list[GroupAnalysis]:
@@ -189,10 +250,12 @@ def activation_analyses(
         for i in range(layers)
     ]
     lape_rows, snr_rows, lsar_rows = [], [], []
+    count_rows = neuron_counts("dense", dense_neurons, langs)
     for value, run_id in group.members.items():
         pruned = load_run_model(store, tracking.get_run(store, run_id), options)
         pruned_probs, _ = probabilities(pruned.model)
         pruned_neurons = lape(pruned_probs, langs, config.lape_ratio)
+        count_rows += neuron_counts(value, pruned_neurons, langs)
         summaries = {}
         for index, lang in enumerate(langs):
             before = {tuple(x) for x in dense_neurons.assignment[lang].tolist()}
@@ -219,22 +282,30 @@ def activation_analyses(
                 lsar_rows.append((value, lang, layer, specific, total - specific))
         tracking.open_run(store, run_id).log_metrics(summaries)
     vary = config.vary
-    counts = [
-        (lang, int(layer), int(n))
-        for lang in langs
-        for layer, n in zip(
-            *torch.unique(dense_neurons.assignment[lang][:, 0], return_counts=True), strict=True
-        )
-    ]
     return {
         "lape_overlap": pl.DataFrame(
             lape_rows,
             schema=[vary, "lang", "dense_neurons", "pruned_neurons", "overlap", "prob_change"],
             orient="row",
         ),
-        "lape_dense_counts": pl.DataFrame(counts, schema=["lang", "layer", "neurons"], orient="row"),
+        "lape_counts": pl.DataFrame(count_rows, schema=["model", "lang", "layer", "neurons"], orient="row"),
         "cross_snr": pl.DataFrame(snr_rows, schema=[vary, "eval_lang", "layer", "snr_db"], orient="row"),
         "lsar": pl.DataFrame(
             lsar_rows, schema=[vary, "eval_lang", "layer", "specific", "agnostic"], orient="row"
+        ).with_columns(
+            (pl.col("specific") / (pl.col("specific") + pl.col("agnostic")).clip(lower_bound=1e-30)).alias(
+                "specific_share"
+            )
         ),
     }
+
+
+def neuron_counts(model: str, neurons: LanguageNeurons, langs: list[str]) -> list[tuple[str, str, int, int]]:
+    """(model, lang, layer, count) of the language-specific neurons of each layer that has any."""
+    import torch
+
+    rows = []
+    for lang in langs:
+        layers, counts = torch.unique(neurons.assignment[lang][:, 0], return_counts=True)
+        rows += [(model, lang, int(layer), int(n)) for layer, n in zip(layers, counts, strict=True)]
+    return rows
