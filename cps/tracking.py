@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import socket
 import subprocess
 import tempfile
 import time
@@ -78,6 +79,7 @@ def _quiet_mlflow() -> None:
     for name in ("mlflow", "alembic", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
@@ -231,6 +233,10 @@ class TrackedRun:
         else:
             self._client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_text(self, text: str, name: str) -> None:
+        """A text file `<name>` in the run's artifacts."""
+        self._client.log_text(self.run_id, text, name)
+
     def log_frame(self, frame: pl.DataFrame, name: str) -> None:
         """A polars frame as `<name>` (parquet) in the run's artifacts."""
         with tempfile.TemporaryDirectory() as folder:
@@ -247,25 +253,77 @@ def start_run(
     run_name: str | None = None,
     tags: Mapping[str, Any] | None = None,
 ) -> Iterator[TrackedRun]:
-    """Create a run with `cps.stage`, params and provenance; end it FINISHED, FAILED or KILLED."""
+    """Create a run with `cps.stage`, params and provenance; end it FINISHED, FAILED or KILLED.
+
+    Every run records the host and process that wrote it (`cps.host`, `cps.pid`), so a run left
+    RUNNING by a process that was killed outright can be recognised later (`fail_stale_runs`).
+    """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
     mlflow_client = client(store)
-    all_tags = {STAGE_TAG: stage, **library_tags(), **(tags or {})}
+    all_tags = {STAGE_TAG: stage, **library_tags(), **_process_tags(), **(tags or {})}
     run = mlflow_client.create_run(
         experiment_id(store), tags={k: str(v) for k, v in all_tags.items()}, run_name=run_name
     )
     tracked = TrackedRun(run.info.run_id, store, mlflow_client)
-    status = "FAILED"
-    try:
+    with _ending(tracked):
         tracked.log_params({**params, **provenance_params()})
         yield tracked
+
+
+@contextmanager
+def resume_run(store: Store, run_id: str) -> Iterator[TrackedRun]:
+    """Set an ended run RUNNING again (a resumed sweep's parent) and end it like `start_run`."""
+    get_run(store, run_id)
+    mlflow_client = client(store)
+    mlflow_client.update_run(run_id, status="RUNNING")
+    tracked = TrackedRun(run_id, store, mlflow_client)
+    tracked.set_tags(_process_tags())
+    with _ending(tracked):
+        yield tracked
+
+
+@contextmanager
+def _ending(tracked: TrackedRun) -> Iterator[None]:
+    status = "FAILED"
+    try:
+        yield
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit):
         status = "KILLED"
         raise
     finally:
-        mlflow_client.set_terminated(tracked.run_id, status=status)
+        tracked._client.set_terminated(tracked.run_id, status=status)
+
+
+def _process_tags() -> dict[str, str]:
+    return {"cps.host": socket.gethostname(), "cps.pid": str(os.getpid())}
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def fail_stale_runs(store: Store) -> list[str]:
+    """End as FAILED the RUNNING runs whose writing process on this host no longer exists
+    (killed with SIGKILL, out of memory, power loss). Runs of live processes and of other hosts
+    are left alone. Returns the ids it ended."""
+    host = socket.gethostname()
+    ended = []
+    for record in find_runs(store, status="RUNNING"):
+        pid = record.tags.get("cps.pid", "")
+        if record.tags.get("cps.host") != host or not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        client(store).set_terminated(record.run_id, status="FAILED")
+        open_run(store, record.run_id).set_tags({"cps.failure": f"process {pid} on {host} died"})
+        ended.append(record.run_id)
+    return ended
 
 
 def open_run(store: Store, run_id: str) -> TrackedRun:

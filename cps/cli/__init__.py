@@ -21,7 +21,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-from cps.cli import analyze, calibrate, data, evaluate, models, prune  # noqa: E402  (registers the subcommands)
+from cps.cli import analyze, calibrate, data, evaluate, models, prune, sweep  # noqa: E402
 
 app.add_typer(data.app, name="data")
 app.command("models")(models.models_command)
@@ -29,6 +29,7 @@ app.command("calibrate")(calibrate.calibrate_command)
 app.command("prune")(prune.prune_command)
 app.command("eval")(evaluate.eval_command)
 app.command("analyze")(analyze.analyze_command)
+app.command("sweep")(sweep.sweep_command)
 
 
 def _terminate(signum: int, frame: object) -> NoReturn:

@@ -26,6 +26,9 @@ def eval_command(
     limit: Annotated[
         float | None, typer.Option(help="Items per task (or a fraction), for quick runs.")
     ] = None,
+    max_docs: Annotated[
+        int | None, typer.Option(help="Perplexity on the first N held-out documents per language.")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="lm-eval batch size.")] = 8,
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16.")] = "auto",
@@ -46,6 +49,7 @@ def eval_command(
         corpus=corpus,
         seqlen=seqlen,
         limit=limit,
+        max_documents=max_docs,
         batch_size=batch_size,
         device=device,
         dtype=dtype,

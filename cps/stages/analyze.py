@@ -111,7 +111,29 @@ def lowest_overlap_modules(iou: pl.DataFrame, count: int = 2) -> list[str]:
     return ranked["module"].head(count).to_list()
 
 
-def analyze_group(store: tracking.Store, group: Group, config: AnalyzeConfig) -> GroupAnalysis:
+def analysis_params(group: Group, config: AnalyzeConfig) -> dict[str, object]:
+    """The analysis run's params: the group, its members and every setting that shapes the result."""
+    params: dict[str, object] = {
+        **group.shared,
+        "vary": config.vary,
+        "runs": json.dumps(group.members, sort_keys=True),
+        "activations": config.activations,
+    }
+    if config.activations:
+        params |= {
+            "eval_langs": ",".join(config.langs),
+            "eval_corpus": config.corpus,
+            "eval_seqlen": config.seqlen,
+            "max_documents": config.max_documents,
+            "lape_ratio": config.lape_ratio,
+            "lsar_rank": config.lsar_rank,
+        }
+    return params
+
+
+def analyze_group(
+    store: tracking.Store, group: Group, config: AnalyzeConfig, tags: Mapping[str, str] | None = None
+) -> GroupAnalysis:
     import polars as pl
 
     vary = config.vary
@@ -126,10 +148,10 @@ def analyze_group(store: tracking.Store, group: Group, config: AnalyzeConfig) ->
         headlines[f"iou.{module}"] = float(value)
     if tables:
         headlines.update(activation_headlines(tables, vary))
-    params = {**group.shared, "vary": vary, "runs": json.dumps(group.members, sort_keys=True)}
+    params = analysis_params(group, config)
     name = f"analyze-{group.shared.get('method')}-{group.shared.get('model')}-by-{vary}"
     frames = {"iou": iou, "iou_pairs": pairs, "snr_by_calib": snr, **tables}
-    with tracking.start_run(store, "analyze", params, name) as run:
+    with tracking.start_run(store, "analyze", params, name, tags) as run:
         run.log_metrics(headlines)
         run.set_tags({"cps.paper_low_iou_agrees": agrees, "cps.lowest_iou_modules": ",".join(lowest)})
         for artifact, frame in frames.items():

@@ -50,6 +50,7 @@ class EvalConfig:
     corpus: str = "flores"
     seqlen: int = 1024
     limit: float | None = None  # tasks: items per task (or a fraction)
+    max_documents: int | None = None  # perplexity: the first N held-out documents per language
     batch_size: int = 8
     device: str = "cpu"
     dtype: str = "auto"
@@ -62,6 +63,8 @@ class EvalConfig:
             get_language(lang)
         if self.seqlen < 2:
             raise CpsError(f"--seqlen must be at least 2 (got {self.seqlen})")
+        if self.max_documents is not None and self.max_documents < 1:
+            raise CpsError(f"--max-docs must be positive (got {self.max_documents})")
         if self.limit is not None and self.limit <= 0:
             raise CpsError(f"--limit must be positive (got {self.limit:g})")
         if self.batch_size < 1:
@@ -69,6 +72,25 @@ class EvalConfig:
         if self.model is not None:
             resolve_model(self.model)
         LoadOptions(self.dtype, self.device)
+
+
+EVAL_FINGERPRINT_TAG = "cps.eval.fingerprint"
+
+
+def eval_fingerprint(config: EvalConfig) -> str:
+    """What was measured (not where): a sweep's cell is complete when its run carries this."""
+    import hashlib
+    import json
+
+    what = {
+        "langs": sorted(config.langs),
+        "tasks": sorted(config.tasks),
+        "corpus": config.corpus,
+        "seqlen": config.seqlen,
+        "limit": config.limit,
+        "max_documents": config.max_documents,
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -167,7 +189,8 @@ def _prune_again(
 # The stage
 
 
-def run_eval(config: EvalConfig, store: tracking.Store) -> EvalResult:
+def run_eval(config: EvalConfig, store: tracking.Store, loaded: LoadedModel | None = None) -> EvalResult:
+    """Scores of the run's model (`loaded` when the caller already holds it) logged into the run."""
     import polars as pl
     from tqdm.auto import tqdm
 
@@ -185,10 +208,14 @@ def run_eval(config: EvalConfig, store: tracking.Store) -> EvalResult:
     else:
         run_id = dense_run(store, str(config.model), config.dtype)
         record = tracking.get_run(store, run_id)
-    loaded = load_run_model(store, record, LoadOptions(config.dtype, config.device))
+    if loaded is None:
+        loaded = load_run_model(store, record, LoadOptions(config.dtype, config.device))
+    else:
+        loaded.model.to(resolve_device(config.device))
     rows = []
     for lang in tqdm(langs, desc="perplexity", unit="lang"):
-        result = perplexity(loaded.model, loaded.tokenizer, corpus.documents(lang), config.seqlen)
+        documents = corpus.documents(lang)[: config.max_documents]
+        result = perplexity(loaded.model, loaded.tokenizer, documents, config.seqlen)
         rows += [(lang, "ppl", result.ppl, None), (lang, "bpb", result.bpb, None)]
         rows.append((lang, "tokens", float(result.tokens), None))
     for score in run_tasks(
@@ -205,7 +232,13 @@ def run_eval(config: EvalConfig, store: tracking.Store) -> EvalResult:
     run = tracking.open_run(store, run_id)
     run.log_metrics(metrics)
     run.set_tags(
-        {"cps.eval.corpus": config.corpus, "cps.eval.seqlen": config.seqlen, "cps.eval.limit": config.limit}
+        {
+            "cps.eval.corpus": config.corpus,
+            "cps.eval.seqlen": config.seqlen,
+            "cps.eval.limit": config.limit,
+            "cps.eval.max_documents": config.max_documents,
+            EVAL_FINGERPRINT_TAG: eval_fingerprint(config),
+        }
     )
     run.log_frame(scores, "eval_scores.parquet")
     return EvalResult(run_id, scores, metrics)

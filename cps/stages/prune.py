@@ -7,6 +7,7 @@ import math
 import resource
 import sys
 import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,6 +59,7 @@ class PruneResult:
     stats: pl.DataFrame
     metrics: dict[str, float]
     calib: CalibrationSet | None
+    model: LoadedModel | None = None  # the pruned model in memory, when asked for (keep_model)
 
 
 def peak_rss_gb() -> float:
@@ -147,15 +149,25 @@ def _calibration(config: PruneConfig, store: tracking.Store) -> tuple[Calibratio
     return result.calib, result.run_id
 
 
-def run_prune(config: PruneConfig, store: tracking.Store) -> PruneResult:
-    """The whole `cps prune`: calibration, pruning, and one tracked run with every artifact."""
+def run_prune(
+    config: PruneConfig,
+    store: tracking.Store,
+    keep_model: bool = False,
+    tags: Mapping[str, str] | None = None,
+    then: Callable[[str, LoadedModel], object] | None = None,
+) -> PruneResult:
+    """The whole `cps prune`: calibration, pruning, and one tracked run with every artifact.
+
+    With `keep_model` the pruned model comes back in memory (on the CPU). `then(run_id, model)` runs
+    before the run ends (a sweep evaluates there), so the run is FINISHED only when it is done too.
+    """
     tracking.client(store)  # an unreachable store fails before any work
     torch.manual_seed(config.calibration.seed)
     device = resolve_device(config.engine.device)
     calib, calib_run = (None, None) if config.method == DENSE else _calibration(config, store)
     params = prune_params(config, calib)
     run_name = f"{config.method}-{config.model}-{params['calib_lang']}-{params['pattern']}"
-    with tracking.start_run(store, "prune", params, run_name) as run:
+    with tracking.start_run(store, "prune", params, run_name, tags) as run:
         if calib_run:
             run.set_tags({"cps.calib_run_id": calib_run})
         # The model stays on the CPU; the engine moves one layer at a time to the device.
@@ -169,7 +181,9 @@ def run_prune(config: PruneConfig, store: tracking.Store) -> PruneResult:
             method = get_method(config.method, config.options)
             result = prune_model(loaded.model, calib.input_ids, method, config.target, engine)
         stats, metrics = _log_outputs(run, config, loaded, result)
-    return PruneResult(run.run_id, stats, metrics, calib)
+        if then is not None:
+            then(run.run_id, loaded)
+    return PruneResult(run.run_id, stats, metrics, calib, loaded if keep_model else None)
 
 
 def _log_outputs(

@@ -1,0 +1,77 @@
+"""`cps sweep STUDY.toml`: the whole grid of a study, evaluated and analysed; rerun to resume."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cps.cli.options import DataDir, Experiment, TrackingUri
+
+
+def sweep_command(
+    study_file: Annotated[str, typer.Argument(metavar="STUDY.toml", help="The study (see studies/).")],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan (and what is already done); run nothing.")
+    ] = False,
+    executor: Annotated[str, typer.Option(help="local (one cell after another) | ray.")] = "local",
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: start a local one).")
+    ] = None,
+    cpus_per_cell: Annotated[int, typer.Option(help="Ray: CPUs per cell when there are no GPUs.")] = 1,
+    data_dir: DataDir = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = "cps",
+) -> None:
+    """Run every cell of a study (prune + evaluate), then its analyses; done cells are skipped."""
+    from cps.errors import CpsError
+    from cps.stages.sweep import ACTIONS, local_executor, plan_cells, ray_executor, run_sweep
+    from cps.study import load_study
+    from cps.tracking import Store, client
+
+    if executor not in ("local", "ray"):
+        raise CpsError(f"unknown executor {executor!r}; use local or ray")
+    if cpus_per_cell < 1:
+        raise CpsError(f"--cpus-per-cell must be positive (got {cpus_per_cell})")
+    study = load_study(study_file, data_dir)
+    store = Store(tracking_uri, experiment)
+    client(store)
+    if dry_run:
+        plans = plan_cells(study, store)
+        _print_plan(study.name, [(p.cell.label, ACTIONS[p.action], p.run_id or "") for p in plans])
+        pending = sum(1 for plan in plans if plan.pending)
+        vary = ", ".join(study.analyze.group_by) if study.analyze.enabled else "none"
+        typer.echo(
+            f"{pending} of {len(plans)} cells to run; then analyses by {vary}"
+            f"{' with activations' if study.analyze.activations else ''}"
+        )
+        return
+    run = local_executor if executor == "local" else ray_executor(address, cpus_per_cell)
+    result = run_sweep(study, store, run, data_dir)
+    done = len(result.plans) - len(result.failed)
+    typer.echo(
+        f"sweep {study.name}: {done}/{len(result.plans)} cells done "
+        f"({sum(1 for p in result.plans if not p.pending)} were already), "
+        f"{len(result.analysis_run_ids)} analyses run, {result.skipped_analyses} already done, "
+        f"{result.seconds / 60:.1f} min; parent run {result.parent_run_id}"
+    )
+    for outcome in result.failed:
+        typer.echo(f"  FAILED {outcome.plan.cell.label}: {outcome.error}")
+    for error in result.analysis_errors:
+        typer.echo(f"  FAILED analysis: {error}")
+    if result.failed or result.analysis_errors:
+        typer.echo("rerun the same command to retry what failed; finished cells are skipped")
+        raise typer.Exit(1)
+    typer.echo(f"next: cps report --filter study={study.name}  (or cps report --group-by calib_lang)")
+
+
+def _print_plan(name: str, rows: list[tuple[str, str, str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"study {name}")
+    for column in ("cell", "status", "run"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    Console(width=140).print(table)

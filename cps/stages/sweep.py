@@ -1,0 +1,342 @@
+"""`cps sweep STUDY.toml`: every cell of a study's grid, evaluated, then the analyses; resumable.
+
+One parent run (`cps.stage=sweep`, keyed by the study's fingerprint and reused when the same study
+runs again) and one child per cell: the cell's prune run, evaluated before it ends, so a cell is
+done exactly when its run is FINISHED with the study's evaluation fingerprint. On a rerun, done
+cells are skipped; a FINISHED run that lacks the evaluation is only evaluated; failed, killed and
+missing cells run again. Runs left RUNNING by a process that died (SIGKILL, out of memory) are
+ended FAILED first. A crash inside one cell is recorded in its run and the sweep goes on.
+
+Executors: `local` runs the cells one after another in this process; `ray` runs each cell as a Ray
+task (a GPU per cell when the cluster has GPUs), all writing to the same tracking store.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from cps import tracking
+from cps.analysis.groups import comparison_groups
+from cps.errors import CpsError, first_line
+from cps.stages.analyze import analysis_params, analyze_group
+from cps.stages.evaluate import EVAL_FINGERPRINT_TAG, eval_fingerprint, run_eval
+from cps.stages.prune import DENSE, run_prune
+from cps.study import Cell, Study
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from cps.analysis.groups import Group
+    from cps.stages.analyze import AnalyzeConfig
+
+log = logging.getLogger(__name__)
+
+DONE, EVALUATE, RUN, RERUN = "done", "evaluate", "run", "rerun"
+ACTIONS = {
+    DONE: "done, skipped",
+    EVALUATE: "pruned, evaluate only",
+    RUN: "to run",
+    RERUN: "to run again",
+}
+
+
+@dataclass(frozen=True)
+class CellPlan:
+    cell: Cell
+    action: str  # done | evaluate | run | rerun
+    run_id: str | None = None  # the finished run (done, evaluate) or the last failed one (rerun)
+    previous_status: str | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self.action != DONE
+
+
+@dataclass
+class CellOutcome:
+    plan: CellPlan
+    run_id: str | None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class SweepResult:
+    parent_run_id: str | None
+    plans: list[CellPlan]
+    outcomes: list[CellOutcome]
+    analysis_run_ids: list[str]
+    analysis_errors: list[str]
+    skipped_analyses: int
+    seconds: float
+
+    @property
+    def failed(self) -> list[CellOutcome]:
+        return [outcome for outcome in self.outcomes if outcome.error]
+
+
+def plan_cells(study: Study, store: tracking.Store) -> list[CellPlan]:
+    """What each cell needs, read from the store."""
+    fingerprint = eval_fingerprint(study.cells[0].evaluate)
+    plans = []
+    for cell in study.cells:
+        runs = tracking.find_runs(store, "prune", cell.key, status=None)
+        finished = [run for run in runs if run.status == "FINISHED"]
+        complete = [run for run in finished if run.tags.get(EVAL_FINGERPRINT_TAG) == fingerprint]
+        if complete:
+            plans.append(CellPlan(cell, DONE, complete[0].run_id, "FINISHED"))
+        elif finished:
+            plans.append(CellPlan(cell, EVALUATE, finished[0].run_id, "FINISHED"))
+        elif runs:
+            plans.append(CellPlan(cell, RERUN, runs[0].run_id, runs[0].status))
+        else:
+            plans.append(CellPlan(cell, RUN))
+    return plans
+
+
+def run_cell(plan: CellPlan, store: tracking.Store, tags: dict[str, str]) -> str:
+    """Prune and evaluate one cell (or only evaluate its finished run); returns the run id."""
+    evaluate = plan.cell.evaluate
+    if plan.action == EVALUATE:
+        assert plan.run_id is not None
+        tracking.open_run(store, plan.run_id).set_tags(tags)
+        run_eval(replace(evaluate, run_id=plan.run_id), store)
+        return plan.run_id
+
+    def then(run_id: str, loaded) -> None:
+        run_eval(replace(evaluate, run_id=run_id), store, loaded)
+
+    result = run_prune(plan.cell.prune, store, tags=tags, then=then)
+    return result.run_id
+
+
+# ---------------------------------------------------------------------------------------------
+# Executors: each yields an outcome per pending cell, as cells end
+
+
+def local_executor(
+    plans: list[CellPlan], store: tracking.Store, tags: dict[str, str]
+) -> Iterator[CellOutcome]:
+    for plan in plans:
+        log.info("cell: %s (%s)", plan.cell.label, ACTIONS[plan.action])
+        started = time.perf_counter()
+        try:
+            run_id = run_cell(plan, store, {**tags, "cps.sweep.cell": plan.cell.label})
+            yield CellOutcome(plan, run_id, seconds=time.perf_counter() - started)
+        except Exception as error:  # one cell's crash is recorded (its run ended FAILED); go on
+            log.exception("cell %s failed", plan.cell.label)
+            message = f"{type(error).__name__}: {first_line(error)}"
+            yield CellOutcome(plan, None, message, time.perf_counter() - started)
+        finally:
+            gc.collect()
+
+
+def _ray_cell(plan: CellPlan, store: tracking.Store, tags: dict[str, str], threads: int) -> tuple[str, float]:
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    started = time.perf_counter()
+    run_id = run_cell(plan, store, {**tags, "cps.sweep.cell": plan.cell.label})
+    return run_id, time.perf_counter() - started
+
+
+def ray_executor(
+    address: str | None = None, cpus_per_cell: int = 1
+) -> Callable[[list[CellPlan], tracking.Store, dict[str, str]], Iterator[CellOutcome]]:
+    """Each cell a Ray task: one GPU per cell when the cluster has GPUs, else `cpus_per_cell` CPUs.
+
+    Every worker writes to the same store: give an `http://` tracking server (or a store every
+    node can reach) when the cluster spans machines.
+    """
+
+    def execute(plans: list[CellPlan], store: tracking.Store, tags: dict[str, str]) -> Iterator[CellOutcome]:
+        try:
+            import ray
+        except ImportError:
+            raise CpsError("the ray executor needs Ray: pip install 'cps[ray]'") from None
+        env = {
+            name: os.environ[name]
+            for name in ("CPS_DATA_DIR", "CPS_CACHE_DIR", "MLFLOW_TRACKING_URI", "HF_HOME")
+            if name in os.environ
+        }
+        started_here = not ray.is_initialized()
+        if started_here:
+            try:
+                ray.init(
+                    address=address,
+                    runtime_env={"env_vars": env},
+                    include_dashboard=False,
+                    log_to_driver=True,
+                    configure_logging=False,
+                )
+            except (ConnectionError, RuntimeError, ValueError) as error:
+                raise CpsError(
+                    f"cannot reach the Ray cluster {address or '(local)'}: {first_line(error)}"
+                ) from None
+        try:
+            gpus = ray.cluster_resources().get("GPU", 0)
+            resources = {"num_gpus": 1} if gpus else {"num_cpus": cpus_per_cell}
+            remote = ray.remote(**resources, max_retries=0)(_ray_cell)
+            resolved = tracking.Store(store.resolved_uri, store.experiment)
+            pending = {remote.remote(plan, resolved, tags, cpus_per_cell): plan for plan in plans}
+            submitted = {ref: time.perf_counter() for ref in pending}
+            while pending:
+                (ready,), _ = ray.wait(list(pending), num_returns=1)
+                plan = pending.pop(ready)
+                try:
+                    run_id, seconds = ray.get(ready)
+                    yield CellOutcome(plan, run_id, seconds=seconds)
+                except Exception as error:  # RayTaskError wraps the cell's exception
+                    cause = getattr(error, "cause", None) or error
+                    message = f"{type(cause).__name__}: {first_line(cause)}"
+                    yield CellOutcome(plan, None, message, time.perf_counter() - submitted[ready])
+        finally:
+            if started_here:
+                ray.shutdown()
+
+    return execute
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep
+
+
+def _parent(store: tracking.Store, study: Study) -> tuple[str | None, dict]:
+    """The existing parent run of this study (same fingerprint), if any, and the params of a new one."""
+    params = {
+        "study": study.name,
+        "study_fingerprint": study.fingerprint,
+        "cells": len(study.cells),
+        "models": ",".join(study.grid.models),
+        "methods": ",".join(study.grid.methods),
+    }
+    previous = tracking.find_runs(store, "sweep", {"study_fingerprint": study.fingerprint}, status=None)
+    for record in previous:
+        if record.status == "RUNNING":
+            raise CpsError(
+                f"study {study.name!r} is already being swept (run {record.run_id}, process "
+                f"{record.tags.get('cps.pid', '?')} on {record.tags.get('cps.host', '?')})"
+            )
+    return (previous[0].run_id if previous else None), params
+
+
+def run_sweep(
+    study: Study,
+    store: tracking.Store,
+    executor: Callable[
+        [list[CellPlan], tracking.Store, dict[str, str]], Iterable[CellOutcome]
+    ] = local_executor,
+    data_dir: str | None = None,
+) -> SweepResult:
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    tracking.client(store)
+    stale = tracking.fail_stale_runs(store)
+    if stale:
+        log.warning("ended %d run(s) left RUNNING by a dead process as FAILED", len(stale))
+    plans = plan_cells(study, store)
+    parent_id, params = _parent(store, study)
+    if parent_id is None:
+        context = tracking.start_run(store, "sweep", params, f"sweep-{study.name}")
+    else:
+        context = tracking.resume_run(store, parent_id)
+    outcomes: list[CellOutcome] = []
+    with context as parent:
+        if parent_id is None:
+            parent.set_tags({"cps.study.description": study.description})
+            parent.log_text(study.source, "study.toml")
+        tags = {
+            "mlflow.parentRunId": parent.run_id,
+            "cps.sweep.run_id": parent.run_id,
+            "cps.study": study.name,
+        }
+        pending = [plan for plan in plans if plan.pending]
+        with tqdm(total=len(pending), desc=f"sweep {study.name}", unit="cell") as bar:
+            for outcome in executor(pending, store, tags):
+                outcomes.append(outcome)
+                bar.update()
+                bar.set_postfix(failed=sum(1 for o in outcomes if o.error))
+                parent.log_metrics(_progress(plans, outcomes))
+        analysis_ids, analysis_errors, skipped = run_analyses(study, store, tags, data_dir)
+        seconds = time.perf_counter() - started
+        parent.log_metrics(
+            {
+                **_progress(plans, outcomes),
+                "analyses.run": len(analysis_ids),
+                "analyses.failed": len(analysis_errors),
+                "time.sweep_s": seconds,
+            }
+        )
+        parent.log_frame(plan_frame(plans, outcomes), "cells.parquet")
+    return SweepResult(parent.run_id, plans, outcomes, analysis_ids, analysis_errors, skipped, seconds)
+
+
+def _progress(plans: list[CellPlan], outcomes: list[CellOutcome]) -> dict[str, float]:
+    failed = sum(1 for outcome in outcomes if outcome.error)
+    return {
+        "cells.total": len(plans),
+        "cells.skipped": sum(1 for plan in plans if not plan.pending),
+        "cells.finished": len(outcomes) - failed,
+        "cells.failed": failed,
+    }
+
+
+def plan_frame(plans: list[CellPlan], outcomes: Iterable[CellOutcome] = ()) -> pl.DataFrame:
+    import polars as pl
+
+    by_cell = {id(outcome.plan.cell): outcome for outcome in outcomes}
+    rows = []
+    for plan in plans:
+        outcome = by_cell.get(id(plan.cell))
+        rows.append(
+            {
+                "cell": plan.cell.label,
+                "action": plan.action,
+                "previous_status": plan.previous_status,
+                "run_id": outcome.run_id if outcome else plan.run_id,
+                "error": outcome.error if outcome else None,
+                "seconds": outcome.seconds if outcome else None,
+                **{f"param.{k}": v for k, v in plan.cell.key.items()},
+            }
+        )
+    return pl.DataFrame(rows)
+
+
+def analysis_groups(study: Study, store: tracking.Store, config: AnalyzeConfig) -> list[Group]:
+    """Groups of this study's finished, evaluated pruned cells that differ only in `config.vary`."""
+    runs = [
+        (plan.run_id, tracking.get_run(store, plan.run_id).params)
+        for plan in plan_cells(study, store)
+        if plan.action == DONE and plan.cell.prune.method != DENSE and plan.run_id
+    ]
+    return comparison_groups(runs, config.vary)
+
+
+def run_analyses(
+    study: Study, store: tracking.Store, tags: dict[str, str], data_dir: str | None
+) -> tuple[list[str], list[str], int]:
+    """Each analysis group of the study once: skipped when an identical analysis run finished."""
+    run_ids, errors, skipped = [], [], 0
+    for config in study.analyze_configs(data_dir):
+        for group in analysis_groups(study, store, config):
+            params = {k: str(v) for k, v in analysis_params(group, config).items()}
+            if tracking.find_runs(store, "analyze", params):
+                skipped += 1
+                continue
+            log.info("analysis by %s: %s", config.vary, json.dumps(group.members))
+            try:
+                run_ids.append(analyze_group(store, group, config, tags).run_id)
+            except Exception as error:  # recorded in its FAILED run; the other groups still run
+                log.exception("analysis of %s failed", group.members)
+                errors.append(f"{type(error).__name__}: {first_line(error)}")
+            finally:
+                gc.collect()
+    return run_ids, errors, skipped
