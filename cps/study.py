@@ -292,3 +292,23 @@ def _eval_template(study: Study, data_dir: str | None) -> EvalConfig:
         dtype=prune.dtype,
         data_dir=data_dir,
     )
+
+
+def check_inputs(study: Study, data_dir: str | None) -> None:
+    """Every corpus, language and task the study reads exists: a missing one fails before any work."""
+    from cps.data import get_corpus
+    from cps.evaluation.tasks import expand_tasks, task_configs
+
+    calibration = get_corpus(study.calibration.corpus, data_dir)
+    for cell in study.cells:
+        if cell.prune.method != DENSE:
+            for lang in cell.prune.calibration.mixture:
+                calibration.require(lang)
+    held_out = get_corpus(study.evaluate.corpus, data_dir)
+    langs = [held_out.require(lang) for lang in study.evaluate.langs]
+    task_configs(expand_tasks(list(study.evaluate.tasks), langs, data_dir), data_dir)
+    for config in study.analyze_configs(data_dir):
+        if config.activations:
+            analysis = get_corpus(config.corpus, data_dir)
+            for lang in config.langs:
+                analysis.require(lang)

@@ -109,6 +109,40 @@ def test_each_task_family_runs_through_lm_eval():
     assert all(0 <= s.value <= 1 and s.samples == 4 for s in scores)
 
 
+@pytest.mark.parametrize("name", ["tiny-gemma3", "tiny-llama"])
+def test_continuation_only_head_scores_like_lm_evals_hflm(name, monkeypatch):
+    """Same loglikelihoods and greedy flags as HFLM, over batches mixing lengths, shared inputs
+    (the same tokens split differently into context and continuation) and a trailing 0 token."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from cps.evaluation.lm import ContinuationLM
+
+    loaded = load_model(name)
+    contexts = ["The capital of France is", "Habari ya asubuhi, leo", "今天的天气", "A"]
+    continuations = [" Paris", " Paris is big and old", " x", "ni siku nzuri sana kwa", "很好"]
+    pairs = [(c, k) for c in contexts for k in continuations] + [("The capital", " of France is Paris")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    scores, full_head_calls = {}, []
+    full_head = HFLM._model_call
+    monkeypatch.setattr(
+        HFLM, "_model_call", lambda self, *a, **k: full_head_calls.append(1) or full_head(self, *a, **k)
+    )
+    for kind in (HFLM, ContinuationLM):
+        full_head_calls.clear()
+        lm = kind(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=4)
+        scores[kind] = lm.loglikelihood(requests, disable_tqdm=True)
+        tokens = [([5, 7, 0], [0]), ([5, 7], [0, 0]), ([9], [3, 4])]  # right padding is 0 too
+        scores[kind, "tokens"] = lm._loglikelihood_tokens([(("", ""), c, k) for c, k in tokens])
+        assert (len(full_head_calls) > 0) == (kind is HFLM)  # the fast path served every batch
+    for fast, reference in (
+        (scores[ContinuationLM], scores[HFLM]),
+        (scores[ContinuationLM, "tokens"], scores[HFLM, "tokens"]),
+    ):
+        assert [flag for _, flag in fast] == [flag for _, flag in reference]
+        assert [value for value, _ in fast] == pytest.approx([value for value, _ in reference], abs=1e-4)
+
+
 def test_unknown_tasks_and_missing_language_data():
     loaded = load_model("tiny-llama")
     with pytest.raises(CpsError, match="unknown task 'no_such_task'"):

@@ -21,7 +21,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-from cps.cli import analyze, calibrate, data, evaluate, models, prune, sweep  # noqa: E402
+from cps.cli import analyze, calibrate, data, evaluate, models, prune, report, sweep  # noqa: E402
 
 app.add_typer(data.app, name="data")
 app.command("models")(models.models_command)
@@ -30,6 +30,7 @@ app.command("prune")(prune.prune_command)
 app.command("eval")(evaluate.eval_command)
 app.command("analyze")(analyze.analyze_command)
 app.command("sweep")(sweep.sweep_command)
+app.command("report")(report.report_command)
 
 
 def _terminate(signum: int, frame: object) -> NoReturn:

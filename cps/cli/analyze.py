@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from cps.cli.options import DataDir, Experiment, TrackingUri
+from cps.cli.options import DataDir, Experiment, TrackingUri, parse_filters
 
 
 def analyze_command(
@@ -34,21 +34,15 @@ def analyze_command(
     experiment: Experiment = "cps",
 ) -> None:
     """Mask IoU and SNR by calibration language (+ LAPE, LSAR, cross-language SNR), one run per group."""
-    from cps.errors import CpsError
     from cps.stages.analyze import AnalyzeConfig, run_analyze
     from cps.tracking import Store
 
-    filters = []
-    for item in filter_ or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise CpsError(f"bad --filter {item!r}; use key=value, e.g. method=wanda")
-        filters.append((key.strip(), value.strip()))
+    filters = parse_filters(filter_)
     from cps.languages import parse_languages
 
     config = AnalyzeConfig(
         vary=group_by,
-        filters=tuple(filters),
+        filters=filters,
         activations=activations,
         langs=tuple(parse_languages(langs)),
         seqlen=seqlen,

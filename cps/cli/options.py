@@ -25,3 +25,16 @@ Corpus = Annotated[
 Seed = Annotated[int, typer.Option("--seed", help="Random seed (windows, and everything after).")]
 NSamples = Annotated[int, typer.Option("--nsamples", help="Calibration windows.")]
 SeqLen = Annotated[int, typer.Option("--seqlen", help="Tokens per calibration window.")]
+
+
+def parse_filters(items: list[str] | None) -> tuple[tuple[str, str], ...]:
+    """`--filter key=value` options as pairs; a malformed one is a CpsError."""
+    from cps.errors import CpsError
+
+    filters = []
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise CpsError(f"bad --filter {item!r}; use key=value, e.g. method=wanda")
+        filters.append((key.strip(), value.strip()))
+    return tuple(filters)

@@ -26,7 +26,7 @@ def sweep_command(
     """Run every cell of a study (prune + evaluate), then its analyses; done cells are skipped."""
     from cps.errors import CpsError
     from cps.stages.sweep import ACTIONS, local_executor, plan_cells, ray_executor, run_sweep
-    from cps.study import load_study
+    from cps.study import check_inputs, load_study
     from cps.tracking import Store, client
 
     if executor not in ("local", "ray"):
@@ -37,6 +37,7 @@ def sweep_command(
     store = Store(tracking_uri, experiment)
     client(store)
     if dry_run:
+        check_inputs(study, data_dir)
         plans = plan_cells(study, store)
         _print_plan(study.name, [(p.cell.label, ACTIONS[p.action], p.run_id or "") for p in plans])
         pending = sum(1 for plan in plans if plan.pending)

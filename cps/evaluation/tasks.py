@@ -234,12 +234,22 @@ def run_tasks(
     for noisy in ("lm-eval", "lm_eval", "datasets"):  # per-task chatter about custom datasets
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    from cps.evaluation.lm import ContinuationLM
+
+    lm = ContinuationLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
+        # Indexing lm-eval's whole task library takes ~10 s: only when a task comes from it.
+        manager = TaskManager(include_defaults=any(isinstance(c, str) for c in configs))
         output = simple_evaluate(
-            model=lm, tasks=configs, limit=limit, log_samples=False, bootstrap_iters=1000, verbosity="WARNING"
+            model=lm,
+            tasks=configs,
+            limit=limit,
+            log_samples=False,
+            bootstrap_iters=1000,
+            verbosity="WARNING",
+            task_manager=manager,
         )
     except (ConnectionError, OSError, FileNotFoundError) as error:
         raise CpsError(f"lm-eval could not load its task data: {first_line(error)[:200]}") from None

@@ -28,7 +28,7 @@ from cps.errors import CpsError, first_line
 from cps.stages.analyze import analysis_params, analyze_group
 from cps.stages.evaluate import EVAL_FINGERPRINT_TAG, eval_fingerprint, run_eval
 from cps.stages.prune import DENSE, run_prune
-from cps.study import Cell, Study
+from cps.study import Cell, Study, check_inputs
 
 if TYPE_CHECKING:
     import polars as pl
@@ -239,6 +239,7 @@ def run_sweep(
 
     started = time.perf_counter()
     tracking.client(store)
+    check_inputs(study, data_dir)
     stale = tracking.fail_stale_runs(store)
     if stale:
         log.warning("ended %d run(s) left RUNNING by a dead process as FAILED", len(stale))

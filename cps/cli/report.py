@@ -1,0 +1,48 @@
+"""`cps report`: comparison tables (and with --out, a markdown/html report with heatmaps) from the store."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cps.cli.options import Experiment, TrackingUri, parse_filters
+
+
+def report_command(
+    group_by: Annotated[
+        str, typer.Option(help="Params that make the rows (comma-separated): calib_lang, method, ...")
+    ] = "calib_lang",
+    filter_: Annotated[
+        list[str] | None,
+        typer.Option("--filter", help="Only runs with this param (or cps.<key> tag) value: key=value."),
+    ] = None,
+    metrics: Annotated[str, typer.Option(help="Metric families, comma-separated.")] = "ppl,bpb,acc",
+    pivot: Annotated[
+        str | None, typer.Option(help="Columns: eval_lang (the metric's language) or a param.")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table | markdown | csv | json | html.")] = "table",
+    out: Annotated[
+        str | None, typer.Option(help="Also write report.md, report.html, CSVs and heatmap PNGs here.")
+    ] = None,
+    no_dense: Annotated[bool, typer.Option("--no-dense", help="Leave the dense baseline rows out.")] = False,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = "cps",
+) -> None:
+    """Tables of the finished runs: mean ± std over seeds, pivots, change against the dense baseline."""
+    from cps.report import ReportConfig, build_report, render, write_report
+    from cps.tracking import Store
+
+    config = ReportConfig(
+        group_by=tuple(p.strip() for p in group_by.split(",") if p.strip()),
+        filters=parse_filters(filter_),
+        metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()),
+        pivot=pivot,
+        include_dense=not no_dense,
+    )
+    report = build_report(Store(tracking_uri, experiment), config)
+    text = render(report, fmt)
+    typer.echo(text)
+    if out:
+        written = write_report(report, out)
+        typer.echo(f"report written to {out}/report.md and report.html ({len(written)} files)")
