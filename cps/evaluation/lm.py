@@ -4,7 +4,7 @@ For a loglikelihood request lm-eval runs the model over context + continuation (
 batch), takes the log-softmax over the whole [batch, length, vocab] logits, and then reads only the
 continuation's positions. With a large vocabulary (Gemma-3: 262k) the head and that log-softmax
 cost more than the decoder itself. `ContinuationLM` keeps the decoder pass as it is and asks the
-model (`logits_to_keep`) for the positions some row of the batch reads, returning a shorter logits
+model (`logits_to_keep`, a per-row mask) for the positions each row reads, returning a shorter logits
 tensor laid out so that lm-eval's own slicing (`inplen + (logits_len - padding_len)`) lands on
 them: the scores are those of `HFLM`, for a fraction of the work. Anything it does not recognise
 (seq2seq, a row it cannot match to its request, a model without `logits_to_keep`) takes `HFLM`'s
@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from lm_eval.models.huggingface import HFLM
+from transformers import modeling_utils
 
 
 class ContinuationLM(HFLM):
@@ -26,7 +27,10 @@ class ContinuationLM(HFLM):
     def _loglikelihood_tokens(
         self, requests: list[Any], *args: Any, **kwargs: Any
     ) -> list[tuple[float, bool]]:
-        supported = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        # Per-row positions (a boolean logits_to_keep) came with transformers' slice_logits_to_keep.
+        supported = "logits_to_keep" in inspect.signature(self.model.forward).parameters and hasattr(
+            modeling_utils, "slice_logits_to_keep"
+        )
         if self.backend != "causal" or not supported:
             return super()._loglikelihood_tokens(requests, *args, **kwargs)
         spans: dict[tuple[int, ...], int] = {}
@@ -59,9 +63,11 @@ class ContinuationLM(HFLM):
         spans = [self._row_span(row) for row in inps.tolist()]
         if any(span is None for span in spans):
             return super()._model_call(inps, attn_mask, labels)
-        # Row i reads logits[inplen - contlen : inplen]; keep the union of those positions.
-        keep = sorted({p for inplen, contlen in spans for p in range(inplen - contlen, inplen)})
-        offset = keep[0]
+        # Row i reads logits[inplen - contlen : inplen]: the head runs on those positions only.
+        keep = torch.zeros(inps.shape, dtype=torch.bool, device=inps.device)
+        for row, (inplen, contlen) in enumerate(spans):
+            keep[row, inplen - contlen : inplen] = True
+        offset = min(inplen - contlen for inplen, contlen in spans)
         with (
             torch.no_grad(),
             torch.autocast(
@@ -70,10 +76,10 @@ class ContinuationLM(HFLM):
                 enabled=self.mixed_precision_dtype is not None,
             ),
         ):
-            index = torch.tensor(keep, device=inps.device)
-            kept = self.model(inps, logits_to_keep=index).logits  # [batch, len(keep), vocab]
+            kept = self.model(inps, logits_to_keep=keep).logits
+        kept = kept.reshape(-1, kept.shape[-1])  # [positions kept, vocab]
         # lm-eval slices row i at [inplen - contlen - offset, inplen - offset) when the returned
         # length is padding_len - offset; the positions nobody reads stay 0.
         logits = kept.new_zeros(inps.shape[0], inps.shape[1] - offset, kept.shape[-1])
-        logits[:, index - offset] = kept
+        logits[:, : inps.shape[1] - offset][keep[:, offset:]] = kept
         return logits
