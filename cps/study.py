@@ -4,7 +4,7 @@
     [grid]         models, methods, patterns, sparsities, calib_langs, seeds, dense_baseline
     [calibration]  corpus, nsamples, seqlen
     [prune]        dtype, device, save_model, true_sequential, blocksize, dampening
-    [eval]         langs, tasks, corpus, seqlen, max_docs, limit, batch_size
+    [eval]         langs, tasks, corpus, seqlen, max_docs, limit, task_limits (a table), batch_size
     [analyze]      group_by, activations, langs, corpus, seqlen, max_docs, lape_ratio, lsar_rank
 
 A cell is one (model, method, pattern/sparsity, calibration language, seed): one prune run that is
@@ -70,6 +70,7 @@ class EvalSection:
     seqlen: int = 1024
     max_docs: int | None = None
     limit: float | None = None
+    task_limits: tuple[tuple[str, float], ...] = ()  # [eval.task_limits] family = items
     batch_size: int = 8
 
 
@@ -190,7 +191,9 @@ def _section(kind: type, name: str, raw: Any) -> Any:
         if key not in known:
             raise CpsError(f"unknown key {key!r} in [{name}]; known: {', '.join(sorted(known))}")
         default = getattr(kind(), key)
-        if isinstance(default, tuple):
+        if isinstance(value, dict) and isinstance(default, tuple):  # a table: name = value pairs
+            value = tuple(sorted(value.items()))
+        elif isinstance(default, tuple):
             if isinstance(value, str):
                 value = [value]
             if not isinstance(value, list) or not value:
@@ -286,6 +289,7 @@ def _eval_template(study: Study, data_dir: str | None) -> EvalConfig:
         corpus=section.corpus,
         seqlen=section.seqlen,
         limit=section.limit,
+        task_limits=section.task_limits,
         max_documents=section.max_docs,
         batch_size=section.batch_size,
         device=prune.device,

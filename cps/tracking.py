@@ -104,7 +104,7 @@ def _check_reachable(uri: str) -> None:
             raise CpsError(f"tracking store {uri} is not a folder")
 
 
-def _artifact_root(uri: str) -> str | None:
+def artifact_root(uri: str) -> str | None:
     """For a local sqlite store, artifacts live beside the database (`mlruns/artifacts`)."""
     if uri.startswith("sqlite:///"):
         return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
@@ -139,7 +139,7 @@ def experiment_id(store: Store, create: bool = True) -> str | None:
     if not create:
         return None
     return mlflow_client.create_experiment(
-        store.experiment, artifact_location=_artifact_root(store.resolved_uri)
+        store.experiment, artifact_location=artifact_root(store.resolved_uri)
     )
 
 

@@ -21,7 +21,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-from cps.cli import analyze, calibrate, data, evaluate, models, prune, report, sweep  # noqa: E402
+from cps.cli import analyze, calibrate, data, evaluate, models, prune, report, sweep, ui  # noqa: E402
 
 app.add_typer(data.app, name="data")
 app.command("models")(models.models_command)
@@ -31,6 +31,7 @@ app.command("eval")(evaluate.eval_command)
 app.command("analyze")(analyze.analyze_command)
 app.command("sweep")(sweep.sweep_command)
 app.command("report")(report.report_command)
+app.command("ui")(ui.ui_command)
 
 
 def _terminate(signum: int, frame: object) -> NoReturn:

@@ -26,6 +26,10 @@ def eval_command(
     limit: Annotated[
         float | None, typer.Option(help="Items per task (or a fraction), for quick runs.")
     ] = None,
+    task_limit: Annotated[
+        list[str] | None,
+        typer.Option(help="Items for one family or task, e.g. sib=2 (repeatable; overrides --limit)."),
+    ] = None,
     max_docs: Annotated[
         int | None, typer.Option(help="Perplexity on the first N held-out documents per language.")
     ] = None,
@@ -50,6 +54,7 @@ def eval_command(
         seqlen=seqlen,
         limit=limit,
         max_documents=max_docs,
+        task_limits=_task_limits(task_limit),
         batch_size=batch_size,
         device=device,
         dtype=dtype,
@@ -84,3 +89,16 @@ def _print_table(scores) -> None:
     for lang, cells in by_lang.items():
         table.add_row(lang, *(cells.get(column, "") for column in columns))
     Console().print(table)
+
+
+def _task_limits(items: list[str] | None) -> tuple[tuple[str, float], ...]:
+    from cps.cli.options import parse_filters
+    from cps.errors import CpsError
+
+    limits = []
+    for name, value in parse_filters(items, "--task-limit"):
+        try:
+            limits.append((name, float(value)))
+        except ValueError:
+            raise CpsError(f"bad --task-limit {name}={value}: the limit must be a number") from None
+    return tuple(limits)

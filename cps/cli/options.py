@@ -27,14 +27,15 @@ NSamples = Annotated[int, typer.Option("--nsamples", help="Calibration windows."
 SeqLen = Annotated[int, typer.Option("--seqlen", help="Tokens per calibration window.")]
 
 
-def parse_filters(items: list[str] | None) -> tuple[tuple[str, str], ...]:
-    """`--filter key=value` options as pairs; a malformed one is a CpsError."""
+def parse_filters(items: list[str] | None, option: str = "--filter") -> tuple[tuple[str, str], ...]:
+    """`--filter key=value` options (or another key=value option) as pairs; a malformed one is a CpsError."""
     from cps.errors import CpsError
 
     filters = []
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise CpsError(f"bad --filter {item!r}; use key=value, e.g. method=wanda")
+            example = "method=wanda" if option == "--filter" else "sib=2"
+            raise CpsError(f"bad {option} {item!r}; use key=value, e.g. {example}")
         filters.append((key.strip(), value.strip()))
     return tuple(filters)

@@ -21,7 +21,7 @@ from cps.data import get_corpus
 from cps.data.calibration import CalibrationConfig
 from cps.errors import CpsError
 from cps.evaluation.perplexity import perplexity
-from cps.evaluation.tasks import expand_tasks, run_tasks, task_configs
+from cps.evaluation.tasks import expand_tasks, run_tasks, split_task, task_configs
 from cps.languages import PAPER_LANGUAGES, get_language
 from cps.models import (
     LoadedModel,
@@ -51,6 +51,7 @@ class EvalConfig:
     seqlen: int = 1024
     limit: float | None = None  # tasks: items per task (or a fraction)
     max_documents: int | None = None  # perplexity: the first N held-out documents per language
+    task_limits: tuple[tuple[str, float], ...] = ()  # per family or task, overriding `limit`
     batch_size: int = 8
     device: str = "cpu"
     dtype: str = "auto"
@@ -67,6 +68,16 @@ class EvalConfig:
             raise CpsError(f"--max-docs must be positive (got {self.max_documents})")
         if self.limit is not None and self.limit <= 0:
             raise CpsError(f"--limit must be positive (got {self.limit:g})")
+        for name, value in self.task_limits:
+            if not isinstance(value, int | float) or value <= 0:
+                raise CpsError(f"the item limit for {name!r} must be a positive number (got {value!r})")
+
+    def limit_for(self, task: str) -> float | None:
+        """Items to score for `task`: its own limit, its family's, else `limit`."""
+        limits = dict(self.task_limits)
+        split = split_task(task)
+        family = split[0] if split else None
+        return limits.get(task, limits.get(family, self.limit) if family else self.limit)
         if self.batch_size < 1:
             raise CpsError(f"--batch-size must be positive (got {self.batch_size})")
         if self.model is not None:
@@ -88,6 +99,7 @@ def eval_fingerprint(config: EvalConfig) -> str:
         "corpus": config.corpus,
         "seqlen": config.seqlen,
         "limit": config.limit,
+        "task_limits": sorted(config.task_limits),
         "max_documents": config.max_documents,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
@@ -218,10 +230,14 @@ def run_eval(config: EvalConfig, store: tracking.Store, loaded: LoadedModel | No
         result = perplexity(loaded.model, loaded.tokenizer, documents, config.seqlen)
         rows += [(lang, "ppl", result.ppl, None), (lang, "bpb", result.bpb, None)]
         rows.append((lang, "tokens", float(result.tokens), None))
-    for score in run_tasks(
-        loaded.model, loaded.tokenizer, task_names, config.data_dir, config.limit, config.batch_size
-    ):
-        rows.append((score.task, score.metric, score.value, score.stderr))
+    by_limit: dict[float | None, list[str]] = {}
+    for name in task_names:
+        by_limit.setdefault(config.limit_for(name), []).append(name)
+    for limit, names in by_limit.items():
+        for score in run_tasks(
+            loaded.model, loaded.tokenizer, names, config.data_dir, limit, config.batch_size
+        ):
+            rows.append((score.task, score.metric, score.value, score.stderr))
     scores = pl.DataFrame(rows, schema=["name", "metric", "value", "stderr"], orient="row")
     metrics = {}
     for name, metric, value, stderr in rows:
@@ -236,6 +252,7 @@ def run_eval(config: EvalConfig, store: tracking.Store, loaded: LoadedModel | No
             "cps.eval.corpus": config.corpus,
             "cps.eval.seqlen": config.seqlen,
             "cps.eval.limit": config.limit,
+            "cps.eval.task_limits": dict(config.task_limits),
             "cps.eval.max_documents": config.max_documents,
             EVAL_FINGERPRINT_TAG: eval_fingerprint(config),
         }

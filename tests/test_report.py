@@ -1,0 +1,142 @@
+"""`cps report` against numbers computed here straight from the store (MlflowClient, plain Python)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from cps import tracking
+from cps.errors import CpsError
+from cps.report import ReportConfig, build_report, metric_lang, render, task_family, write_report
+
+BASE = {"model": "tiny-llama", "pattern": "unstructured", "calib_corpus": "ntrex", "nsamples": "4"}
+
+
+def _log(store, params, metrics):
+    with tracking.start_run(store, "prune", params) as run:
+        run.log_metrics(metrics)
+    return run.run_id
+
+
+@pytest.fixture
+def filled(store):
+    """Two methods x two calibration languages x two seeds, a dense baseline, and a run of another model."""
+    ppl = {
+        ("wanda", "sw", 0): (20.0, 41.0),
+        ("wanda", "sw", 1): (22.0, 43.0),
+        ("wanda", "zh", 0): (25.0, 30.0),
+        ("wanda", "zh", 1): (27.0, 31.0),
+        ("sparsegpt", "sw", 0): (18.0, 39.0),
+        ("sparsegpt", "sw", 1): (19.0, 40.0),
+        ("sparsegpt", "zh", 0): (23.0, 28.0),
+        ("sparsegpt", "zh", 1): (24.0, 27.0),
+    }
+    for (method, lang, seed), (sw, zh) in ppl.items():
+        params = {**BASE, "method": method, "sparsity": "0.5", "calib_lang": lang, "seed": seed}
+        metrics = {"ppl.sw": sw, "ppl.zh": zh, "acc.xcopa_sw": 0.5 + seed / 10, "snr_db.mean": 10.0 + seed}
+        _log(store, params, metrics)
+    dense = {**BASE, "method": "dense", "sparsity": "0.0", "calib_lang": "none", "seed": 0}
+    _log(store, dense, {"ppl.sw": 16.0, "ppl.zh": 25.0, "acc.xcopa_sw": 0.7})
+    _log(
+        store,
+        {**BASE, "model": "other", "method": "wanda", "sparsity": "0.5", "calib_lang": "sw", "seed": 0},
+        {"ppl.sw": 99.0},
+    )
+    failed = {**BASE, "method": "wanda", "sparsity": "0.5", "calib_lang": "es", "seed": 0}
+    with pytest.raises(RuntimeError), tracking.start_run(store, "prune", failed) as run:
+        run.log_metrics({"ppl.sw": 1e6})
+        raise RuntimeError("crash")  # a failed run is never reported
+    assert tracking.get_run(store, run.run_id).status == "FAILED"
+    return store
+
+
+def _from_store(store, **where):
+    """Metrics of the finished prune runs with these params, read with MlflowClient directly."""
+    client = tracking.client(store)
+    runs = client.search_runs([tracking.experiment_id(store)], "attributes.status = 'FINISHED'")
+    return [
+        run.data.metrics
+        for run in runs
+        if run.data.tags.get("cps.stage") == "prune"
+        and all(run.data.params.get(k) == str(v) for k, v in where.items())
+    ]
+
+
+def _row(section, **key):
+    rows = [row for row in section.frame.iter_rows(named=True) if all(row[k] == v for k, v in key.items())]
+    assert len(rows) == 1, (key, section.frame)
+    return rows[0]
+
+
+def test_report_numbers_equal_values_from_the_store(filled):
+    config = ReportConfig(filters=(("model", "tiny-llama"),), pivot="eval_lang")
+    report = build_report(filled, config)
+    assert report.runs == 9  # 8 pruned + dense; the other model and the failed runs are left out
+    pivot = next(s for s in report.sections if s.title.startswith("ppl by"))
+    assert pivot.key == ["method", "calib_lang"] and pivot.diagonal == "calib_lang"
+    for method in ("wanda", "sparsegpt"):
+        for lang in ("sw", "zh"):
+            stored = _from_store(filled, model="tiny-llama", method=method, calib_lang=lang)
+            row = _row(pivot, method=method, calib_lang=lang)
+            for eval_lang in ("sw", "zh"):
+                values = [m[f"ppl.{eval_lang}"] for m in stored]
+                assert row[eval_lang] == pytest.approx(statistics.mean(values))
+                assert row[f"{eval_lang}.std"] == pytest.approx(statistics.stdev(values))
+    dense = _from_store(filled, model="tiny-llama", method="dense")[0]
+    change = next(s for s in report.sections if s.title.startswith("ppl change"))
+    stored = _from_store(filled, model="tiny-llama", method="wanda", calib_lang="zh")
+    expected = statistics.mean((m["ppl.sw"] / dense["ppl.sw"] - 1) * 100 for m in stored)
+    assert _row(change, method="wanda", calib_lang="zh")["sw"] == pytest.approx(expected)
+    assert _row(change, method="dense", calib_lang="none")["sw"] == pytest.approx(0.0)
+    tasks = next(s for s in report.sections if s.title.startswith("Task accuracy"))
+    wanda = [m["acc.xcopa_sw"] for m in _from_store(filled, model="tiny-llama", method="wanda")]
+    assert _row(tasks, method="wanda", task="xcopa")["sw"] == pytest.approx(statistics.mean(wanda))
+    snr = next(s for s in report.sections if s.title.startswith("Pruning"))
+    assert _row(snr, method="sparsegpt", calib_lang="sw")["snr_db.mean"] == pytest.approx(10.5)
+    # the diagonal and the column winners in the rendered table
+    text = render(report, "markdown")
+    assert "[18.50 ± 0.7071 *]" in text  # sparsegpt calibrated on sw: best ppl on sw, on the diagonal
+    assert "| sparsegpt | zh | 23.50 ± 0.7071 | [27.50 ± 0.7071 *] |" in text
+
+
+def test_group_by_any_param_and_every_format(filled, tmp_path):
+    by_method = build_report(filled, ReportConfig(group_by=("method",), filters=(("model", "tiny-llama"),)))
+    metrics = by_method.sections[0]
+    values = [m["ppl.zh"] for m in _from_store(filled, model="tiny-llama", method="wanda")]
+    assert _row(metrics, method="wanda")["ppl.zh"] == pytest.approx(statistics.mean(values))
+    assert _row(metrics, method="wanda")["n"] == 4
+    by_seed = build_report(filled, ReportConfig(group_by=("seed",), metrics=("ppl",), include_dense=False))
+    # two models in the selection: rows never mix them
+    assert by_seed.sections[0].key == ["model", "method", "seed"]
+    for fmt in ("table", "markdown", "csv", "json", "html"):
+        text = render(by_method, fmt)
+        assert "ppl.zh" in text
+    parsed = json.loads(render(by_method, "json"))
+    assert parsed[0]["rows"][0]["n"] >= 1
+    pivoted = build_report(filled, ReportConfig(pivot="eval_lang", filters=(("model", "tiny-llama"),)))
+    written = write_report(pivoted, tmp_path / "out")
+    names = {path.name for path in written}
+    assert {"report.md", "report.html"} <= names
+    pngs = [path for path in written if path.suffix == ".png"]
+    assert pngs and all(path.stat().st_size > 1000 for path in pngs)
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert all(f"plots/{path.name}" in markdown for path in pngs)
+
+
+def test_report_errors(store, filled):
+    with pytest.raises(CpsError, match="no finished prune runs"):
+        build_report(filled, ReportConfig(filters=(("model", "nothing"),)))
+    with pytest.raises(CpsError, match="to group by"):
+        build_report(filled, ReportConfig(group_by=("nonsense",)))
+    with pytest.raises(CpsError, match="no metric"):
+        build_report(filled, ReportConfig(metrics=("rouge",)))
+    with pytest.raises(CpsError, match="unknown format"):
+        render(build_report(filled, ReportConfig()), "xlsx")
+
+
+def test_metric_names():
+    assert metric_lang("ppl.sw") == "sw" and metric_lang("acc.flores_next_zh") == "zh"
+    assert metric_lang("snr_db.mean") is None
+    assert task_family("acc.flores_next_zh") == "flores_next" and task_family("acc.sib_sw") == "sib"

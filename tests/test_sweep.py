@@ -1,0 +1,235 @@
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cps import tracking
+from cps.errors import CpsError
+from cps.stages import sweep as sweep_stage
+from cps.stages.sweep import local_executor, plan_cells, run_sweep
+from cps.study import load_study, parse_study
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY = """
+[study]
+name = "{name}"
+
+[grid]
+models = ["tiny-llama"]
+methods = {methods}
+calib_langs = {langs}
+dense_baseline = {dense}
+
+[calibration]
+nsamples = {nsamples}
+seqlen = 64
+
+[prune]
+device = "cpu"
+
+[eval]
+langs = ["sw", "zh"]
+tasks = {tasks}
+seqlen = 64
+max_docs = 2
+limit = 2
+
+[analyze]
+enabled = {analyze}
+"""
+
+
+def tiny_study(
+    tmp_path: Path,
+    name: str = "tiny",
+    methods: tuple[str, ...] = ("wanda",),
+    langs: tuple[str, ...] = ("sw", "zh"),
+    dense: bool = False,
+    nsamples: int = 4,
+    tasks: tuple[str, ...] = (),
+    analyze: bool = False,
+) -> Path:
+    text = TINY.format(
+        name=name,
+        methods=json.dumps(list(methods)),
+        langs=json.dumps(list(langs)),
+        dense=str(dense).lower(),
+        nsamples=nsamples,
+        tasks=json.dumps(list(tasks)),
+        analyze=str(analyze).lower(),
+    )
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_study_grid_and_checks():
+    raw = {
+        "grid": {
+            "models": ["tiny-llama"],
+            "methods": ["wanda", "sparsegpt"],
+            "patterns": ["unstructured", "2:4"],
+            "sparsities": [0.5, 0.6],
+            "calib_langs": ["sw", "en:0.5,sw:0.5"],
+            "seeds": [0, 42],
+        }
+    }
+    study = parse_study(raw)
+    # dense + 2 methods x (2 sparsities + one 2:4) x 2 languages x 2 seeds
+    assert len(study.cells) == 1 + 2 * 3 * 2 * 2
+    keys = [cell.key for cell in study.cells]
+    assert keys[0]["method"] == "dense" and "calib_lang" not in keys[0]
+    nm = [k for k in keys if k["pattern"] == "2:4"]
+    assert len(nm) == 8 and {k["sparsity"] for k in nm} == {"0.5"}
+    assert {k["calib_lang"] for k in keys[1:]} == {"sw", "en:0.5,sw:0.5"}
+    assert all("dampening" in k for k in keys if k["method"] == "sparsegpt")
+    assert len({json.dumps(k, sort_keys=True) for k in keys}) == len(keys)
+    assert study.fingerprint == parse_study(raw).fingerprint
+    assert study.fingerprint != parse_study({"grid": {**raw["grid"], "seeds": [0]}}).fingerprint
+    for bad, message in (
+        ({"grid": {"modles": ["x"]}}, "unknown key 'modles'"),
+        ({"grids": {}}, "unknown section"),
+        ({"grid": {"calib_langs": ["xx"]}}, "unknown language"),
+        ({"grid": {"methods": ["obc"]}}, "unknown method"),
+        ({"grid": {"sparsities": [1.0]}}, "[0, 1)"),
+        ({"grid": {"patterns": ["4:4"]}}, "0 < N < M"),
+        ({"grid": {"methods": ["dense"]}}, "dense_baseline"),
+        ({"grid": {"calib_langs": ["sw", "sw"]}}, "same cell twice"),
+        ({"grid": {"seeds": []}}, "non-empty list"),
+        ({"eval": {"langs": ["sw"], "max_docs": 0}}, "--max-docs"),
+    ):
+        with pytest.raises(CpsError, match=message.replace("[", r"\[").replace(")", r"\)")):
+            parse_study(bad)
+
+
+def test_shipped_studies_parse():
+    demo = load_study(REPO / "studies" / "demo.toml")
+    assert demo.grid.models == ("gemma3-270m",)
+    assert set(demo.grid.calib_langs) == {"ar", "de", "en", "es", "ru", "sw", "zh"}
+    assert len(demo.cells) == 1 + 2 * 7 and demo.analyze.activations
+    paper = load_study(REPO / "studies" / "paper.toml")
+    assert set(paper.grid.models) == {"llama3", "aya23"} and paper.grid.seeds == (0, 42, 1234)
+    assert set(paper.grid.patterns) == {"unstructured", "2:4"}
+    assert len(paper.cells) == 2 * (1 + 2 * 2 * 7 * 3)
+
+
+def test_sweep_skips_done_cells_and_reruns_a_crashed_one(tmp_path, store, monkeypatch):
+    study = load_study(tiny_study(tmp_path, langs=("sw", "zh", "ru"), dense=True, analyze=True))
+    real_eval = sweep_stage.run_eval
+
+    def crash_on_zh(config, store_, loaded=None):
+        if tracking.get_run(store_, config.run_id).params.get("calib_lang") == "zh":
+            raise RuntimeError("simulated crash")
+        return real_eval(config, store_, loaded)
+
+    monkeypatch.setattr(sweep_stage, "run_eval", crash_on_zh)
+    first = run_sweep(study, store)
+    assert [o.plan.cell.key.get("calib_lang") for o in first.failed] == ["zh"]
+    assert "simulated crash" in first.failed[0].error
+    runs = tracking.find_runs(store, "prune", status=None)
+    assert sorted(r.status for r in runs) == ["FAILED", "FINISHED", "FINISHED", "FINISHED"]
+    assert len(first.analysis_run_ids) == 1  # sw + ru still form a group
+    parent = tracking.get_run(store, first.parent_run_id)
+    assert parent.stage == "sweep" and parent.metrics["cells.failed"] == 1
+    assert all(r.tags["mlflow.parentRunId"] == first.parent_run_id for r in runs)
+
+    monkeypatch.setattr(sweep_stage, "run_eval", real_eval)
+    actions = {p.cell.key.get("calib_lang", "dense"): p.action for p in plan_cells(study, store)}
+    assert actions == {"dense": "done", "sw": "done", "zh": "rerun", "ru": "done"}
+    second = run_sweep(study, store)
+    assert second.parent_run_id == first.parent_run_id  # the same study resumes its parent run
+    assert [o.plan.cell.key.get("calib_lang") for o in second.outcomes] == ["zh"] and not second.failed
+    finished = tracking.find_runs(store, "prune")
+    assert len(finished) == 4 and len({r.params["calib_lang"] for r in finished}) == 4
+    assert len(second.analysis_run_ids) == 1  # the group changed (zh joined): analysed again
+    third = run_sweep(study, store)
+    assert third.outcomes == [] and third.analysis_run_ids == [] and third.skipped_analyses == 1
+
+
+def test_a_finished_run_without_the_evaluation_is_only_evaluated(tmp_path, store):
+    from cps.stages.prune import run_prune
+
+    study = load_study(tiny_study(tmp_path, langs=("sw",)))
+    (cell,) = study.cells
+    pruned = run_prune(cell.prune, store)  # e.g. a plain `cps prune` with the same settings
+    (plan,) = plan_cells(study, store)
+    assert plan.action == "evaluate" and plan.run_id == pruned.run_id
+    result = run_sweep(study, store, local_executor)
+    assert result.outcomes[0].run_id == pruned.run_id
+    assert len(tracking.find_runs(store, "prune")) == 1
+    assert "ppl.sw" in tracking.get_run(store, pruned.run_id).metrics
+
+
+def _sweep_process(study: Path, store: tracking.Store) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "cps", "sweep", str(study), "--tracking-uri", str(store.uri)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_sweep_resumes_after_a_killed_cell(tmp_path, store):
+    """SIGKILL mid-cell: the rerun ends the orphaned run FAILED and runs only what is missing."""
+    path = tiny_study(tmp_path, name="killed", langs=("sw", "zh", "ru", "es"), nsamples=64)
+    study = load_study(path)
+    tracking.experiment_id(store)
+    process = _sweep_process(path, store)
+    deadline = time.monotonic() + 240
+    killed = None
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        finished = tracking.find_runs(store, "prune")
+        running = tracking.find_runs(store, "prune", status="RUNNING")
+        if finished and running:
+            process.send_signal(signal.SIGKILL)
+            process.wait(30)
+            killed = running[0].run_id
+            break
+        time.sleep(0.1)
+    assert killed is not None, "the sweep never was between cells"
+    assert tracking.get_run(store, killed).status == "RUNNING"  # SIGKILL leaves it RUNNING
+    done_before = {r.run_id for r in tracking.find_runs(store, "prune")}
+    dry = subprocess.run(
+        [sys.executable, "-m", "cps", "sweep", str(path), "--dry-run", "--tracking-uri", str(store.uri)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert dry.returncode == 0 and f"{4 - len(done_before)} of 4 cells to run" in dry.stdout
+    rerun = _sweep_process(path, store)
+    output = rerun.communicate(timeout=300)[0]
+    assert rerun.returncode == 0, output[-3000:]
+    assert tracking.get_run(store, killed).status == "FAILED"
+    finished = tracking.find_runs(store, "prune")
+    assert len(finished) == 4  # no duplicate finished runs
+    assert sorted(r.params["calib_lang"] for r in finished) == ["es", "ru", "sw", "zh"]
+    assert done_before <= {r.run_id for r in finished}  # finished cells were skipped, not redone
+    new = {r.run_id for r in finished} - done_before
+    assert len(new) == 4 - len(done_before)
+    sweeps = tracking.find_runs(store, "sweep", status=None)
+    assert len(sweeps) == 1 and sweeps[0].status == "FINISHED"  # the killed parent resumed and ended
+    assert all(plan.action == "done" for plan in plan_cells(study, store))
+
+
+def test_ray_executor_runs_a_two_cell_grid(tmp_path, store):
+    pytest.importorskip("ray")
+    from cps.stages.sweep import ray_executor
+
+    study = load_study(tiny_study(tmp_path, name="ray", langs=("sw", "zh"), tasks=("xcopa",)))
+    result = run_sweep(study, store, ray_executor(cpus_per_cell=1))
+    assert not result.failed and len(result.outcomes) == 2
+    runs = tracking.find_runs(store, "prune")
+    assert sorted(r.params["calib_lang"] for r in runs) == ["sw", "zh"]
+    for run in runs:
+        assert {"ppl.sw", "ppl.zh", "acc.xcopa_sw", "acc.xcopa_zh"} <= run.metrics.keys()
+        assert run.tags["mlflow.parentRunId"] == result.parent_run_id
+    pids = {r.tags["cps.pid"] for r in runs}
+    assert str(__import__("os").getpid()) not in pids  # the cells ran in Ray workers
