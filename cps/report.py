@@ -145,14 +145,21 @@ def aggregate(frame: pl.DataFrame, key: list[str], values: list[str]) -> pl.Data
 
 
 def row_key(frame: pl.DataFrame, group_by: tuple[str, ...]) -> list[str]:
+    """`group_by` plus the setting params that vary among the pruned runs (dense rows are told
+    apart by `method` alone: their sparsity 0 and pattern never split the pruned rows)."""
+    import polars as pl
+
     missing = [param for param in group_by if param not in frame.columns]
     if missing:
         known = ", ".join(sorted(c for c in frame.columns if not c.startswith("m:") and c != "run_id"))
         raise CpsError(f"no prune run has the param {missing[0]!r} to group by; params: {known}")
+    pruned = frame.filter(pl.col("method") != "dense") if "method" in frame.columns else frame
     extra = [
         param
         for param in SETTING_PARAMS
-        if param not in group_by and param in frame.columns and frame[param].n_unique() > 1
+        if param not in group_by
+        and param in frame.columns
+        and (pruned[param].n_unique() > 1 or (param == "method" and frame[param].n_unique() > 1))
     ]
     return [*extra, *group_by]
 
@@ -215,9 +222,10 @@ def _pivot_sections(
 
     best = "min" if family in ("ppl", "bpb") else "max"
     if config.pivot == EVAL_LANG:
+        index = list(dict.fromkeys([*key, *(["model"] if "model" in body.columns else [])]))
         long = (
-            body.select(*key, *columns)
-            .unpivot(index=key, on=columns, variable_name="metric", value_name="value")
+            body.select(*index, *columns)
+            .unpivot(index=index, on=columns, variable_name="metric", value_name="value")
             .drop_nulls("value")
             .with_columns(pl.col("metric").map_elements(metric_lang, return_dtype=pl.String).alias(EVAL_LANG))
             .drop_nulls(EVAL_LANG)
@@ -365,16 +373,24 @@ def _value_columns(section: Section) -> list[str]:
 
 def _cells(section: Section) -> tuple[list[str], list[list[str]]]:
     """Header and text rows: 'mean ± std', best of each column starred, diagonal in [brackets]."""
+    import polars as pl
+
     frame = section.frame
     values = _value_columns(section)
-    best_rows: dict[str, int] = {}
+    best_rows: dict[str, set[int]] = {}
     if section.best:
+        # The best row of each column among the pruned rows (the dense baseline is the reference),
+        # and per value of the other key columns (per method) when there is a diagonal.
+        parts = [k for k in section.key if k != section.diagonal] if section.diagonal else []
+        indexed = frame.with_row_index("_row")
+        if "method" in frame.columns:
+            indexed = indexed.filter(pl.col("method") != "dense")
         for column in values:
-            series = frame[column]
-            if series.dtype.is_numeric() and series.drop_nulls().len():
-                best_rows[column] = int(
-                    (series.arg_min() if section.best == "min" else series.arg_max()) or 0
-                )
+            if not frame[column].dtype.is_numeric():
+                continue
+            ranked = indexed.drop_nulls(column).sort(column, descending=section.best == "max")
+            winners = ranked.group_by(parts, maintain_order=True).first() if parts else ranked.head(1)
+            best_rows[column] = set(winners["_row"].to_list())
     header = [*section.key, *(["n"] if "n" in frame.columns else []), *values]
     rows = []
     for index, row in enumerate(frame.iter_rows(named=True)):
@@ -390,7 +406,7 @@ def _cells(section: Section) -> tuple[list[str], list[list[str]]]:
                     cell += f" ± {_number(std)}"
             else:
                 cell = "—" if value is None else str(value)
-            if best_rows.get(column) == index:
+            if index in best_rows.get(column, ()):
                 cell += " *"
             if section.diagonal and str(row.get(section.diagonal)) == column:
                 cell = f"[{cell}]"
@@ -495,7 +511,10 @@ def heatmaps(section: Section) -> dict[str, Figure]:
     values = _value_columns(section)
     rows = [section.diagonal] if section.diagonal else section.key
     others = [k for k in section.key if k not in rows]
-    frame = section.frame.with_columns(
+    frame = section.frame
+    if "method" in frame.columns and (frame["method"] != "dense").any():
+        frame = frame.filter(pl.col("method") != "dense")  # the reference, not a calibration choice
+    frame = frame.with_columns(
         pl.concat_str([pl.col(k).cast(pl.String) for k in others], separator=" ").alias("_part")
         if others
         else pl.lit("").alias("_part")

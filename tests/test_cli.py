@@ -3,6 +3,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,20 @@ def cps(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    "command", [[], ["calibrate"], ["prune"], ["eval"], ["analyze"], ["data"], ["data", "list"], ["models"]]
+    "command",
+    [
+        [],
+        ["calibrate"],
+        ["prune"],
+        ["eval"],
+        ["analyze"],
+        ["sweep"],
+        ["report"],
+        ["ui"],
+        ["data"],
+        ["data", "list"],
+        ["models"],
+    ],
 )
 def test_help_is_fast(command):
     started = time.monotonic()
@@ -80,6 +94,12 @@ def _bad_inputs(tmp_path):
     broken = tmp_path / "broken"
     (broken / "ntrex").mkdir(parents=True)
     base = ["calibrate", "--model", "tiny-llama", "--nsamples", "2", "--seqlen", "16"]
+
+    def study(text: str) -> Path:
+        path = tmp_path / f"study{len(list(tmp_path.glob('study*.toml')))}.toml"
+        path.write_text(text, encoding="utf-8")
+        return path
+
     prune = ["prune", "--model", "tiny-llama", "--lang", "sw", "--nsamples", "2", "--seqlen", "16"]
     return {
         "unknown model": (["calibrate", "--model", "no-such-model", "--lang", "sw"], "unknown model"),
@@ -105,6 +125,22 @@ def _bad_inputs(tmp_path):
         "eval nothing to evaluate": (["eval"], "give a run id"),
         "analyze empty store": (["analyze"], "no two finished prune runs"),
         "analyze bad filter": (["analyze", "--filter", "method"], "bad --filter"),
+        "sweep missing study": (["sweep", str(tmp_path / "none.toml")], "no study file"),
+        "sweep bad toml": (["sweep", str(study("[grid\n"))], "not valid TOML"),
+        "sweep unknown key": (["sweep", str(study("[grid]\nmodel = 'x'\n"))], "unknown key 'model'"),
+        "sweep unknown model": (["sweep", str(study("[grid]\nmodels = ['gpt5']\n"))], "unknown model"),
+        "sweep bad executor": (["sweep", str(study("")), "--executor", "slurm"], "unknown executor"),
+        "sweep missing data": (
+            ["sweep", str(study("[calibration]\ncorpus = 'textdir:" + str(empty) + "'\n"))],
+            "no 'ar' data",
+        ),
+        "report empty store": (["report"], "no finished prune runs"),
+        "report bad format": (["report", "--format", "xlsx"], "unknown format"),
+        "eval bad task limit": (
+            ["eval", "--model", "tiny-llama", "--task-limit", "sib=x"],
+            "must be a number",
+        ),
+        "ui bad port": (["ui", "--port", "0"], "--port"),
     }
 
 
@@ -134,12 +170,22 @@ def _bad_inputs(tmp_path):
         "eval nothing to evaluate",
         "analyze empty store",
         "analyze bad filter",
+        "sweep missing study",
+        "sweep bad toml",
+        "sweep unknown key",
+        "sweep unknown model",
+        "sweep bad executor",
+        "sweep missing data",
+        "report empty store",
+        "report bad format",
+        "eval bad task limit",
+        "ui bad port",
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(case, tmp_path, store, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # mC4 must fail the same way everywhere
     args, message = _bad_inputs(tmp_path)[case]
-    if args[0] in ("calibrate", "prune", "eval", "analyze"):
+    if args[0] in ("calibrate", "prune", "eval", "analyze", "sweep", "report", "ui"):
         args = [*args, *_store_args(store)]
     result = cps(*args)
     assert result.returncode == 2, result.stdout + result.stderr

@@ -55,7 +55,9 @@ def test_ui_answers_health_on_loopback_and_stops_cleanly(store):
         with urllib.request.urlopen(f"{url}/health", timeout=10) as reply:
             assert reply.status == 200 and reply.read().strip() == b"OK"
         # the UI reads this store: its REST API finds the run logged above
-        with urllib.request.urlopen(f"{url}/api/2.0/mlflow/runs/get?run_id={run.run_id}", timeout=10) as reply:
+        with urllib.request.urlopen(
+            f"{url}/api/2.0/mlflow/runs/get?run_id={run.run_id}", timeout=10
+        ) as reply:
             assert run.run_id in reply.read().decode()
     finally:
         process.send_signal(signal.SIGINT)

@@ -169,12 +169,15 @@ def ray_executor(
         started_here = not ray.is_initialized()
         if started_here:
             try:
+                # Without an address: a local instance on the loopback interface, small object store.
+                local = {"_node_ip_address": "127.0.0.1", "object_store_memory": 512 * 2**20}
                 ray.init(
                     address=address,
                     runtime_env={"env_vars": env},
                     include_dashboard=False,
                     log_to_driver=True,
                     configure_logging=False,
+                    **({} if address else local),
                 )
             except (ConnectionError, RuntimeError, ValueError) as error:
                 raise CpsError(
