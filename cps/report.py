@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 SETTING_PARAMS = ("model", "method", "pattern", "sparsity")
 FORMATS = ("table", "markdown", "csv", "json", "html")
 EVAL_LANG = "eval_lang"
+# Task families whose `acc` column shows acc_mutual_info (the task pack's metric to read for them).
+MUTUAL_INFO_TASKS = ("flores_next",)
 PRUNING_METRICS = ("m:snr_db.mean", "m:prune_error.total", "m:sparsity.actual", "m:time.prune_s")
 
 
@@ -173,6 +175,10 @@ def build_report(store: tracking.Store, config: ReportConfig) -> Report:
     if runs.is_empty():
         where = " ".join(f"{k}={v}" for k, v in config.filters) or "the store"
         raise CpsError(f"no finished prune runs in {where} ({store.resolved_uri})")
+    for column in [c for c in runs.columns if c.startswith("m:acc_mutual_info.")]:
+        task = column.removeprefix("m:acc_mutual_info.")
+        if task_family(f"acc.{task}") in MUTUAL_INFO_TASKS:
+            runs = runs.with_columns(pl.col(column).alias(f"m:acc.{task}"))
     dense = runs.filter(pl.col("method") == "dense")
     pruned = runs.filter(pl.col("method") != "dense")
     body = runs if config.include_dense or pruned.is_empty() else pruned
@@ -183,11 +189,14 @@ def build_report(store: tracking.Store, config: ReportConfig) -> Report:
             f"no metric of {', '.join(config.metrics)} in the selected runs (evaluate them: cps eval RUN_ID)"
         )
     report = Report(runs=runs.height)
-    columns = [c for family in families.values() for c in family]
-    report.sections.append(
-        Section("Metrics (mean ± std over runs)", aggregate(body, key, columns), key, note=_runs_note(body))
-    )
-    if config.pivot:
+    if not config.pivot:  # with a pivot, the pivoted tables show the same numbers, readably
+        columns = [c for family in families.values() for c in family]
+        report.sections.append(
+            Section(
+                "Metrics (mean ± std over runs)", aggregate(body, key, columns), key, note=_runs_note(body)
+            )
+        )
+    else:
         for family, family_columns in families.items():
             report.sections += _pivot_sections(body, pruned, dense, key, family, family_columns, config)
     if "acc" in families:
@@ -327,6 +336,7 @@ def _task_section(body: pl.DataFrame, key: list[str], columns: list[str]) -> Sec
         f"Task accuracy by {' x '.join(task_key)} and language (mean ± std over all runs of the row)",
         _wide(long, task_key, EVAL_LANG),
         task_key,
+        note=f"acc; for {', '.join(MUTUAL_INFO_TASKS)} acc_mutual_info (plain acc rewards short candidates)",
         best="max",
         heatmap=True,
     )
@@ -388,9 +398,14 @@ def _cells(section: Section) -> tuple[list[str], list[list[str]]]:
         for column in values:
             if not frame[column].dtype.is_numeric():
                 continue
-            ranked = indexed.drop_nulls(column).sort(column, descending=section.best == "max")
-            winners = ranked.group_by(parts, maintain_order=True).first() if parts else ranked.head(1)
-            best_rows[column] = set(winners["_row"].to_list())
+            ranked = indexed.drop_nulls(column)
+            best = pl.col(column).max() if section.best == "max" else pl.col(column).min()
+            if parts:
+                ranked = ranked.with_columns(best.over(parts).alias("_best"))
+            else:
+                ranked = ranked.with_columns(best.alias("_best"))
+            ties = ranked.filter(pl.col(column) == pl.col("_best"))  # every row that ties is starred
+            best_rows[column] = set(ties["_row"].to_list())
     header = [*section.key, *(["n"] if "n" in frame.columns else []), *values]
     rows = []
     for index, row in enumerate(frame.iter_rows(named=True)):

@@ -196,8 +196,8 @@ def _section(kind: type, name: str, raw: Any) -> Any:
         elif isinstance(default, tuple):
             if isinstance(value, str):
                 value = [value]
-            if not isinstance(value, list) or not value:
-                raise CpsError(f"[{name}] {key} must be a non-empty list")
+            if not isinstance(value, list) or (default and not value):  # () defaults may be empty
+                raise CpsError(f"[{name}] {key} must be a {'non-empty ' if default else ''}list")
             value = tuple(value)
         values[key] = value
     return kind(**values)

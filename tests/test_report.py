@@ -36,6 +36,7 @@ def filled(store):
     for (method, lang, seed), (sw, zh) in ppl.items():
         params = {**BASE, "method": method, "sparsity": "0.5", "calib_lang": lang, "seed": seed}
         metrics = {"ppl.sw": sw, "ppl.zh": zh, "acc.xcopa_sw": 0.5 + seed / 10, "snr_db.mean": 10.0 + seed}
+        metrics |= {"acc.flores_next_sw": 0.25, "acc_mutual_info.flores_next_sw": 0.6 + seed / 10}
         _log(store, params, metrics)
     dense = {**BASE, "method": "dense", "sparsity": "0.0", "calib_lang": "none", "seed": 0}
     _log(store, dense, {"ppl.sw": 16.0, "ppl.zh": 25.0, "acc.xcopa_sw": 0.7})
@@ -93,6 +94,11 @@ def test_report_numbers_equal_values_from_the_store(filled):
     tasks = next(s for s in report.sections if s.title.startswith("Task accuracy"))
     wanda = [m["acc.xcopa_sw"] for m in _from_store(filled, model="tiny-llama", method="wanda")]
     assert _row(tasks, method="wanda", task="xcopa")["sw"] == pytest.approx(statistics.mean(wanda))
+    # flores_next reads acc_mutual_info (the pack's metric), not the plain acc logged beside it
+    mutual = [
+        m["acc_mutual_info.flores_next_sw"] for m in _from_store(filled, model="tiny-llama", method="wanda")
+    ]
+    assert _row(tasks, method="wanda", task="flores_next")["sw"] == pytest.approx(statistics.mean(mutual))
     snr = next(s for s in report.sections if s.title.startswith("Pruning"))
     assert _row(snr, method="sparsegpt", calib_lang="sw")["snr_db.mean"] == pytest.approx(10.5)
     # the diagonal and the column winners in the rendered table

@@ -43,6 +43,10 @@ limit = 2
 
 [analyze]
 enabled = {analyze}
+activations = {activations}
+langs = ["sw", "zh"]
+max_docs = 2
+seqlen = 64
 """
 
 
@@ -55,6 +59,7 @@ def tiny_study(
     nsamples: int = 4,
     tasks: tuple[str, ...] = (),
     analyze: bool = False,
+    activations: bool = False,
 ) -> Path:
     text = TINY.format(
         name=name,
@@ -64,6 +69,7 @@ def tiny_study(
         nsamples=nsamples,
         tasks=json.dumps(list(tasks)),
         analyze=str(analyze).lower(),
+        activations=str(activations).lower(),
     )
     path = tmp_path / f"{name}.toml"
     path.write_text(text, encoding="utf-8")
@@ -233,3 +239,43 @@ def test_ray_executor_runs_a_two_cell_grid(tmp_path, store):
         assert run.tags["mlflow.parentRunId"] == result.parent_run_id
     pids = {r.tags["cps.pid"] for r in runs}
     assert str(__import__("os").getpid()) not in pids  # the cells ran in Ray workers
+
+
+def test_kept_weights_load_exactly_and_serve_the_sweeps_analyses(tmp_path, store, monkeypatch):
+    import torch
+
+    from cps.data.calibration import CalibrationConfig
+    from cps.models import LoadOptions
+    from cps.stages import evaluate
+    from cps.stages.prune import PruneConfig, run_prune
+
+    config = PruneConfig(
+        CalibrationConfig("tiny-llama", "sw", nsamples=4, seqlen=32), "sparsegpt", save_model=False
+    )
+    pruned = run_prune(config, store, keep_model=True)
+    path = evaluate.keep_weights(pruned.run_id, pruned.model.model)
+    record = tracking.get_run(store, pruned.run_id)
+    kept = evaluate.load_run_model(store, record, LoadOptions())
+    evaluate.drop_kept_weights([pruned.run_id])
+    assert not path.exists()
+    rebuilt = evaluate.load_run_model(store, record, LoadOptions())  # pruned again from the calibration run
+    for name, weight in pruned.model.model.state_dict().items():
+        assert torch.equal(kept.model.state_dict()[name], weight), name
+        assert torch.equal(rebuilt.model.state_dict()[name], weight), name
+
+    # In a sweep with activation analyses: SparseGPT cells keep their weights, the analyses load
+    # them (never pruning again), and the sweep removes them afterwards.
+    study = load_study(tiny_study(tmp_path, methods=("sparsegpt",), analyze=True, activations=True))
+    kept_paths = []
+    real_keep = sweep_stage.keep_weights
+    monkeypatch.setattr(
+        sweep_stage, "keep_weights", lambda *a: kept_paths.append(real_keep(*a)) or kept_paths[-1]
+    )
+
+    def no_rebuild(*args):
+        raise AssertionError("the analyses pruned again instead of loading the kept weights")
+
+    monkeypatch.setattr(evaluate, "_prune_again", no_rebuild)
+    result = run_sweep(study, store)
+    assert not result.failed and len(result.analysis_run_ids) == 1 and not result.analysis_errors
+    assert len(kept_paths) == 2 and not any(p.exists() for p in kept_paths)

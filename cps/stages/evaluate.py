@@ -127,6 +127,9 @@ def dense_run(store: tracking.Store, model: str, dtype: str) -> str:
     return run_prune(PruneConfig(CalibrationConfig(model, "en"), "dense", dtype=dtype), store).run_id
 
 
+MASK_ONLY_METHODS = ("wanda", "magnitude")  # the kept weights stay the dense ones
+
+
 def load_run_model(store: tracking.Store, record: tracking.RunRecord, options: LoadOptions) -> LoadedModel:
     """The weights a prune run produced, as a model in memory."""
     params = record.params
@@ -135,7 +138,61 @@ def load_run_model(store: tracking.Store, record: tracking.RunRecord, options: L
     local = tracking.local_artifact_dir(store, record.run_id, "model")
     if local is not None or _has_artifact(store, record.run_id, "model"):
         return _load_saved(store, record, options, local)
+    if kept_weights_path(record.run_id).is_file():
+        return _load_kept(store, record, options)
     return _rebuild(store, record, options)
+
+
+# A sweep that analyses activations keeps the weights of methods that update them (SparseGPT) in
+# the local cache until its analyses are done, so they need not be pruned again; never an artifact.
+
+
+def kept_weights_path(run_id: str) -> Path:
+    from cps.paths import cache_dir
+
+    return cache_dir() / "pruned" / f"{run_id}.safetensors"
+
+
+def keep_weights(run_id: str, model: torch.nn.Module) -> Path:
+    """Save the decoder layers' linear weights of a pruned model to the local cache (atomically)."""
+    from safetensors.torch import save_file
+
+    from cps.models import decoder_layers
+
+    layers = decoder_layers(model)
+    prefix = {id(layer): name for name, layer in model.named_modules() if any(layer is x for x in layers)}
+    state = {}
+    for layer in layers:
+        for name, module in layer.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                state[f"{prefix[id(layer)]}.{name}"] = module.weight.detach().to("cpu").contiguous()
+    path = kept_weights_path(run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    save_file(state, str(partial))
+    partial.replace(path)
+    return path
+
+
+def drop_kept_weights(run_ids: list[str]) -> None:
+    for run_id in run_ids:
+        kept_weights_path(run_id).unlink(missing_ok=True)
+
+
+def _load_kept(store: tracking.Store, record: tracking.RunRecord, options: LoadOptions) -> LoadedModel:
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as folder:
+        masks = load_masks(str(tracking.download_artifact(store, record.run_id, "masks.safetensors", folder)))
+    loaded = load_model(record.params["model"], options)
+    state = load_file(str(kept_weights_path(record.run_id)))
+    with torch.no_grad():
+        for name, weight in state.items():
+            target = loaded.model.get_submodule(name).weight
+            if name in masks and bool((weight[masks[name]] != 0).any()):
+                raise CpsError(f"kept weights of run {record.run_id} disagree with its masks ({name})")
+            target.copy_(weight.to(target.dtype))
+    return loaded
 
 
 def _has_artifact(store: tracking.Store, run_id: str, path: str) -> bool:
@@ -162,7 +219,7 @@ def _rebuild(store: tracking.Store, record: tracking.RunRecord, options: LoadOpt
     with tempfile.TemporaryDirectory() as folder:
         masks = load_masks(str(tracking.download_artifact(store, record.run_id, "masks.safetensors", folder)))
     loaded = load_model(record.params["model"], options)
-    if record.params["method"] in ("wanda", "magnitude"):  # weights are the dense ones, masked
+    if record.params["method"] in MASK_ONLY_METHODS:  # weights are the dense ones, masked
         with torch.no_grad():
             for name, mask in masks.items():
                 loaded.model.get_submodule(name).weight.mul_(~mask.to(loaded.model.device))

@@ -26,7 +26,14 @@ from cps import tracking
 from cps.analysis.groups import comparison_groups
 from cps.errors import CpsError, first_line
 from cps.stages.analyze import analysis_params, analyze_group
-from cps.stages.evaluate import EVAL_FINGERPRINT_TAG, eval_fingerprint, run_eval
+from cps.stages.evaluate import (
+    EVAL_FINGERPRINT_TAG,
+    MASK_ONLY_METHODS,
+    drop_kept_weights,
+    eval_fingerprint,
+    keep_weights,
+    run_eval,
+)
 from cps.stages.prune import DENSE, run_prune
 from cps.study import Cell, Study, check_inputs
 
@@ -101,8 +108,12 @@ def plan_cells(study: Study, store: tracking.Store) -> list[CellPlan]:
     return plans
 
 
-def run_cell(plan: CellPlan, store: tracking.Store, tags: dict[str, str]) -> str:
-    """Prune and evaluate one cell (or only evaluate its finished run); returns the run id."""
+def run_cell(plan: CellPlan, store: tracking.Store, tags: dict[str, str], keep: bool = False) -> str:
+    """Prune and evaluate one cell (or only evaluate its finished run); returns the run id.
+
+    With `keep`, a method that updates the weights (SparseGPT) leaves them in the local cache for
+    the sweep's activation analyses, which would otherwise prune again to rebuild the model.
+    """
     evaluate = plan.cell.evaluate
     if plan.action == EVALUATE:
         assert plan.run_id is not None
@@ -112,6 +123,8 @@ def run_cell(plan: CellPlan, store: tracking.Store, tags: dict[str, str]) -> str
 
     def then(run_id: str, loaded) -> None:
         run_eval(replace(evaluate, run_id=run_id), store, loaded)
+        if keep and plan.cell.prune.method not in (DENSE, *MASK_ONLY_METHODS):
+            keep_weights(run_id, loaded.model)
 
     result = run_prune(plan.cell.prune, store, tags=tags, then=then)
     return result.run_id
@@ -122,13 +135,13 @@ def run_cell(plan: CellPlan, store: tracking.Store, tags: dict[str, str]) -> str
 
 
 def local_executor(
-    plans: list[CellPlan], store: tracking.Store, tags: dict[str, str]
+    plans: list[CellPlan], store: tracking.Store, tags: dict[str, str], keep: bool = False
 ) -> Iterator[CellOutcome]:
     for plan in plans:
         log.info("cell: %s (%s)", plan.cell.label, ACTIONS[plan.action])
         started = time.perf_counter()
         try:
-            run_id = run_cell(plan, store, {**tags, "cps.sweep.cell": plan.cell.label})
+            run_id = run_cell(plan, store, {**tags, "cps.sweep.cell": plan.cell.label}, keep)
             yield CellOutcome(plan, run_id, seconds=time.perf_counter() - started)
         except Exception as error:  # one cell's crash is recorded (its run ended FAILED); go on
             log.exception("cell %s failed", plan.cell.label)
@@ -138,25 +151,27 @@ def local_executor(
             gc.collect()
 
 
-def _ray_cell(plan: CellPlan, store: tracking.Store, tags: dict[str, str], threads: int) -> tuple[str, float]:
+def _ray_cell(
+    plan: CellPlan, store: tracking.Store, tags: dict[str, str], threads: int, keep: bool
+) -> tuple[str, float]:
     import torch
 
     torch.set_num_threads(max(1, threads))
     started = time.perf_counter()
-    run_id = run_cell(plan, store, {**tags, "cps.sweep.cell": plan.cell.label})
+    run_id = run_cell(plan, store, {**tags, "cps.sweep.cell": plan.cell.label}, keep)
     return run_id, time.perf_counter() - started
 
 
-def ray_executor(
-    address: str | None = None, cpus_per_cell: int = 1
-) -> Callable[[list[CellPlan], tracking.Store, dict[str, str]], Iterator[CellOutcome]]:
+def ray_executor(address: str | None = None, cpus_per_cell: int = 1) -> Callable[..., Iterator[CellOutcome]]:
     """Each cell a Ray task: one GPU per cell when the cluster has GPUs, else `cpus_per_cell` CPUs.
 
     Every worker writes to the same store: give an `http://` tracking server (or a store every
     node can reach) when the cluster spans machines.
     """
 
-    def execute(plans: list[CellPlan], store: tracking.Store, tags: dict[str, str]) -> Iterator[CellOutcome]:
+    def execute(
+        plans: list[CellPlan], store: tracking.Store, tags: dict[str, str], keep: bool = False
+    ) -> Iterator[CellOutcome]:
         try:
             import ray
         except ImportError:
@@ -188,7 +203,8 @@ def ray_executor(
             resources = {"num_gpus": 1} if gpus else {"num_cpus": cpus_per_cell}
             remote = ray.remote(**resources, max_retries=0)(_ray_cell)
             resolved = tracking.Store(store.resolved_uri, store.experiment)
-            pending = {remote.remote(plan, resolved, tags, cpus_per_cell): plan for plan in plans}
+            keep = keep and not address  # kept weights live in one machine's cache: local only
+            pending = {remote.remote(plan, resolved, tags, cpus_per_cell, keep): plan for plan in plans}
             submitted = {ref: time.perf_counter() for ref in pending}
             while pending:
                 (ready,), _ = ray.wait(list(pending), num_returns=1)
@@ -263,13 +279,17 @@ def run_sweep(
             "cps.study": study.name,
         }
         pending = [plan for plan in plans if plan.pending]
+        keep = any(config.activations for config in study.analyze_configs(data_dir))
         with tqdm(total=len(pending), desc=f"sweep {study.name}", unit="cell") as bar:
-            for outcome in executor(pending, store, tags):
+            for outcome in executor(pending, store, tags, keep):
                 outcomes.append(outcome)
                 bar.update()
                 bar.set_postfix(failed=sum(1 for o in outcomes if o.error))
                 parent.log_metrics(_progress(plans, outcomes))
-        analysis_ids, analysis_errors, skipped = run_analyses(study, store, tags, data_dir)
+        try:
+            analysis_ids, analysis_errors, skipped = run_analyses(study, store, tags, data_dir)
+        finally:  # the kept weights served the analyses; they are not a store of models
+            drop_kept_weights([run_id for run_id in _run_ids(plans, outcomes) if run_id])
         seconds = time.perf_counter() - started
         parent.log_metrics(
             {
@@ -281,6 +301,10 @@ def run_sweep(
         )
         parent.log_frame(plan_frame(plans, outcomes), "cells.parquet")
     return SweepResult(parent.run_id, plans, outcomes, analysis_ids, analysis_errors, skipped, seconds)
+
+
+def _run_ids(plans: list[CellPlan], outcomes: list[CellOutcome]) -> list[str | None]:
+    return [plan.run_id for plan in plans] + [outcome.run_id for outcome in outcomes]
 
 
 def _progress(plans: list[CellPlan], outcomes: list[CellOutcome]) -> dict[str, float]:
