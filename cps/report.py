@@ -548,7 +548,8 @@ def heatmaps(section: Section) -> dict[str, Figure]:
         )
         if long.height:
             title = f"{section.title}" + (f" — {part}" if part else "")
-            figures[part] = matrix_heatmap(long, label, EVAL_LANG, "value", title, best=section.best)
+            relative = section.diagonal is not None and section.best == "min"  # ppl, bpb: scales differ
+            figures[part] = matrix_heatmap(long, label, EVAL_LANG, "value", title, section.best, relative)
     return figures
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -105,12 +106,20 @@ def layer_lines(frame: pl.DataFrame, value: str, hue: str, title: str, ylabel: s
 
 
 def matrix_heatmap(
-    frame: pl.DataFrame, row: str, column: str, value: str, title: str, best: str | None = "max"
+    frame: pl.DataFrame,
+    row: str,
+    column: str,
+    value: str,
+    title: str,
+    best: str | None = "max",
+    relative: bool = False,
 ) -> Figure:
     """A row x column heatmap of `value` (mean over other columns) with numbers in the cells.
 
     Cells whose row and column labels are equal (calibration language = evaluation language) get a
-    red box; with `best` ("max" or "min") each column's best cell is starred.
+    red box; with `best` ("max" or "min") each column's best cell is starred. With `relative` the
+    colours show each cell against its column's best (value / best), so columns on different scales
+    (perplexities of different languages) read alike; the numbers stay the values.
     """
     import matplotlib
 
@@ -126,9 +135,15 @@ def matrix_heatmap(
     grid = np.full((len(rows), len(columns)), np.nan)
     for r, c, score in mean.select(row, column, value).iter_rows():
         grid[rows.index(r), columns.index(c)] = score
-    figure = Figure(figsize=(1.6 + 0.8 * len(columns), 1.0 + 0.6 * len(rows)), layout="constrained")
+    figure = Figure(figsize=(2.4 + 0.8 * len(columns), 1.2 + 0.6 * len(rows)), layout="constrained")
     axes = figure.add_subplot()
-    image = axes.imshow(grid, cmap="viridis", aspect="auto")
+    colours, label = grid, value
+    if relative:
+        reference = np.nanmax(grid, axis=0) if best == "max" else np.nanmin(grid, axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            colours = grid / reference
+        label = f"{value} / best of the column"
+    image = axes.imshow(colours, cmap="viridis_r" if relative and best == "min" else "viridis", aspect="auto")
     axes.set_xticks(range(len(columns)), [str(c) for c in columns])
     axes.set_yticks(range(len(rows)), [str(r) for r in rows])
     axes.set_xlabel(column)
@@ -140,9 +155,12 @@ def matrix_heatmap(
             if np.isnan(grid[i, j]):
                 continue
             star = "*" if sign and winners[j] == i else ""
-            axes.text(j, i, f"{grid[i, j]:.3g}{star}", ha="center", va="center", fontsize=7, color="white")
+            red, green, blue, _ = image.cmap(image.norm(colours[i, j]))
+            ink = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.55 else "white"
+            number = f"{grid[i, j]:.0f}" if abs(grid[i, j]) >= 1000 else f"{grid[i, j]:.3g}"
+            axes.text(j, i, f"{number}{star}", ha="center", va="center", fontsize=7, color=ink)
             if str(rows[i]) == str(columns[j]):
                 axes.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.5))
-    axes.set_title(title)
-    figure.colorbar(image, ax=axes, label=value)
+    axes.set_title(textwrap.fill(title, 70), fontsize=9)
+    figure.colorbar(image, ax=axes, label=label)
     return figure
