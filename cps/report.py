@@ -439,9 +439,13 @@ def _number(value: float) -> str:
 LEGEND = "`*` best of the column; `[x]` calibrated on the language it is evaluated on."
 
 
-def render(report: Report, fmt: str) -> str:
+def check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise CpsError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+
+
+def render(report: Report, fmt: str) -> str:
+    check_format(fmt)
     if fmt == "json":
         return json.dumps(
             [{"title": s.title, "key": s.key, "rows": s.frame.to_dicts()} for s in report.sections],

@@ -88,6 +88,8 @@ def serve(store: tracking.Store, config: UiConfig, announce=print) -> int:
     if not _port_free(config.bind, config.port):
         raise CpsError(f"port {config.port} on {config.bind} is in use; pick another with --port")
     command = server_command(store, config)
+    # Ctrl-C stops the UI even when started from a shell that ignores SIGINT for background jobs.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     process = subprocess.Popen(command, start_new_session=True)
     host = f"[{config.bind}]" if ":" in config.bind else config.bind
     url = f"http://{host}:{config.port}"

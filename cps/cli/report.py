@@ -30,9 +30,10 @@ def report_command(
     experiment: Experiment = "cps",
 ) -> None:
     """Tables of the finished runs: mean ± std over seeds, pivots, change against the dense baseline."""
-    from cps.report import ReportConfig, build_report, render, write_report
+    from cps.report import ReportConfig, build_report, check_format, render, write_report
     from cps.tracking import Store
 
+    check_format(fmt)  # before reading the store
     config = ReportConfig(
         group_by=tuple(p.strip() for p in group_by.split(",") if p.strip()),
         filters=parse_filters(filter_),
