@@ -63,7 +63,7 @@ def sweep_command(
     if result.failed or result.analysis_errors:
         typer.echo("rerun the same command to retry what failed; finished cells are skipped")
         raise typer.Exit(1)
-    typer.echo(f"next: cps report --filter study={study.name}  (or cps report --group-by calib_lang)")
+    typer.echo(f"next: cps report --filter study={study.name} --pivot eval_lang  (cps ui: browse runs)")
 
 
 def _print_plan(name: str, rows: list[tuple[str, str, str]]) -> None:
