@@ -136,6 +136,7 @@ def _bad_inputs(tmp_path):
         ),
         "report empty store": (["report"], "no finished prune runs"),
         "report bad format": (["report", "--format", "xlsx"], "unknown format"),
+        "eval batch size 0": (["eval", "--model", "tiny-llama", "--batch-size", "0"], "--batch-size"),
         "eval bad task limit": (
             ["eval", "--model", "tiny-llama", "--task-limit", "sib=x"],
             "must be a number",
@@ -178,6 +179,7 @@ def _bad_inputs(tmp_path):
         "sweep missing data",
         "report empty store",
         "report bad format",
+        "eval batch size 0",
         "eval bad task limit",
         "ui bad port",
     ],

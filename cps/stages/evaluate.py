@@ -71,6 +71,11 @@ class EvalConfig:
         for name, value in self.task_limits:
             if not isinstance(value, int | float) or value <= 0:
                 raise CpsError(f"the item limit for {name!r} must be a positive number (got {value!r})")
+        if self.batch_size < 1:
+            raise CpsError(f"--batch-size must be positive (got {self.batch_size})")
+        if self.model is not None:
+            resolve_model(self.model)
+        LoadOptions(self.dtype, self.device)
 
     def limit_for(self, task: str) -> float | None:
         """Items to score for `task`: its own limit, its family's, else `limit`."""
@@ -78,11 +83,6 @@ class EvalConfig:
         split = split_task(task)
         family = split[0] if split else None
         return limits.get(task, limits.get(family, self.limit) if family else self.limit)
-        if self.batch_size < 1:
-            raise CpsError(f"--batch-size must be positive (got {self.batch_size})")
-        if self.model is not None:
-            resolve_model(self.model)
-        LoadOptions(self.dtype, self.device)
 
 
 EVAL_FINGERPRINT_TAG = "cps.eval.fingerprint"
