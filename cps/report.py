@@ -198,9 +198,9 @@ def build_report(store: tracking.Store, config: ReportConfig) -> Report:
         )
     else:
         for family, family_columns in families.items():
-            report.sections += _pivot_sections(body, pruned, dense, key, family, family_columns, config)
+            report.sections += _pivot_sections(body, dense, key, family, family_columns, config)
     if "acc" in families:
-        report.sections.append(_task_section(body, key, families["acc"]))
+        report.sections.append(_task_section(body, families["acc"]))
     pruning = [c for c in PRUNING_METRICS if c in pruned.columns]
     if pruning and not pruned.is_empty():
         prune_key = row_key(pruned, config.group_by)
@@ -220,30 +220,21 @@ def _runs_note(frame: pl.DataFrame) -> str:
 
 def _pivot_sections(
     body: pl.DataFrame,
-    pruned: pl.DataFrame,
     dense: pl.DataFrame,
     key: list[str],
     family: str,
     columns: list[str],
     config: ReportConfig,
 ) -> list[Section]:
-    import polars as pl
 
     best = "min" if family in ("ppl", "bpb") else "max"
     if config.pivot == EVAL_LANG:
         index = list(dict.fromkeys([*key, *(["model"] if "model" in body.columns else [])]))
-        long = (
-            body.select(*index, *columns)
-            .unpivot(index=index, on=columns, variable_name="metric", value_name="value")
-            .drop_nulls("value")
-            .with_columns(pl.col("metric").map_elements(metric_lang, return_dtype=pl.String).alias(EVAL_LANG))
-            .drop_nulls(EVAL_LANG)
-        )
+        long = _by_language(body, index, columns).drop_nulls(EVAL_LANG)
         if family == "acc":  # one accuracy per language would mix tasks: keep the task family in the key
-            long = long.with_columns(
-                pl.col("metric").map_elements(task_family, return_dtype=pl.String).alias("task")
-            )
             key = [*key, "task"]
+        else:
+            long = long.drop("task")
         pivot_column = EVAL_LANG
     else:
         if config.pivot not in body.columns:
@@ -275,6 +266,21 @@ def _pivot_sections(
     return sections
 
 
+def _by_language(frame: pl.DataFrame, index: list[str], columns: list[str]) -> pl.DataFrame:
+    """Metric columns as rows (metric, value) with the language and task family each names."""
+    import polars as pl
+
+    return (
+        frame.select(*index, *columns)
+        .unpivot(index=index, on=columns, variable_name="metric", value_name="value")
+        .drop_nulls("value")
+        .with_columns(
+            pl.col("metric").map_elements(metric_lang, return_dtype=pl.String).alias(EVAL_LANG),
+            pl.col("metric").map_elements(task_family, return_dtype=pl.String).alias("task"),
+        )
+    )
+
+
 def _wide(long: pl.DataFrame, key: list[str], pivot_column: str) -> pl.DataFrame:
     import polars as pl
 
@@ -297,7 +303,7 @@ def _change_vs_dense(
     import polars as pl
 
     columns = [c for c in dense.columns if c.startswith(f"m:{family}.")]
-    if not columns or "model" not in dense.columns:
+    if not columns or "model" not in dense.columns or "model" not in long.columns:
         return None
     base = (
         dense.select("model", *columns)
@@ -306,8 +312,6 @@ def _change_vs_dense(
         .group_by("model", "metric")
         .agg(pl.col("dense").mean())
     )
-    if "model" not in long.columns:
-        return None
     joined = long.join(base, on=["model", "metric"], how="inner")
     if joined.is_empty():
         return None
@@ -315,22 +319,11 @@ def _change_vs_dense(
     return _wide(joined.drop("dense"), key, EVAL_LANG)
 
 
-def _task_section(body: pl.DataFrame, key: list[str], columns: list[str]) -> Section:
+def _task_section(body: pl.DataFrame, columns: list[str]) -> Section:
     import polars as pl
 
     index = [k for k in ("method",) if k in body.columns]
-    long = (
-        body.select(*index, *columns)
-        .unpivot(index=index, on=columns, variable_name="metric", value_name="value")
-        .drop_nulls("value")
-        .with_columns(
-            pl.col("metric").map_elements(task_family, return_dtype=pl.String).alias("task"),
-            pl.col("metric")
-            .map_elements(metric_lang, return_dtype=pl.String)
-            .fill_null("-")
-            .alias(EVAL_LANG),
-        )
-    )
+    long = _by_language(body, index, columns).with_columns(pl.col(EVAL_LANG).fill_null("-"))
     task_key = [*index, "task"]
     return Section(
         f"Task accuracy by {' x '.join(task_key)} and language (mean ± std over all runs of the row)",

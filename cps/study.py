@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from cps.data.calibration import CalibrationConfig, mixture_label, parse_mixture
+from cps.data.calibration import CalibrationConfig
 from cps.errors import CpsError
 from cps.languages import PAPER_LANGUAGES, parse_languages
 from cps.pruning.base import MethodOptions
@@ -31,7 +31,7 @@ from cps.pruning.engine import EngineConfig
 from cps.pruning.masks import SparsityTarget
 from cps.stages.analyze import AnalyzeConfig
 from cps.stages.evaluate import EvalConfig
-from cps.stages.prune import DENSE, PruneConfig
+from cps.stages.prune import DENSE, PruneConfig, run_identity
 
 
 @dataclass(frozen=True)
@@ -97,28 +97,7 @@ class Cell:
     @property
     def key(self) -> dict[str, str]:
         """The params that identify this cell's finished run in the store (as MLflow keeps them)."""
-        config = self.prune
-        dense = config.method == DENSE
-        key: dict[str, object] = {
-            "model": config.model,
-            "method": config.method,
-            "dtype": config.dtype,
-            "sparsity": 0.0 if dense else config.target.sparsity,
-            "pattern": "unstructured" if dense else config.target.pattern,
-            "seed": config.calibration.seed,
-        }
-        if not dense:
-            calibration = config.calibration
-            key |= {
-                "calib_lang": mixture_label(parse_mixture(calibration.lang)),
-                "calib_corpus": calibration.corpus,
-                "nsamples": calibration.nsamples,
-                "seqlen": calibration.seqlen,
-                "true_sequential": config.engine.true_sequential,
-            }
-        if config.method == "sparsegpt":
-            key |= {"blocksize": config.options.blocksize, "dampening": config.options.dampening}
-        return {name: str(value) for name, value in key.items()}
+        return {name: str(value) for name, value in run_identity(self.prune).items()}
 
     @property
     def label(self) -> str:

@@ -91,7 +91,7 @@ def test_study_grid_and_checks():
     # dense + 2 methods x (2 sparsities + one 2:4) x 2 languages x 2 seeds
     assert len(study.cells) == 1 + 2 * 3 * 2 * 2
     keys = [cell.key for cell in study.cells]
-    assert keys[0]["method"] == "dense" and "calib_lang" not in keys[0]
+    assert keys[0]["method"] == "dense" and keys[0]["calib_lang"] == "none" and keys[0]["sparsity"] == "0.0"
     nm = [k for k in keys if k["pattern"] == "2:4"]
     assert len(nm) == 8 and {k["sparsity"] for k in nm} == {"0.5"}
     assert {k["calib_lang"] for k in keys[1:]} == {"sw", "en:0.5,sw:0.5"}
@@ -147,8 +147,8 @@ def test_sweep_skips_done_cells_and_reruns_a_crashed_one(tmp_path, store, monkey
     assert all(r.tags["mlflow.parentRunId"] == first.parent_run_id for r in runs)
 
     monkeypatch.setattr(sweep_stage, "run_eval", real_eval)
-    actions = {p.cell.key.get("calib_lang", "dense"): p.action for p in plan_cells(study, store)}
-    assert actions == {"dense": "done", "sw": "done", "zh": "rerun", "ru": "done"}
+    actions = {p.cell.key["calib_lang"]: p.action for p in plan_cells(study, store)}
+    assert actions == {"none": "done", "sw": "done", "zh": "rerun", "ru": "done"}
     second = run_sweep(study, store)
     assert second.parent_run_id == first.parent_run_id  # the same study resumes its parent run
     assert [o.plan.cell.key.get("calib_lang") for o in second.outcomes] == ["zh"] and not second.failed

@@ -24,7 +24,6 @@ from cps import tracking
 from cps.analysis.groups import Group, comparison_groups
 from cps.analysis.masks_overlap import pairwise_iou
 from cps.errors import CpsError
-from cps.pruning.masks import load_masks
 
 if TYPE_CHECKING:
     import polars as pl
@@ -82,12 +81,9 @@ def find_groups(
 
 def mask_overlap(store: tracking.Store, group: Group) -> pl.DataFrame:
     """Pairwise IoU (layer, module, lang_a, lang_b, iou) of the group's saved masks."""
-    masks = {}
-    with tempfile.TemporaryDirectory() as folder:
-        for value, run_id in group.members.items():
-            path = tracking.download_artifact(store, run_id, "masks.safetensors", f"{folder}/{run_id}")
-            masks[value] = load_masks(str(path))
-    return pairwise_iou(masks)
+    from cps.stages.evaluate import run_masks
+
+    return pairwise_iou({value: run_masks(store, run_id) for value, run_id in group.members.items()})
 
 
 def snr_by_member(store: tracking.Store, group: Group, vary: str) -> pl.DataFrame:

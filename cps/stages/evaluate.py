@@ -159,13 +159,14 @@ def keep_weights(run_id: str, model: torch.nn.Module) -> Path:
 
     from cps.models import decoder_layers
 
-    layers = decoder_layers(model)
-    prefix = {id(layer): name for name, layer in model.named_modules() if any(layer is x for x in layers)}
-    state = {}
-    for layer in layers:
-        for name, module in layer.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                state[f"{prefix[id(layer)]}.{name}"] = module.weight.detach().to("cpu").contiguous()
+    layers = {id(layer) for layer in decoder_layers(model)}
+    state = {
+        f"{name}.{inner}": module.weight.detach().to("cpu").contiguous()
+        for name, layer in model.named_modules()
+        if id(layer) in layers
+        for inner, module in layer.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
     path = kept_weights_path(run_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
@@ -179,11 +180,16 @@ def drop_kept_weights(run_ids: list[str]) -> None:
         kept_weights_path(run_id).unlink(missing_ok=True)
 
 
+def run_masks(store: tracking.Store, run_id: str) -> dict[str, torch.Tensor]:
+    """The pruning masks a prune run saved (`masks.safetensors`), True = pruned."""
+    with tempfile.TemporaryDirectory() as folder:
+        return load_masks(str(tracking.download_artifact(store, run_id, "masks.safetensors", folder)))
+
+
 def _load_kept(store: tracking.Store, record: tracking.RunRecord, options: LoadOptions) -> LoadedModel:
     from safetensors.torch import load_file
 
-    with tempfile.TemporaryDirectory() as folder:
-        masks = load_masks(str(tracking.download_artifact(store, record.run_id, "masks.safetensors", folder)))
+    masks = run_masks(store, record.run_id)
     loaded = load_model(record.params["model"], options)
     state = load_file(str(kept_weights_path(record.run_id)))
     with torch.no_grad():
@@ -216,8 +222,7 @@ def _load_saved(
 
 
 def _rebuild(store: tracking.Store, record: tracking.RunRecord, options: LoadOptions) -> LoadedModel:
-    with tempfile.TemporaryDirectory() as folder:
-        masks = load_masks(str(tracking.download_artifact(store, record.run_id, "masks.safetensors", folder)))
+    masks = run_masks(store, record.run_id)
     loaded = load_model(record.params["model"], options)
     if record.params["method"] in MASK_ONLY_METHODS:  # weights are the dense ones, masked
         with torch.no_grad():

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from cps import tracking
-from cps.data.calibration import CalibrationConfig, CalibrationSet
+from cps.data.calibration import CalibrationConfig, CalibrationSet, mixture_label
 from cps.errors import CpsError
 from cps.models import LoadedModel, LoadOptions, load_model, model_id, resolve_device, resolve_model
 from cps.pruning.base import MethodOptions, get_method
 from cps.pruning.engine import EngineConfig, EngineResult, prune_model
 from cps.pruning.masks import SparsityTarget, save_masks
-from cps.stages.calibrate import calibration_params, load_calibration_run, run_calibrate
+from cps.stages.calibrate import load_calibration_run, run_calibrate
 
 if TYPE_CHECKING:
     import polars as pl
@@ -105,24 +105,23 @@ def summary_metrics(stats: pl.DataFrame, seconds: float) -> dict[str, float]:
     }
 
 
-def prune_params(config: PruneConfig, calib: CalibrationSet | None) -> dict[str, object]:
-    spec = resolve_model(config.model)
-    if calib is None:  # the dense baseline: no calibration involved
-        base: dict[str, object] = {
-            "model": config.model,
-            "model_id": model_id(spec),
-            "calib_lang": "none",
-            "calib_corpus": "none",
-            "nsamples": 0,
-            "seqlen": 0,
-            "seed": config.calibration.seed,
-            "calib_hash": "none",
-        }
-    else:
-        base = calibration_params(calib.config, calib)
+def run_identity(config: PruneConfig, calibration: CalibrationConfig | None = None) -> dict[str, object]:
+    """The params of a prune run that follow from its settings alone (all but `model_id` and
+    `calib_hash`): `prune_params` logs them, and a sweep finds a cell's finished run by them.
+    `calibration` is the calibration actually used (a reused calibrate run's), default the config's."""
+    calibration = calibration or config.calibration
     dense = config.method == DENSE
-    params = {
-        **base,
+    params: dict[str, object] = {"model": config.model, "seed": calibration.seed}
+    if dense:  # the dense baseline: no calibration involved
+        params |= {"calib_lang": "none", "calib_corpus": "none", "nsamples": 0, "seqlen": 0}
+    else:
+        params |= {
+            "calib_lang": mixture_label(calibration.mixture),
+            "calib_corpus": calibration.corpus,
+            "nsamples": calibration.nsamples,
+            "seqlen": calibration.seqlen,
+        }
+    params |= {
         "method": config.method,
         "sparsity": 0.0 if dense else config.target.sparsity,
         "pattern": "unstructured" if dense else config.target.pattern,
@@ -131,6 +130,14 @@ def prune_params(config: PruneConfig, calib: CalibrationSet | None) -> dict[str,
     }
     if config.method == "sparsegpt":
         params |= {"blocksize": config.options.blocksize, "dampening": config.options.dampening}
+    return params
+
+
+def prune_params(config: PruneConfig, calib: CalibrationSet | None) -> dict[str, object]:
+    """The DESIGN.md params of a prune run: its identity plus the model's id and the data's hash."""
+    params = run_identity(config, calib.config if calib else None)
+    params["model_id"] = model_id(resolve_model(config.model))
+    params["calib_hash"] = calib.calib_hash if calib else "none"
     return params
 
 

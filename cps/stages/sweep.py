@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from cps import tracking
@@ -40,8 +40,6 @@ from cps.study import Cell, Study, check_inputs
 if TYPE_CHECKING:
     import polars as pl
 
-    from cps.analysis.groups import Group
-    from cps.stages.analyze import AnalyzeConfig
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +58,7 @@ class CellPlan:
     action: str  # done | evaluate | run | rerun
     run_id: str | None = None  # the finished run (done, evaluate) or the last failed one (rerun)
     previous_status: str | None = None
+    params: dict[str, str] = field(default_factory=dict)  # of that run, as logged
 
     @property
     def pending(self) -> bool:
@@ -98,11 +97,11 @@ def plan_cells(study: Study, store: tracking.Store) -> list[CellPlan]:
         finished = [run for run in runs if run.status == "FINISHED"]
         complete = [run for run in finished if run.tags.get(EVAL_FINGERPRINT_TAG) == fingerprint]
         if complete:
-            plans.append(CellPlan(cell, DONE, complete[0].run_id, "FINISHED"))
+            plans.append(CellPlan(cell, DONE, complete[0].run_id, "FINISHED", complete[0].params))
         elif finished:
-            plans.append(CellPlan(cell, EVALUATE, finished[0].run_id, "FINISHED"))
+            plans.append(CellPlan(cell, EVALUATE, finished[0].run_id, "FINISHED", finished[0].params))
         elif runs:
-            plans.append(CellPlan(cell, RERUN, runs[0].run_id, runs[0].status))
+            plans.append(CellPlan(cell, RERUN, runs[0].run_id, runs[0].status, runs[0].params))
         else:
             plans.append(CellPlan(cell, RUN))
     return plans
@@ -249,9 +248,7 @@ def _parent(store: tracking.Store, study: Study) -> tuple[str | None, dict]:
 def run_sweep(
     study: Study,
     store: tracking.Store,
-    executor: Callable[
-        [list[CellPlan], tracking.Store, dict[str, str]], Iterable[CellOutcome]
-    ] = local_executor,
+    executor: Callable[..., Iterable[CellOutcome]] = local_executor,
     data_dir: str | None = None,
 ) -> SweepResult:
     from tqdm.auto import tqdm
@@ -338,14 +335,13 @@ def plan_frame(plans: list[CellPlan], outcomes: Iterable[CellOutcome] = ()) -> p
     return pl.DataFrame(rows)
 
 
-def analysis_groups(study: Study, store: tracking.Store, config: AnalyzeConfig) -> list[Group]:
-    """Groups of this study's finished, evaluated pruned cells that differ only in `config.vary`."""
-    runs = [
-        (plan.run_id, tracking.get_run(store, plan.run_id).params)
+def finished_cells(study: Study, store: tracking.Store) -> list[tuple[str, dict[str, str]]]:
+    """(run id, params) of this study's finished, evaluated pruned cells."""
+    return [
+        (plan.run_id, plan.params)
         for plan in plan_cells(study, store)
         if plan.action == DONE and plan.cell.prune.method != DENSE and plan.run_id
     ]
-    return comparison_groups(runs, config.vary)
 
 
 def run_analyses(
@@ -353,8 +349,10 @@ def run_analyses(
 ) -> tuple[list[str], list[str], int]:
     """Each analysis group of the study once: skipped when an identical analysis run finished."""
     run_ids, errors, skipped = [], [], 0
-    for config in study.analyze_configs(data_dir):
-        for group in analysis_groups(study, store, config):
+    configs = study.analyze_configs(data_dir)
+    runs = finished_cells(study, store) if configs else []
+    for config in configs:
+        for group in comparison_groups(runs, config.vary):
             params = {k: str(v) for k, v in analysis_params(group, config).items()}
             if tracking.find_runs(store, "analyze", params):
                 skipped += 1
