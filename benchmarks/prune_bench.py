@@ -24,7 +24,8 @@ def dense_forward_seconds(model, input_ids, batch_tokens: int) -> float:
     import torch
 
     from cps.models import decoder_layers
-    from cps.pruning.engine import capture_layer_calls, layer_output
+    from cps.hooks import layer_output
+    from cps.pruning.engine import capture_layer_calls
 
     batch_size = max(1, batch_tokens // input_ids.shape[1])
     with torch.inference_mode():

@@ -6,7 +6,9 @@ that varies (seeds, above all) is averaged: every number is a mean with its stan
 the `n` runs of the row (std is 0 for a single run).
 
 Sections:
-- `metrics`: each selected metric family (`ppl`, `bpb`, `acc`, ... as `<family>.<name>`) per row;
+- `metrics`: each selected metric family (`ppl`, `bpb`, `snr`, `acc`, ... as `<family>.<name>`) per
+  row; `snr` is the held-out SNR of a pruned model's hidden states against the dense model's on
+  each evaluation language (`snr_db.<lang>`), accuracies carry their Wilson 95% interval;
 - with `pivot`: one table per metric family, `eval_lang` (the language a metric is named after)
   or any param as columns; for `calib_lang` x `eval_lang` the diagonal (calibrated on the language
   it is evaluated on) is marked, the best row of each column starred, and the change against the
@@ -38,7 +40,19 @@ FORMATS = ("table", "markdown", "csv", "json", "html")
 EVAL_LANG = "eval_lang"
 # Task families whose `acc` column shows acc_mutual_info (the task pack's metric to read for them).
 MUTUAL_INFO_TASKS = ("flores_next",)
-PRUNING_METRICS = ("m:snr_db.mean", "m:prune_error.total", "m:sparsity.actual", "m:time.prune_s")
+PRUNING_METRICS = ("m:calib_snr_db.mean", "m:calib_error.total", "m:sparsity.actual", "m:time.prune_s")
+# Prune metrics logged before the in-sample figures were named for what they are.
+LEGACY_METRICS = {"m:snr_db.mean": "m:calib_snr_db.mean", "m:prune_error.total": "m:calib_error.total"}
+# A family's metric names (`--metrics snr` reads snr_db.<lang>) and the families named per language.
+FAMILY_PREFIX = {"snr": "snr_db"}
+LANGUAGE_FAMILIES = ("ppl", "bpb", "snr")
+INTERVAL = ("ci_low", "ci_high")  # a metric's Wilson interval: <family>_ci_low.<name>, ...
+NOTES = {
+    "ppl": "token perplexity on held-out text (each document alone, BOS first; lower is better)",
+    "bpb": "bits per UTF-8 byte of the scored held-out text (comparable across tokenizers)",
+    "snr": "held-out SNR (dB) of the pruned model's hidden states against the dense model's on each "
+    "evaluation language's text, mean over layers; higher = closer to dense",
+}
 
 
 @dataclass(frozen=True)
@@ -109,13 +123,27 @@ def prune_runs(store: tracking.Store, filters: Mapping[str, str]) -> pl.DataFram
 
 
 def _families(frame: pl.DataFrame, families: tuple[str, ...]) -> dict[str, list[str]]:
-    """Metric columns per family, e.g. ppl -> [ppl.ar, ppl.en, ...] (per-layer series excluded)."""
+    """Metric columns per family, e.g. ppl -> [ppl.ar, ppl.en, ...], snr -> [snr_db.ar, ...]
+    (per-layer series excluded)."""
     found: dict[str, list[str]] = {}
     for family in families:
-        columns = sorted(c for c in frame.columns if c.startswith(f"m:{family}."))
+        prefix = FAMILY_PREFIX.get(family, family)
+        columns = sorted(
+            c
+            for c in frame.columns
+            if c.startswith(f"m:{prefix}.")
+            and not c.endswith(".layer")
+            and (family not in LANGUAGE_FAMILIES or metric_lang(c) is not None)
+        )
         if columns:
             found[family] = columns
     return found
+
+
+def _bound_column(column: str, bound: str) -> str:
+    """m:acc.sib_sw -> m:acc_ci_low.sib_sw."""
+    family, _, name = column.partition(".")
+    return f"{family}_{bound}.{name}"
 
 
 def metric_lang(name: str) -> str | None:
@@ -179,6 +207,15 @@ def build_report(store: tracking.Store, config: ReportConfig) -> Report:
         task = column.removeprefix("m:acc_mutual_info.")
         if task_family(f"acc.{task}") in MUTUAL_INFO_TASKS:
             runs = runs.with_columns(pl.col(column).alias(f"m:acc.{task}"))
+            for bound in INTERVAL:
+                if _bound_column(column, bound) in runs.columns:
+                    runs = runs.with_columns(
+                        pl.col(_bound_column(column, bound)).alias(f"m:acc_{bound}.{task}")
+                    )
+    for old, new in LEGACY_METRICS.items():
+        if old in runs.columns:
+            merged = pl.coalesce(new, old) if new in runs.columns else pl.col(old)
+            runs = runs.with_columns(merged.alias(new))
     dense = runs.filter(pl.col("method") == "dense")
     pruned = runs.filter(pl.col("method") != "dense")
     body = runs if config.include_dense or pruned.is_empty() else pruned
@@ -205,7 +242,14 @@ def build_report(store: tracking.Store, config: ReportConfig) -> Report:
     if pruning and not pruned.is_empty():
         prune_key = row_key(pruned, config.group_by)
         report.sections.append(
-            Section("Pruning (SNR dB, error, sparsity)", aggregate(pruned, prune_key, pruning), prune_key)
+            Section(
+                "Pruning, in-sample (calibration SNR dB, error, sparsity)",
+                aggregate(pruned, prune_key, pruning),
+                prune_key,
+                note="calib_snr_db / calib_error: each run on its own calibration tokens (SparseGPT fits "
+                "its weights to exactly those), not comparable across calibration languages; the "
+                "held-out SNR per evaluation language is --metrics snr",
+            )
         )
     analyses = analysis_section(store, filters)
     if analyses is not None:
@@ -248,7 +292,8 @@ def _pivot_sections(
     wide = _wide(long, key, pivot_column)
     diagonal = "calib_lang" if pivot_column == EVAL_LANG and "calib_lang" in key else None
     title = f"{family} by {' x '.join(key)} (rows) and {pivot_column} (columns), mean ± std"
-    sections = [Section(title, wide, key, best=best, diagonal=diagonal, heatmap=True)]
+    note = NOTES.get(family, INTERVAL_NOTE if "ci_low" in long.columns else "")
+    sections = [Section(title, wide, key, note=note, best=best, diagonal=diagonal, heatmap=True)]
     if family in ("ppl", "bpb") and pivot_column == EVAL_LANG and not dense.is_empty():
         change = _change_vs_dense(long, dense, key, family)
         if change is not None:
@@ -267,34 +312,52 @@ def _pivot_sections(
 
 
 def _by_language(frame: pl.DataFrame, index: list[str], columns: list[str]) -> pl.DataFrame:
-    """Metric columns as rows (metric, value) with the language and task family each names."""
+    """Metric columns as rows (metric, value) with the language and task family each names, and
+    the metric's interval (ci_low, ci_high) where the runs logged one."""
     import polars as pl
 
+    keys = list(dict.fromkeys(["run_id", *index]))
+    long = frame.select(*keys, *columns).unpivot(
+        index=keys, on=columns, variable_name="metric", value_name="value"
+    )
+    for bound in INTERVAL:
+        sources = {c: _bound_column(c, bound) for c in columns if _bound_column(c, bound) in frame.columns}
+        if sources:
+            bounds = (
+                frame.select(*keys, *sources.values())
+                .rename({source: column for column, source in sources.items()})
+                .unpivot(index=keys, on=list(sources), variable_name="metric", value_name=bound)
+            )
+            long = long.join(bounds, on=[*keys, "metric"], how="left", nulls_equal=True)
     return (
-        frame.select(*index, *columns)
-        .unpivot(index=index, on=columns, variable_name="metric", value_name="value")
-        .drop_nulls("value")
+        long.drop_nulls("value")
         .with_columns(
             pl.col("metric").map_elements(metric_lang, return_dtype=pl.String).alias(EVAL_LANG),
             pl.col("metric").map_elements(task_family, return_dtype=pl.String).alias("task"),
         )
+        .drop([] if "run_id" in index else ["run_id"])
     )
 
 
 def _wide(long: pl.DataFrame, key: list[str], pivot_column: str) -> pl.DataFrame:
+    """Columns per pivot value v: v (mean), v.std and, with intervals, v.ci_low and v.ci_high
+    (the mean of the runs' bounds)."""
     import polars as pl
 
+    bounds = [bound for bound in INTERVAL if bound in long.columns]
     stats = long.group_by(*key, pivot_column).agg(
-        pl.col("value").mean().alias("mean"), pl.col("value").std().fill_null(0.0).alias("std")
+        pl.col("value").mean().alias("mean"),
+        pl.col("value").std().fill_null(0.0).alias("std"),
+        *[pl.col(bound).mean() for bound in bounds],
     )
     values = sorted(stats[pivot_column].unique().to_list())
-    mean = stats.pivot(on=pivot_column, index=key, values="mean")
-    std = stats.pivot(on=pivot_column, index=key, values="std").rename({v: f"{v}.std" for v in values})
-    return (
-        mean.join(std, on=key, nulls_equal=True)
-        .select(*key, *[c for v in values for c in (v, f"{v}.std")])
-        .sort(key)
-    )
+    wide = stats.pivot(on=pivot_column, index=key, values="mean")
+    suffixes = ["std", *bounds]
+    for suffix in suffixes:
+        part = stats.pivot(on=pivot_column, index=key, values=suffix)
+        wide = wide.join(part.rename({v: f"{v}.{suffix}" for v in values}), on=key, nulls_equal=True)
+    columns = [c for v in values for c in (v, *(f"{v}.{suffix}" for suffix in suffixes))]
+    return wide.select(*key, *columns).sort(key)
 
 
 def _change_vs_dense(
@@ -329,7 +392,8 @@ def _task_section(body: pl.DataFrame, columns: list[str]) -> Section:
         f"Task accuracy by {' x '.join(task_key)} and language (mean ± std over all runs of the row)",
         _wide(long, task_key, EVAL_LANG),
         task_key,
-        note=f"acc; for {', '.join(MUTUAL_INFO_TASKS)} acc_mutual_info (plain acc rewards short candidates)",
+        note=f"acc; for {', '.join(MUTUAL_INFO_TASKS)} acc_mutual_info (plain acc rewards short candidates). "
+        + INTERVAL_NOTE,
         best="max",
         heatmap=True,
     )
@@ -370,8 +434,17 @@ def analysis_section(store: tracking.Store, filters: Mapping[str, str]) -> Secti
 # Rendering
 
 
+INTERVAL_NOTE = (
+    "(a–b): Wilson 95% interval over the task's items (averaged over runs when a row holds several); "
+    "a wide one says the sample is too small to compare"
+)
+_COMPANIONS = (".std", ".ci_low", ".ci_high")  # columns that annotate the value column before them
+
+
 def _value_columns(section: Section) -> list[str]:
-    return [c for c in section.frame.columns if c not in section.key and not c.endswith(".std") and c != "n"]
+    return [
+        c for c in section.frame.columns if c not in section.key and not c.endswith(_COMPANIONS) and c != "n"
+    ]
 
 
 def _cells(section: Section) -> tuple[list[str], list[list[str]]]:
@@ -412,6 +485,9 @@ def _cells(section: Section) -> tuple[list[str], list[list[str]]]:
                 std = row.get(f"{column}.std")
                 if isinstance(std, float) and std > 0 and not math.isnan(value):
                     cell += f" ± {_number(std)}"
+                low, high = row.get(f"{column}.ci_low"), row.get(f"{column}.ci_high")
+                if isinstance(low, float) and isinstance(high, float) and not math.isnan(value):
+                    cell += f" ({_number(low)}–{_number(high)})"
             else:
                 cell = "—" if value is None else str(value)
             if index in best_rows.get(column, ()):
@@ -429,7 +505,10 @@ def _number(value: float) -> str:
     return f"{value:.4g}" if abs(value) < 10 else f"{value:.2f}"
 
 
-LEGEND = "`*` best of the column; `[x]` calibrated on the language it is evaluated on."
+LEGEND = (
+    "`*` best of the column; `[x]` calibrated on the language it is evaluated on; "
+    "`(a–b)` Wilson 95% interval over the items."
+)
 
 
 def check_format(fmt: str) -> None:

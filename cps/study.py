@@ -4,8 +4,8 @@
     [grid]         models, methods, patterns, sparsities, calib_langs, seeds, dense_baseline
     [calibration]  corpus, nsamples, seqlen
     [prune]        dtype, device, save_model, true_sequential, blocksize, dampening
-    [eval]         langs, tasks, corpus, seqlen, max_docs, limit, task_limits (a table), batch_size
-    [analyze]      group_by, activations, langs, corpus, seqlen, max_docs, lape_ratio, lsar_rank
+    [eval]         langs, tasks, corpus, seqlen, stride, max_docs, limit, task_limits (a table), batch_size
+    [analyze]      group_by, activations, langs, corpus, seqlen, stride, max_docs, lape_ratio, lsar_rank
 
 A cell is one (model, method, pattern/sparsity, calibration language, seed): one prune run that is
 also evaluated before it ends. `unstructured` takes every sparsity of the grid; an N:M pattern is
@@ -68,6 +68,7 @@ class EvalSection:
     tasks: tuple[str, ...] = ()
     corpus: str = "flores"
     seqlen: int = 1024
+    stride: int | None = None
     max_docs: int | None = None
     limit: float | None = None
     task_limits: tuple[tuple[str, float], ...] = ()  # [eval.task_limits] family = items
@@ -81,6 +82,7 @@ class AnalyzeSection:
     langs: tuple[str, ...] = PAPER_LANGUAGES
     corpus: str = "flores"
     seqlen: int = 512
+    stride: int | None = None
     max_docs: int | None = None
     lape_ratio: float = 0.01
     lsar_rank: int | None = None
@@ -140,6 +142,7 @@ class Study:
                 langs=tuple(parse_languages(",".join(section.langs))),
                 corpus=section.corpus,
                 seqlen=section.seqlen,
+                stride=section.stride,
                 max_documents=section.max_docs,
                 lape_ratio=section.lape_ratio,
                 lsar_rank=section.lsar_rank,
@@ -267,6 +270,7 @@ def _eval_template(study: Study, data_dir: str | None) -> EvalConfig:
         tasks=tuple(section.tasks),
         corpus=section.corpus,
         seqlen=section.seqlen,
+        stride=section.stride,
         limit=section.limit,
         task_limits=section.task_limits,
         max_documents=section.max_docs,

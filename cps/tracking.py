@@ -239,10 +239,18 @@ class TrackedRun:
 
     def log_frame(self, frame: pl.DataFrame, name: str) -> None:
         """A polars frame as `<name>` (parquet) in the run's artifacts."""
+        self.log_frames({name: frame})
+
+    def log_frames(self, frames: Mapping[str, pl.DataFrame]) -> None:
+        """Polars frames as parquet artifacts (`name` may hold folders: `items/sib_sw.parquet`)."""
+        if not frames:
+            return
         with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / name
-            frame.write_parquet(path)
-            self.log_artifact(path, str(Path(name).parent) if "/" in name else None)
+            for name, frame in frames.items():
+                path = Path(folder) / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                frame.write_parquet(path)
+            self._client.log_artifacts(self.run_id, folder)
 
 
 @contextmanager

@@ -139,7 +139,7 @@ def test_mask_overlap_of_a_group_from_the_store(store):
     assert record.stage == "analyze" and record.params["vary"] == "calib_lang"
     assert json.loads(record.params["runs"]) == group.members
     assert record.metrics["iou.mean"] == pytest.approx(table["iou"].mean())
-    assert result.snr.height == 3 * 14 and set(result.snr["calib_lang"]) == {"ru", "sw", "zh"}
+    assert result.calib_snr.height == 3 * 14 and set(result.calib_snr["calib_lang"]) == {"ru", "sw", "zh"}
     assert len(result.lowest_modules) == 2
     with pytest.raises(CpsError, match="differ only in calib_lang"):
         run_analyze(AnalyzeConfig(filters=(("method", "sparsegpt"),)), store)

@@ -35,8 +35,17 @@ def filled(store):
     }
     for (method, lang, seed), (sw, zh) in ppl.items():
         params = {**BASE, "method": method, "sparsity": "0.5", "calib_lang": lang, "seed": seed}
-        metrics = {"ppl.sw": sw, "ppl.zh": zh, "acc.xcopa_sw": 0.5 + seed / 10, "snr_db.mean": 10.0 + seed}
+        # seed 1 logs the in-sample SNR under its name before the rename (snr_db.mean): still read
+        calib_snr = "calib_snr_db.mean" if seed == 0 else "snr_db.mean"
+        metrics = {"ppl.sw": sw, "ppl.zh": zh, "acc.xcopa_sw": 0.5 + seed / 10, calib_snr: 10.0 + seed}
         metrics |= {"acc.flores_next_sw": 0.25, "acc_mutual_info.flores_next_sw": 0.6 + seed / 10}
+        metrics |= {"acc_ci_low.xcopa_sw": 0.2 + seed / 10, "acc_ci_high.xcopa_sw": 0.8 + seed / 10}
+        metrics |= {
+            "acc_mutual_info_ci_low.flores_next_sw": 0.3,
+            "acc_mutual_info_ci_high.flores_next_sw": 0.9,
+        }
+        # held-out SNR: higher on the calibration language; the per-layer series is not a language
+        metrics |= {"snr_db.sw": 20.0 - sw / 10, "snr_db.zh": 20.0 - zh / 10, "snr_db.sw.layer": 99.0}
         _log(store, params, metrics)
     dense = {**BASE, "method": "dense", "sparsity": "0.0", "calib_lang": "none", "seed": 0}
     _log(store, dense, {"ppl.sw": 16.0, "ppl.zh": 25.0, "acc.xcopa_sw": 0.7})
@@ -99,12 +108,31 @@ def test_report_numbers_equal_values_from_the_store(filled):
         m["acc_mutual_info.flores_next_sw"] for m in _from_store(filled, model="tiny-llama", method="wanda")
     ]
     assert _row(tasks, method="wanda", task="flores_next")["sw"] == pytest.approx(statistics.mean(mutual))
-    snr = next(s for s in report.sections if s.title.startswith("Pruning"))
-    assert _row(snr, method="sparsegpt", calib_lang="sw")["snr_db.mean"] == pytest.approx(10.5)
+    assert _row(tasks, method="wanda", task="xcopa")["sw.ci_low"] == pytest.approx(0.25)  # mean of bounds
+    assert _row(tasks, method="wanda", task="flores_next")["sw.ci_high"] == pytest.approx(0.9)
+    pruning = next(s for s in report.sections if s.title.startswith("Pruning, in-sample"))
+    assert _row(pruning, method="sparsegpt", calib_lang="sw")["calib_snr_db.mean"] == pytest.approx(10.5)
     # the diagonal and the column winners in the rendered table
     text = render(report, "markdown")
     assert "[18.50 ± 0.7071 *]" in text  # sparsegpt calibrated on sw: best ppl on sw, on the diagonal
     assert "| sparsegpt | zh | 23.50 ± 0.7071 | [27.50 ± 0.7071 *] |" in text
+    assert "| wanda | xcopa | 0.55 ± 0.05774 (0.25–0.85) |" in text  # accuracy (Wilson interval)
+
+
+def test_held_out_snr_matrix(filled):
+    report = build_report(
+        filled, ReportConfig(metrics=("snr",), pivot="eval_lang", filters=(("model", "tiny-llama"),))
+    )
+    matrix = next(s for s in report.sections if s.title.startswith("snr by"))
+    assert matrix.best == "max" and matrix.diagonal == "calib_lang" and "hidden states" in matrix.note
+    assert set(matrix.frame.columns) >= {"sw", "zh"} and "layer" not in matrix.frame.columns
+    for method in ("wanda", "sparsegpt"):
+        stored = _from_store(filled, model="tiny-llama", method=method, calib_lang="zh")
+        expected = statistics.mean(m["snr_db.zh"] for m in stored)
+        assert _row(matrix, method=method, calib_lang="zh")["zh"] == pytest.approx(expected)
+    text = render(report, "markdown")
+    assert "| sparsegpt | sw | [18.15 ± 0.07071 *] | 16.05 ± 0.07071 |" in text
+    assert not any(s.title.startswith("snr change") for s in report.sections)  # no dense SNR
 
 
 def test_group_by_any_param_and_every_format(filled, tmp_path):

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 
 def snr_per_layer(stats: pl.DataFrame, title: str) -> Figure:
-    """SNR (dB) of every pruned linear against its layer index, one line per module."""
+    """In-sample SNR (dB) of every pruned linear on its calibration tokens, by layer, one line per module."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,10 +22,10 @@ def snr_per_layer(stats: pl.DataFrame, title: str) -> Figure:
     axes = figure.add_subplot()
     for module in sorted(stats["module"].unique()):
         rows = stats.filter(stats["module"] == module).sort("layer")
-        axes.plot(rows["layer"], rows["snr_db"], marker="o", markersize=3, label=module)
+        axes.plot(rows["layer"], rows["calib_snr_db"], marker="o", markersize=3, label=module)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("decoder layer")
-    axes.set_ylabel("SNR of the pruned output (dB)")
+    axes.set_ylabel("SNR of the pruned output on the calibration tokens (dB)")
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, ncols=2)

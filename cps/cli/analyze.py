@@ -23,7 +23,10 @@ def analyze_command(
     max_docs: Annotated[
         int | None, typer.Option(help="Held-out documents per language (quick runs).")
     ] = None,
-    seqlen: Annotated[int, typer.Option(help="Tokens per held-out chunk.")] = 512,
+    seqlen: Annotated[int, typer.Option(help="Tokens per held-out window, BOS included.")] = 512,
+    stride: Annotated[
+        int | None, typer.Option(help="Window step inside a long document (default seqlen // 2).")
+    ] = None,
     lape_ratio: Annotated[float, typer.Option(help="Share of neurons called language-specific.")] = 0.01,
     lsar_rank: Annotated[
         int | None, typer.Option(help="Language subspace rank (default languages - 1).")
@@ -46,6 +49,7 @@ def analyze_command(
         activations=activations,
         langs=tuple(parse_languages(langs)),
         seqlen=seqlen,
+        stride=stride,
         max_documents=max_docs,
         lape_ratio=lape_ratio,
         lsar_rank=lsar_rank,

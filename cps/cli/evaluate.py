@@ -22,7 +22,13 @@ def eval_command(
         typer.Option(help="Pack families (sib, flores_next, xcopa), tasks like sib_sw, or lm-eval names."),
     ] = "",
     corpus: Annotated[str, typer.Option(help="Held-out text: flores, or textdir:<folder>.")] = "flores",
-    seqlen: Annotated[int, typer.Option(help="Tokens per perplexity chunk.")] = 1024,
+    seqlen: Annotated[
+        int, typer.Option(help="Tokens per held-out window, BOS included (each document scored alone).")
+    ] = 1024,
+    stride: Annotated[
+        int | None,
+        typer.Option(help="Window step inside a document longer than a window (default seqlen // 2)."),
+    ] = None,
     limit: Annotated[
         float | None, typer.Option(help="Items per task (or a fraction), for quick runs.")
     ] = None,
@@ -40,7 +46,7 @@ def eval_command(
     tracking_uri: TrackingUri = None,
     experiment: Experiment = "cps",
 ) -> None:
-    """Evaluate a pruned model (or the dense one) and log ppl.<lang>, bpb.<lang>, acc.<task>."""
+    """Evaluate a pruned model (or the dense one): ppl.<lang>, bpb.<lang>, snr_db.<lang>, acc.<task>."""
     from cps.languages import parse_languages
     from cps.stages.evaluate import EvalConfig, run_eval
     from cps.tracking import Store
@@ -52,6 +58,7 @@ def eval_command(
         tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
         corpus=corpus,
         seqlen=seqlen,
+        stride=stride,
         limit=limit,
         max_documents=max_docs,
         task_limits=_task_limits(task_limit),
@@ -75,12 +82,12 @@ def _print_table(scores) -> None:
     table.add_column("lang")
     by_lang: dict[str, dict[str, str]] = {}
     columns: list[str] = []
-    for name, metric, value, stderr in scores.iter_rows():
+    for name, metric, value, _, low, high in scores.iter_rows():
         split = split_task(name)
         lang, column = (split[1], f"{split[0]} {metric}") if split else (name, metric)
-        if metric == "tokens":
-            continue
-        text = f"{value:.4g}" if stderr is None else f"{value:.3f}±{stderr:.3f}"
+        text = f"{value:.4g}" if low is None else f"{value:.3f} ({low:.2f}–{high:.2f})"
+        if metric == "snr_db":
+            column = "held-out SNR dB"
         by_lang.setdefault(lang, {})[column] = text
         if column not in columns:
             columns.append(column)

@@ -78,9 +78,10 @@ def prune_command(
     metrics = result.metrics
     typer.echo(f"run {result.run_id}: {method} {target.pattern} on {model}")
     typer.echo(f"  actual sparsity {metrics['sparsity.actual']:.4f}")
-    if "snr_db.mean" in metrics:
+    if "calib_snr_db.mean" in metrics:
         typer.echo(
-            f"  mean SNR {metrics['snr_db.mean']:.2f} dB, total error {metrics['prune_error.total']:.4g}"
+            f"  on its calibration tokens (in-sample): mean SNR {metrics['calib_snr_db.mean']:.2f} dB, "
+            f"total error {metrics['calib_error.total']:.4g}; held-out SNR per language: cps eval"
         )
     typer.echo(f"  {metrics['time.prune_s']:.1f} s pruning, peak RSS {metrics['mem.peak_rss_gb']:.2f} GB")
     typer.echo(f"  look: `make ui` (MLflow at http://127.0.0.1:5000), store {store.resolved_uri}")

@@ -204,9 +204,20 @@ def _language_generator(seed: int, code: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(code.encode()))
 
 
+def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The special tokens the tokenizer puts before any text by default ([BOS] for Gemma, Llama-3
+    and Cohere; [] for tokenizers that add none, such as SmolLM2's)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
 def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+    return bos is not None and special_prefix(tokenizer)[:1] == [bos]
 
 
 def _sample_language(

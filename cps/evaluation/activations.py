@@ -1,29 +1,32 @@
-"""Activation statistics on held-out text, for LAPE, LSAR and the cross-language SNR view (issue 5).
+"""Activation statistics on held-out text, for LAPE, LSAR and the cross-language SNR view.
 
-The text is cut exactly as for perplexity. Per decoder layer this gathers, over all tokens:
-how often each FFN neuron fires (for gated MLPs: act_fn(gate_proj x) > 0; otherwise the activation's
-output > 0), and the sum of the layer's output hidden states (per-language means for LSAR).
-Against a reference model on the same tokens it gathers the signal ||h_ref||^2, the deviation
-||h - h_ref||^2 and the deviation's second moment sum(delta delta^T), from which the part inside any
-subspace U follows later as tr(U^T C U) without another pass. Only the base model runs: the LM
-head (a 262k-token vocabulary for Gemma-3) is not needed here.
+The text is cut into windows exactly as for perplexity (`cps.evaluation.windows`: each document on
+its own, every window starting with BOS), and every statistic is taken at the scored positions
+only: each document token once, never a window's first position (BOS, an attention sink whose
+hidden state dwarfs all others). Per decoder layer this gathers how often each FFN neuron fires (for
+gated MLPs: act_fn(gate_proj x) > 0; otherwise the activation's output > 0) and the sum of the
+layer's output hidden states (per-language means for LSAR). Against the dense model's states at the
+same positions (recorded once, see `cps.evaluation.hidden`) it gathers the signal ||h_ref||^2, the
+deviation ||h - h_ref||^2 and the deviation's second moment sum(delta delta^T), from which the part
+inside any subspace U follows later as tr(U^T C U) without another pass. One forward pass per model
+and language serves all of them; only the base model runs (no LM head).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from cps.data.calibration import token_stream
-from cps.data.corpus import Document
 from cps.errors import CpsError
-from cps.evaluation.perplexity import score_chunks
+from cps.evaluation.hidden import PositionSample, SnrMeter, StateRecorder
+from cps.evaluation.perplexity import LayerObserver, score_windows
+from cps.evaluation.windows import Batch, HeldOutText
+from cps.hooks import output_hooks
 from cps.models import decoder_layers
-from cps.pruning.engine import layer_output
 
 
 @dataclass
@@ -43,7 +46,7 @@ class ActivationStats:
 
 @dataclass
 class DeviationStats:
-    tokens: int
+    tokens: int  # positions compared (the reference's sample)
     signal: torch.Tensor  # (layers,) sum ||h_ref||^2
     noise: torch.Tensor  # (layers,) sum ||h - h_ref||^2
     second_moment: torch.Tensor  # (layers, d, d) sum delta delta^T
@@ -62,83 +65,94 @@ def activation_module(layer: nn.Module) -> nn.Module:
     return candidates[0]
 
 
-def _chunks(tokenizer, documents: list[Document], seqlen: int) -> list[torch.Tensor]:
-    stream, _ = token_stream(documents, tokenizer)
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    return score_chunks(stream, seqlen, start)
+class Observers(LayerObserver):
+    """Several observers of one forward pass."""
+
+    def __init__(self, *observers: LayerObserver) -> None:
+        self.observers = observers
+
+    def begin(self, batch: Batch) -> None:
+        for observer in self.observers:
+            observer.begin(batch)
+
+    def layer(self, index: int, states: torch.Tensor) -> None:
+        for observer in self.observers:
+            observer.layer(index, states)
 
 
-@contextmanager
-def _hooks(modules: list[nn.Module], record: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
-    handles = [
-        module.register_forward_hook(lambda m, args, out, i=i: record(i, layer_output(out)))
-        for i, module in enumerate(modules)
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+class ActivationCounter(LayerObserver):
+    """Firing counts of the FFN neurons and sums of the layer outputs at the scored positions."""
+
+    def __init__(self, layers: int) -> None:
+        self.active: list[torch.Tensor | None] = [None] * layers
+        self.hidden: list[torch.Tensor | None] = [None] * layers
+        self.tokens = 0
+        self._scored: torch.Tensor | None = None
+
+    def begin(self, batch: Batch) -> None:
+        self._scored = batch.scored
+        self.tokens += int(batch.scored.sum())
+
+    def layer(self, index: int, states: torch.Tensor) -> None:
+        _add(self.hidden, index, states.double().sum(0).cpu())
+
+    def fired(self, index: int, output: torch.Tensor) -> None:
+        assert self._scored is not None
+        chosen = output[self._scored.to(output.device)]  # (n, neurons)
+        _add(self.active, index, (chosen > 0).sum(0).double().cpu())
+
+    @contextmanager
+    def watching(self, model: nn.Module) -> Iterator[None]:
+        """Counts firing FFN neurons while inside."""
+        with output_hooks([activation_module(layer) for layer in decoder_layers(model)], self.fired):
+            yield
+
+    def result(self) -> ActivationStats:
+        return ActivationStats(self.tokens, torch.stack(self.active), torch.stack(self.hidden))  # type: ignore[arg-type]
+
+
+class DeviationMeter(SnrMeter):
+    """The SNR meter plus the second moment of the deviation, per layer."""
+
+    def __init__(self, sample: PositionSample, reference: torch.Tensor) -> None:
+        super().__init__(sample, reference)
+        width = reference.shape[-1]
+        self.second = torch.zeros(reference.shape[0], width, width, dtype=torch.float64)
+
+    def layer(self, index: int, states: torch.Tensor) -> None:
+        super().layer(index, states)
+        assert self._select is not None
+        keep, slots = self._select
+        delta = states[keep.to(states.device)].double().cpu() - self.reference[index, slots].double()
+        self.second[index] += delta.T @ delta
+
+    def result(self) -> DeviationStats:
+        return DeviationStats(self.sample.size, self.signal, self.noise, self.second)
+
+
+def _add(store: list[torch.Tensor | None], index: int, value: torch.Tensor) -> None:
+    store[index] = value if store[index] is None else store[index] + value
 
 
 @torch.inference_mode()
 def activation_statistics(
-    model: nn.Module, tokenizer, documents: list[Document], seqlen: int = 1024
-) -> ActivationStats:
-    layers = decoder_layers(model)
-    acts = [activation_module(layer) for layer in layers]
-    device = next(model.parameters()).device
-    active: list[torch.Tensor | None] = [None] * len(layers)
-    hidden: list[torch.Tensor | None] = [None] * len(layers)
-    tokens = 0
-
-    def add(store: list, index: int, value: torch.Tensor) -> None:
-        store[index] = value if store[index] is None else store[index] + value
-
-    def on_act(i: int, out: torch.Tensor) -> None:
-        add(active, i, (out > 0).reshape(-1, out.shape[-1]).sum(0).double().cpu())
-
-    def on_layer(i: int, out: torch.Tensor) -> None:
-        add(hidden, i, out.reshape(-1, out.shape[-1]).double().sum(0).cpu())
-
-    with _hooks(acts, on_act), _hooks(list(layers), on_layer):
-        for chunk in _chunks(tokenizer, documents, seqlen):
-            model.base_model(input_ids=chunk[None].to(device), use_cache=False)  # no LM head needed
-            tokens += len(chunk)
-    return ActivationStats(tokens, torch.stack(active), torch.stack(hidden))  # type: ignore[arg-type]
-
-
-@torch.inference_mode()
-def deviation_statistics(
-    model: nn.Module, reference: nn.Module, tokenizer, documents: list[Document], seqlen: int = 1024
-) -> DeviationStats:
-    """Layer outputs of `model` against `reference` (e.g. pruned vs dense) on the same tokens."""
-    count = len(decoder_layers(reference))
-    captured: dict[int, torch.Tensor] = {}
-    signal = torch.zeros(count, dtype=torch.float64)
-    noise = torch.zeros(count, dtype=torch.float64)
-    second: torch.Tensor | None = None
-    tokens = 0
-
-    def keep(i: int, out: torch.Tensor) -> None:
-        captured[i] = out.reshape(-1, out.shape[-1]).double().cpu()
-
-    def compare(i: int, out: torch.Tensor) -> None:
-        nonlocal second
-        ref = captured.pop(i)
-        delta = out.reshape(-1, out.shape[-1]).double().cpu() - ref
-        signal[i] += (ref**2).sum()
-        noise[i] += (delta**2).sum()
-        if second is None:
-            second = torch.zeros(count, delta.shape[1], delta.shape[1], dtype=torch.float64)
-        second[i] += delta.T @ delta
-
-    ref_device = next(reference.parameters()).device
-    device = next(model.parameters()).device
-    for chunk in _chunks(tokenizer, documents, seqlen):
-        with _hooks(list(decoder_layers(reference)), keep):
-            reference.base_model(input_ids=chunk[None].to(ref_device), use_cache=False)
-        with _hooks(list(decoder_layers(model)), compare):
-            model.base_model(input_ids=chunk[None].to(device), use_cache=False)
-        tokens += len(chunk)
-    return DeviationStats(tokens, signal, noise, second)  # type: ignore[arg-type]
+    model: nn.Module,
+    text: HeldOutText,
+    reference: tuple[PositionSample, torch.Tensor] | None = None,
+    record: PositionSample | None = None,
+) -> tuple[ActivationStats, DeviationStats | None, torch.Tensor | None]:
+    """Firing counts and hidden sums of `model` on `text`, in one pass; with `reference` (the dense
+    states at a sample of the scored positions) also the deviation from them; with `record` the
+    model's own states at that sample (to serve as a reference)."""
+    count = len(decoder_layers(model))
+    counter = ActivationCounter(count)
+    meter = DeviationMeter(*reference) if reference is not None else None
+    recorder = StateRecorder(record, count) if record is not None else None
+    observers = Observers(*[o for o in (counter, meter, recorder) if o is not None])
+    with counter.watching(model):
+        score_windows(model, text.windows, observers, head=False)
+    return (
+        counter.result(),
+        meter.result() if meter else None,
+        recorder.states if recorder else None,
+    )

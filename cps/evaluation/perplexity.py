@@ -1,105 +1,202 @@
-"""Token perplexity and bits per byte on held-out text (FLORES dev+test by default).
+"""Token perplexity and bits per byte of held-out documents (FLORES dev+test by default).
 
-Chunking: the documents form one token stream exactly as calibration builds it (each document
-tokenized without special tokens, documents joined by the tokens of a blank line). The stream is
-cut into consecutive pieces of `seqlen - 1` tokens; each piece is scored with one token of context
-in front: BOS (or EOS when there is no BOS) for the first piece, the previous piece's last token
-for the others. So every stream token is predicted exactly once, from the start of its piece.
-(Without any BOS/EOS token the very first token goes unscored.)
+The text is scored under the protocol of `cps.evaluation.windows`: each document on its own, every
+window starting with the tokenizer's BOS, every document token scored exactly once.
 
-    ppl = exp(sum NLL / predicted tokens)      bpb = sum NLL / ln 2 / UTF-8 bytes of the text
+    ppl = exp(sum NLL / scored tokens)      bpb = sum NLL / ln 2 / UTF-8 bytes of the scored text
 
-Bits per byte are comparable across tokenizers and languages; perplexity is not.
+Bits per byte are comparable across tokenizers and languages; perplexity is not. The result keeps
+each document's NLL, tokens and bytes, from which both are recomputed exactly.
+
+The LM head and its log-softmax run on the scored positions only, in chunks of at most
+`HEAD_BUDGET_BYTES` of fp32 logits: never a [batch, seqlen, vocab] tensor (Gemma-3's vocabulary
+has 262k entries). A `LayerObserver` sees every decoder layer's hidden states at the scored
+positions of the same forward pass (the held-out SNR against the dense model needs no extra pass).
 """
 
 from __future__ import annotations
 
 import math
+import weakref
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from cps.data.calibration import DOCUMENT_SEPARATOR, token_stream
 from cps.data.corpus import Document
-from cps.errors import CpsError
+from cps.evaluation.windows import Batch, HeldOutText, Window, batches, held_out_windows
+from cps.hooks import output_hooks
+from cps.models import decoder_layers
 
 if TYPE_CHECKING:
+    import polars as pl
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-LOGITS_BUDGET_BYTES = 1 << 30  # fp32 logits held at once decide the batch size
+HEAD_BUDGET_BYTES = 256 << 20  # fp32 logits held at once
+BATCH_TOKENS = 8192  # window tokens (b x L) per forward
 
 
 @dataclass
 class PerplexityResult:
-    nll: float  # summed negative log-likelihood, nats
-    tokens: int  # predicted tokens
-    bytes: int  # UTF-8 bytes of the evaluated text
+    documents: list[str]  # document ids
+    nll: list[float]  # summed negative log-likelihood per document, nats
+    tokens: list[int]  # scored tokens per document
+    bytes: list[int]  # UTF-8 bytes of each document's scored text
+
+    @property
+    def total_nll(self) -> float:
+        return math.fsum(self.nll)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.tokens)
 
     @property
     def ppl(self) -> float:
-        return math.exp(self.nll / self.tokens)
+        return math.exp(self.total_nll / self.total_tokens)
 
     @property
     def bpb(self) -> float:
-        return self.nll / math.log(2) / self.bytes
+        return self.total_nll / math.log(2) / sum(self.bytes)
+
+    def frame(self) -> pl.DataFrame:
+        """Per-document results (`items/ppl_<lang>.parquet`): document, nll, tokens, bytes."""
+        import polars as pl
+
+        return pl.DataFrame(
+            {"document": self.documents, "nll": self.nll, "tokens": self.tokens, "bytes": self.bytes},
+            schema={"document": pl.String, "nll": pl.Float64, "tokens": pl.Int64, "bytes": pl.Int64},
+        )
 
 
-def score_chunks(stream: torch.Tensor, seqlen: int, start_token: int | None) -> list[torch.Tensor]:
-    """Inputs of length <= seqlen; in each, every token after the first is a prediction target."""
-    if seqlen < 2:
-        raise CpsError(f"--seqlen must be at least 2 (got {seqlen})")
-    width = seqlen - 1
-    chunks = []
-    for start in range(0, len(stream), width):
-        piece = stream[start : start + width]
-        if start > 0:
-            context = stream[start - 1 : start]
-        elif start_token is not None:
-            context = torch.tensor([start_token], dtype=stream.dtype)
-        else:
-            context = piece[:0]
-        chunk = torch.cat([context, piece])
-        if len(chunk) >= 2:
-            chunks.append(chunk)
-    return chunks
+class LayerObserver:
+    """Sees each decoder layer's hidden states at the scored positions of every batch."""
+
+    def begin(self, batch: Batch) -> None:
+        """A new batch starts (its `scored` mask orders the states `layer` receives)."""
+
+    def layer(self, index: int, states: torch.Tensor) -> None:
+        """(n, d) states of layer `index` at the batch's scored positions, row by row."""
 
 
-def _batches(chunks: list[torch.Tensor], vocab: int) -> list[torch.Tensor]:
-    """Equal-length chunks stacked, as many per batch as the logits budget allows."""
-    batches: list[torch.Tensor] = []
-    by_length: dict[int, list[torch.Tensor]] = {}
-    for chunk in chunks:
-        by_length.setdefault(len(chunk), []).append(chunk)
-    for length, group in by_length.items():
-        size = max(1, LOGITS_BUDGET_BYTES // (length * vocab * 4))
-        batches += [torch.stack(group[i : i + size]) for i in range(0, len(group), size)]
-    return batches
+class OutputHead:
+    """The model's LM head applied to chosen positions, as its own forward applies it: the output
+    projection, then Gemma's final logit soft-capping or Cohere's logit scale where configured."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.linear = model.get_output_embeddings()
+        config = model.config.get_text_config()
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        scale = getattr(model, "logit_scale", None)
+        self.scale = float(scale) if isinstance(scale, int | float) else None
+        self.vocab = int(self.linear.weight.shape[0])
+
+    def logits(self, states: torch.Tensor) -> torch.Tensor:
+        logits = self.linear(states)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        if self.scale is not None:
+            logits = logits * self.scale
+        return logits
+
+    def nll(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(n,) fp32 NLL of each target given the state before it, in chunks of positions."""
+        chunk = max(1, HEAD_BUDGET_BYTES // (4 * self.vocab))
+        parts = [
+            torch.nn.functional.cross_entropy(
+                self.logits(states[start : start + chunk]).float(),
+                targets[start : start + chunk],
+                reduction="none",
+            )
+            for start in range(0, len(states), chunk)
+        ]
+        return torch.cat(parts)
+
+
+_HEAD_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _output_head(model: PreTrainedModel, sample: torch.Tensor) -> OutputHead | None:
+    """The chunked head when it reproduces the model's own logits (checked once per model on a few
+    tokens), else None: the model's full forward is used instead."""
+    if model not in _HEAD_CHECKED:
+        head = None
+        if model.base_model is not model and model.get_output_embeddings() is not None:
+            candidate = OutputHead(model)
+            ids = sample[:1, : min(8, sample.shape[1])]
+            try:
+                reference = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1].float()
+            except TypeError:
+                reference = model(input_ids=ids, use_cache=False).logits[0, -1].float()
+            hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0, -1:]
+            mine = candidate.logits(hidden)[0].float()
+            tolerance = 1e-4 * float(reference.abs().max()) + 1e-5
+            head = candidate if torch.allclose(mine, reference, rtol=1e-3, atol=tolerance) else None
+        _HEAD_CHECKED[model] = head
+    return _HEAD_CHECKED[model]
 
 
 @torch.inference_mode()
+def score_windows(
+    model: PreTrainedModel,
+    windows: list[Window],
+    observer: LayerObserver | None = None,
+    head: bool = True,
+) -> torch.Tensor:
+    """Summed NLL of each window's scored tokens (float64, in window order); with `head=False` only
+    the decoder runs (for observers) and the NLLs are zero."""
+    device = next(model.parameters()).device
+    nll = torch.zeros(len(windows), dtype=torch.float64)
+    work = batches(windows, BATCH_TOKENS)
+    output_head = _output_head(model, work[0].input_ids.to(device)) if head else None
+    current: list[Batch] = []
+
+    def on_layer(index: int, output: torch.Tensor) -> None:
+        assert observer is not None
+        observer.layer(index, output[current[0].scored.to(output.device)])
+
+    hooks = output_hooks(decoder_layers(model), on_layer) if observer else nullcontext()
+    with hooks:
+        for batch in work:
+            current[:] = [batch]
+            if observer:
+                observer.begin(batch)
+            ids = batch.input_ids.to(device)
+            if not head:
+                model.base_model(input_ids=ids, use_cache=False)
+                continue
+            targets = batch.input_ids[batch.scored].to(device)
+            predicting = batch.predicting.to(device)
+            if output_head is not None:
+                hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+                token_nll = output_head.nll(hidden[predicting], targets)
+            else:  # a head cps cannot reproduce: the model's own full logits, exact for any model
+                logits = model(input_ids=ids, use_cache=False).logits[predicting].float()
+                token_nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+            rows = batch.scored.nonzero()[:, 0]
+            per_row = torch.zeros(len(batch.rows), dtype=torch.float64)
+            per_row.index_add_(0, rows, token_nll.double().cpu())
+            nll[batch.rows] = per_row
+    return nll
+
+
+def score_text(
+    model: PreTrainedModel, text: HeldOutText, observer: LayerObserver | None = None
+) -> PerplexityResult:
+    """Per-document NLL, tokens and bytes of held-out text already cut into windows."""
+    per_window = score_windows(model, text.windows, observer)
+    per_document = [0.0] * len(text.documents)
+    for window, value in zip(text.windows, per_window.tolist(), strict=True):
+        per_document[window.document] += value
+    return PerplexityResult([d.id for d in text.documents], per_document, text.tokens, text.bytes)
+
+
 def perplexity(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     documents: list[Document],
     seqlen: int = 1024,
+    stride: int | None = None,
 ) -> PerplexityResult:
-    if not documents:
-        raise CpsError("no text to evaluate perplexity on")
-    stream, _ = token_stream(documents, tokenizer)
-    start_token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    nll, predicted = 0.0, 0
-    for batch in _batches(
-        score_chunks(stream, seqlen, start_token), model.config.get_text_config().vocab_size
-    ):
-        batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits  # (b, L, vocab)
-        targets = batch[:, 1:]
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-        )
-        nll += losses.item()
-        predicted += targets.numel()
-    text_bytes = len(DOCUMENT_SEPARATOR.join(d.text for d in documents).encode("utf-8"))
-    return PerplexityResult(nll, predicted, text_bytes)
+    return score_text(model, held_out_windows(documents, tokenizer, seqlen, stride))

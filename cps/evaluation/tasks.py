@@ -10,8 +10,9 @@ xcopa_* from the hub, ...), which needs network access for its data.
 from __future__ import annotations
 
 import logging
+import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from importlib import resources
@@ -23,6 +24,7 @@ from cps.data.xcopa import XcopaCorpus
 from cps.errors import CpsError, first_line
 
 if TYPE_CHECKING:
+    import polars as pl
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -190,6 +192,9 @@ def pack_task_config(name: str, data_dir: str | None) -> dict[str, Any]:
 # Running
 
 
+ACCURACIES = ("acc", "acc_norm", "acc_mutual_info")
+
+
 @dataclass(frozen=True)
 class TaskScore:
     task: str
@@ -197,6 +202,27 @@ class TaskScore:
     value: float
     stderr: float | None
     samples: int
+    ci_low: float  # Wilson 95% interval over the items
+    ci_high: float
+
+
+@dataclass
+class TaskResults:
+    scores: list[TaskScore]
+    items: dict[str, pl.DataFrame]  # task -> one row per item (`items/<task>.parquet`)
+
+
+def wilson_interval(successes: float, trials: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95% by default); (nan, nan) without trials."""
+    if trials <= 0:
+        return math.nan, math.nan
+    p = successes / trials
+    spread = z * z / trials
+    center = (p + spread / 2) / (1 + spread)
+    half = z * math.sqrt(p * (1 - p) / trials + spread / (4 * trials)) / (1 + spread)
+    low = 0.0 if successes <= 0 else max(0.0, center - half)  # exact at the ends, not 1e-17 off
+    high = 1.0 if successes >= trials else min(1.0, center + half)
+    return low, high
 
 
 def _standard_task_names() -> set[str]:
@@ -219,6 +245,59 @@ def task_configs(names: list[str], data_dir: str | None) -> list[str | dict[str,
     return configs
 
 
+def _leaf_tasks(tree: Mapping[Any, Any]) -> dict[str, Any]:
+    """lm-eval's task dict (groups nest) flattened to task name -> Task."""
+    found: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            found |= _leaf_tasks(value)
+        else:
+            found[str(key)] = value
+    return found
+
+
+def _argmax(values: list[float]) -> int:
+    """The first index of the largest value (numpy's argmax, which lm-eval uses)."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def item_frame(name: str, task: Any, samples: list[dict[str, Any]]) -> pl.DataFrame:
+    """One row per item: its id, language, target and lm-eval's per-item metrics; for multiple
+    choice also the choices, each choice's log-likelihood (and the unconditional one for
+    acc_mutual_info) and the choice each metric picked, enough to recompute every accuracy."""
+    import polars as pl
+
+    split = split_task(name)
+    lang = split[1] if split else None
+    rows = []
+    first_filter = samples[0].get("filter") if samples else None
+    for sample in sorted(samples, key=lambda s: s["doc_id"]):
+        if sample.get("filter") != first_filter:
+            continue
+        row: dict[str, Any] = {"task": name, "item": int(sample["doc_id"]), "lang": lang}
+        target = sample.get("target")
+        row["target"] = int(target) if isinstance(target, int) else -1
+        if getattr(task, "OUTPUT_TYPE", None) == "multiple_choice":
+            choices = [str(c) for c in task.doc_to_choice(sample["doc"])]
+            loglik = [float(response[0]) for response in sample["filtered_resps"]]
+            conditional = loglik[: len(choices)]
+            unconditional = loglik[len(choices) :] or None
+            row |= {"choices": choices, "loglik": conditional, "loglik_unconditional": unconditional}
+            row["chosen"] = _argmax(conditional)
+            row["chosen_norm"] = _argmax([ll / len(c) for ll, c in zip(conditional, choices, strict=True)])
+            if unconditional:
+                row["chosen_mutual_info"] = _argmax(
+                    [c - u for c, u in zip(conditional, unconditional, strict=True)]
+                )
+        for metric in sample.get("metrics", []):
+            value = sample.get(metric)
+            if isinstance(value, int | float):
+                row[metric] = float(value)
+        row["correct"] = bool(row.get("acc", 0.0))
+        rows.append(row)
+    return pl.DataFrame(rows, infer_schema_length=None)
+
+
 def run_tasks(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -226,15 +305,15 @@ def run_tasks(
     data_dir: str | None = None,
     limit: float | None = None,
     batch_size: int = 8,
-) -> list[TaskScore]:
+) -> TaskResults:
     """Evaluate `names` with lm-eval on the model as it is in memory (no save and reload)."""
     if not names:
-        return []
+        return TaskResults([], {})
     configs = task_configs(names, data_dir)
     for noisy in ("lm-eval", "lm_eval", "datasets"):  # per-task chatter about custom datasets
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager, get_task_dict
 
     from cps.evaluation.lm import ContinuationLM
 
@@ -242,26 +321,40 @@ def run_tasks(
     try:
         # Indexing lm-eval's whole task library takes ~10 s: only when a task comes from it.
         manager = TaskManager(include_defaults=any(isinstance(c, str) for c in configs))
+        tasks = _leaf_tasks(get_task_dict(configs, manager))  # kept: items need each task's choices
         output = simple_evaluate(
             model=lm,
-            tasks=configs,
+            tasks=list(tasks.values()),
             limit=limit,
-            log_samples=False,
+            log_samples=True,
             bootstrap_iters=1000,
             verbosity="WARNING",
             task_manager=manager,
         )
     except (ConnectionError, OSError, FileNotFoundError) as error:
         raise CpsError(f"lm-eval could not load its task data: {first_line(error)[:200]}") from None
+    items = {
+        task: item_frame(task, tasks.get(task), samples)
+        for task, samples in output.get("samples", {}).items()
+        if samples
+    }
     scores = []
     for task, metrics in output["results"].items():
         samples = output.get("n-samples", {}).get(task, {}).get("effective", 0)
-        for metric in ("acc", "acc_norm", "acc_mutual_info"):
+        for metric in ACCURACIES:
             if f"{metric},none" in metrics:
                 stderr = metrics.get(f"{metric}_stderr,none")
                 stderr = float(stderr) if isinstance(stderr, int | float) else None
-                scores.append(TaskScore(task, metric, float(metrics[f"{metric},none"]), stderr, samples))
-    return scores
+                value = float(metrics[f"{metric},none"])
+                per_item = items.get(task)
+                successes = (
+                    float(per_item[metric].sum())
+                    if per_item is not None and metric in per_item.columns
+                    else round(value * samples)
+                )
+                low, high = wilson_interval(successes, samples)
+                scores.append(TaskScore(task, metric, value, stderr, samples, low, high))
+    return TaskResults(scores, items)
 
 
 def pack_languages(data_dir: str | None) -> dict[str, list[str]]:

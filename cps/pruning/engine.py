@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cps.hooks import layer_output
 from cps.models import decoder_layers
 from cps.pruning.base import InputStats, PruningMethod
 from cps.pruning.masks import SparsityTarget
@@ -148,11 +149,6 @@ def capture_layer_calls(
 
 # ---------------------------------------------------------------------------------------------
 # One layer
-
-
-def layer_output(output: Any) -> torch.Tensor:
-    """transformers 5.x layers return a Tensor, older versions a tuple."""
-    return output[0] if isinstance(output, tuple) else output
 
 
 def _linears(layer: nn.Module) -> dict[str, nn.Linear]:

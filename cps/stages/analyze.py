@@ -3,8 +3,10 @@
 A group is a set of prune runs that differ only in the calibration language (or another `vary`
 param). For each group: pairwise IoU of the masks (long table, layer x module heatmap, language x
 language matrix, and whether the paper's finding holds: the lowest overlap in attention-output and
-MLP-down projections of early layers), and the per-layer SNR by calibration language from each
-run's `layer_stats.parquet`. With `activations`, on held-out text of each language: LAPE
+MLP-down projections of early layers), and the in-sample per-layer SNR by calibration language
+from each run's `layer_stats.parquet` (`calib_snr`: every run measured on its own calibration
+tokens, so not a comparison on common text). With `activations`, on held-out text of each language
+(windowed as `cps eval` does, statistics at the scored positions, never BOS): LAPE
 language-specific neurons of the dense model against each pruned one, the layer-wise SNR of each
 pruned model's hidden states against the dense ones per evaluation language ("does calibrating on
 L best preserve L?"), and LSAR: that deviation split into the dense model's language-specific
@@ -24,6 +26,7 @@ from cps import tracking
 from cps.analysis.groups import Group, comparison_groups
 from cps.analysis.masks_overlap import pairwise_iou
 from cps.errors import CpsError
+from cps.evaluation.windows import PROTOCOL_VERSION, default_stride
 
 if TYPE_CHECKING:
     import polars as pl
@@ -41,7 +44,8 @@ class AnalyzeConfig:
     activations: bool = False  # LAPE, LSAR and cross-language SNR on held-out text
     langs: tuple[str, ...] = ("ar", "de", "en", "es", "ru", "sw", "zh")
     corpus: str = "flores"
-    seqlen: int = 512
+    seqlen: int = 512  # tokens per held-out window, BOS included (as cps eval)
+    stride: int | None = None  # window step inside a long document (default seqlen // 2)
     max_documents: int | None = None  # per language, for quick runs
     lape_ratio: float = 0.01
     lsar_rank: int | None = None  # default: languages - 1
@@ -51,6 +55,8 @@ class AnalyzeConfig:
     def __post_init__(self) -> None:
         if self.activations and len(self.langs) < 2:
             raise CpsError("activation analyses compare languages: give at least two --langs")
+        if self.stride is not None and not 1 <= self.stride < self.seqlen:
+            raise CpsError(f"--stride must be between 1 and --seqlen - 1 (got {self.stride})")
         if not 0 < self.lape_ratio < 1:
             raise CpsError(f"--lape-ratio must be in (0, 1) (got {self.lape_ratio:g})")
 
@@ -60,7 +66,7 @@ class GroupAnalysis:
     group: Group
     run_id: str
     iou: pl.DataFrame
-    snr: pl.DataFrame
+    calib_snr: pl.DataFrame  # in-sample, per member on its own calibration tokens
     activation_tables: dict[str, pl.DataFrame] = field(default_factory=dict)
     headlines: dict[str, float] = field(default_factory=dict)
     paper_agrees: bool | None = None
@@ -86,15 +92,22 @@ def mask_overlap(store: tracking.Store, group: Group) -> pl.DataFrame:
     return pairwise_iou({value: run_masks(store, run_id) for value, run_id in group.members.items()})
 
 
-def snr_by_member(store: tracking.Store, group: Group, vary: str) -> pl.DataFrame:
-    """Every member's layer_stats with a column naming its `vary` value."""
+# layer_stats.parquet columns before the in-sample figures were named for what they are
+_LEGACY_LAYER_STATS = {"error": "calib_error", "signal": "calib_signal", "snr_db": "calib_snr_db"}
+
+
+def calib_snr_by_member(store: tracking.Store, group: Group, vary: str) -> pl.DataFrame:
+    """Every member's layer_stats (in-sample: each run on its own calibration tokens) with a column
+    naming its `vary` value."""
     import polars as pl
 
     frames = []
     with tempfile.TemporaryDirectory() as folder:
         for value, run_id in group.members.items():
             path = tracking.download_artifact(store, run_id, "layer_stats.parquet", f"{folder}/{run_id}")
-            frames.append(pl.read_parquet(path).with_columns(pl.lit(value).alias(vary)))
+            stats = pl.read_parquet(path)
+            stats = stats.rename({k: v for k, v in _LEGACY_LAYER_STATS.items() if k in stats.columns})
+            frames.append(stats.with_columns(pl.lit(value).alias(vary)))
     return pl.concat(frames)
 
 
@@ -120,6 +133,8 @@ def analysis_params(group: Group, config: AnalyzeConfig) -> dict[str, object]:
             "eval_langs": ",".join(config.langs),
             "eval_corpus": config.corpus,
             "eval_seqlen": config.seqlen,
+            "eval_stride": config.stride or default_stride(config.seqlen),
+            "eval_protocol": PROTOCOL_VERSION,
             "max_documents": config.max_documents,
             "lape_ratio": config.lape_ratio,
             "lsar_rank": config.lsar_rank,
@@ -134,7 +149,7 @@ def analyze_group(
 
     vary = config.vary
     iou = mask_overlap(store, group)
-    snr = snr_by_member(store, group, vary)
+    snr = calib_snr_by_member(store, group, vary)
     tables = activation_analyses(store, group, config) if config.activations else {}
     pairs = iou.group_by("lang_a", "lang_b").agg(pl.col("iou").mean()).sort("lang_a", "lang_b")
     lowest = lowest_overlap_modules(iou)
@@ -146,7 +161,7 @@ def analyze_group(
         headlines.update(activation_headlines(tables, vary))
     params = analysis_params(group, config)
     name = f"analyze-{group.shared.get('method')}-{group.shared.get('model')}-by-{vary}"
-    frames = {"iou": iou, "iou_pairs": pairs, "snr_by_calib": snr, **tables}
+    frames = {"iou": iou, "iou_pairs": pairs, "calib_snr": snr, **tables}
     with tracking.start_run(store, "analyze", params, name, tags) as run:
         run.log_metrics(headlines)
         run.set_tags({"cps.paper_low_iou_agrees": agrees, "cps.lowest_iou_modules": ",".join(lowest)})
@@ -170,8 +185,12 @@ def group_figures(frames: Mapping[str, pl.DataFrame], vary: str, name: str) -> d
     figures = {
         "iou_heatmap": iou_heatmap(frames["iou"], f"mask IoU across {vary} — {name}"),
         "iou_languages": language_matrix(frames["iou_pairs"], "iou", f"mean mask IoU by {vary}"),
-        "snr_by_calib": layer_lines(
-            frames["snr_by_calib"], "snr_db", vary, f"pruning SNR per layer by {vary}", "mean SNR (dB)"
+        "calib_snr_by_calib": layer_lines(
+            frames["calib_snr"],
+            "calib_snr_db",
+            vary,
+            f"in-sample pruning SNR per layer by {vary} (each run on its own calibration tokens)",
+            "mean SNR on the calibration tokens (dB)",
         ),
     }
     if "cross_snr" in frames:
@@ -236,31 +255,45 @@ def run_analyze(config: AnalyzeConfig, store: tracking.Store) -> list[GroupAnaly
 def activation_analyses(
     store: tracking.Store, group: Group, config: AnalyzeConfig
 ) -> dict[str, pl.DataFrame]:
-    """LAPE overlap, cross-language SNR and the LSAR split for every member against the dense model."""
+    """LAPE overlap, cross-language SNR and the LSAR split for every member against the dense model.
+
+    Held-out text is windowed as for perplexity (each document alone, BOS first) and every statistic
+    is taken at the scored positions (never BOS). Each model runs once per language: firing counts,
+    hidden means and the deviation from the dense states (recorded in the dense pass, cached on disk).
+    """
     import polars as pl
     import torch
 
     from cps.analysis.lape import lape
     from cps.analysis.lsar import language_subspace
     from cps.data import get_corpus
-    from cps.evaluation.activations import activation_statistics, deviation_statistics
-    from cps.models import LoadOptions, load_model
+    from cps.evaluation.activations import activation_statistics
+    from cps.evaluation.hidden import DenseStates, reference_plan, save_reference
+    from cps.evaluation.windows import held_out_windows
+    from cps.models import LoadOptions, load_model, model_id, resolve_model
     from cps.stages.evaluate import load_run_model
 
     corpus = get_corpus(config.corpus, config.data_dir)
     langs = [corpus.require(lang) for lang in config.langs]
-    documents = {lang: corpus.documents(lang)[: config.max_documents] for lang in langs}
     options = LoadOptions(group.shared.get("dtype", "auto"), config.device)
     dense = load_model(group.shared["model"], options)
-
-    def probabilities(model: torch.nn.Module) -> tuple[torch.Tensor, dict]:
-        stats = {
-            lang: activation_statistics(model, dense.tokenizer, documents[lang], config.seqlen)
-            for lang in langs
-        }
-        return torch.stack([stats[lang].probabilities for lang in langs], -1), stats
-
-    dense_probs, dense_stats = probabilities(dense.model)
+    texts = {
+        lang: held_out_windows(
+            corpus.documents(lang)[: config.max_documents], dense.tokenizer, config.seqlen, config.stride
+        )
+        for lang in langs
+    }
+    model_key = group.shared.get("model_id") or model_id(resolve_model(group.shared["model"]))
+    plans = {lang: reference_plan(dense.model, model_key, text) for lang, text in texts.items()}
+    dense_stats = {}
+    for lang, text in texts.items():
+        key, sample = plans[lang]
+        record = None if key.path.is_file() else sample
+        dense_stats[lang], _, recorded = activation_statistics(dense.model, text, record=record)
+        if recorded is not None:
+            save_reference(key, recorded)
+    states = DenseStates(lambda: dense.model)
+    dense_probs = torch.stack([dense_stats[lang].probabilities for lang in langs], -1)
     dense_neurons = lape(dense_probs, langs, config.lape_ratio)
     layers = dense_probs.shape[0]
     subspaces = [
@@ -271,7 +304,23 @@ def activation_analyses(
     count_rows = neuron_counts("dense", dense_neurons, langs)
     for value, run_id in group.members.items():
         pruned = load_run_model(store, tracking.get_run(store, run_id), options)
-        pruned_probs, _ = probabilities(pruned.model)
+        probabilities = []
+        for lang, text in texts.items():
+            key, sample = plans[lang]
+            stats, deviation, _ = activation_statistics(
+                pruned.model, text, reference=(sample, states.get(key, sample, text))
+            )
+            assert deviation is not None
+            probabilities.append(stats.probabilities)
+            for layer in range(layers):
+                basis = subspaces[layer].basis.double()
+                specific = (
+                    torch.trace(basis.T @ deviation.second_moment[layer] @ basis).item() / deviation.tokens
+                )
+                total = deviation.noise[layer].item() / deviation.tokens
+                snr_rows.append((value, lang, layer, deviation.snr_db[layer].item()))
+                lsar_rows.append((value, lang, layer, specific, total - specific))
+        pruned_probs = torch.stack(probabilities, -1)
         pruned_neurons = lape(pruned_probs, langs, config.lape_ratio)
         count_rows += neuron_counts(value, pruned_neurons, langs)
         summaries = {}
@@ -287,17 +336,6 @@ def activation_analyses(
             )
             lape_rows.append((value, lang, len(before), len(after), overlap, change))
             summaries[f"lape.overlap.{lang}"] = overlap
-            deviation = deviation_statistics(
-                pruned.model, dense.model, dense.tokenizer, documents[lang], config.seqlen
-            )
-            for layer in range(layers):
-                basis = subspaces[layer].basis.double()
-                specific = (
-                    torch.trace(basis.T @ deviation.second_moment[layer] @ basis).item() / deviation.tokens
-                )
-                total = deviation.noise[layer].item() / deviation.tokens
-                snr_rows.append((value, lang, layer, deviation.snr_db[layer].item()))
-                lsar_rows.append((value, lang, layer, specific, total - specific))
         tracking.open_run(store, run_id).log_metrics(summaries)
     vary = config.vary
     return {

@@ -9,6 +9,7 @@ calibration set and checked against the saved masks (SparseGPT, whose weights ar
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,22 @@ from cps import tracking
 from cps.data import get_corpus
 from cps.data.calibration import CalibrationConfig
 from cps.errors import CpsError
-from cps.evaluation.perplexity import perplexity
+from cps.evaluation.hidden import DenseStates, SnrMeter, StateRecorder, reference_plan, save_reference
+from cps.evaluation.perplexity import score_text
 from cps.evaluation.tasks import expand_tasks, run_tasks, split_task, task_configs
+from cps.evaluation.windows import (
+    PROTOCOL_VERSION,
+    HeldOutText,
+    default_stride,
+    held_out_windows,
+    prefix_label,
+    protocol,
+)
 from cps.languages import PAPER_LANGUAGES, get_language
 from cps.models import (
     LoadedModel,
     LoadOptions,
+    decoder_layers,
     load_model,
     load_tokenizer,
     model_id,
@@ -48,7 +59,8 @@ class EvalConfig:
     langs: tuple[str, ...] = PAPER_LANGUAGES
     tasks: tuple[str, ...] = ()
     corpus: str = "flores"
-    seqlen: int = 1024
+    seqlen: int = 1024  # tokens per held-out window, BOS included
+    stride: int | None = None  # window step inside a long document (default seqlen // 2)
     limit: float | None = None  # tasks: items per task (or a fraction)
     max_documents: int | None = None  # perplexity: the first N held-out documents per language
     task_limits: tuple[tuple[str, float], ...] = ()  # per family or task, overriding `limit`
@@ -64,6 +76,8 @@ class EvalConfig:
             get_language(lang)
         if self.seqlen < 2:
             raise CpsError(f"--seqlen must be at least 2 (got {self.seqlen})")
+        if self.stride is not None and not 1 <= self.stride < self.seqlen:
+            raise CpsError(f"--stride must be between 1 and --seqlen - 1 (got {self.stride})")
         if self.max_documents is not None and self.max_documents < 1:
             raise CpsError(f"--max-docs must be positive (got {self.max_documents})")
         if self.limit is not None and self.limit <= 0:
@@ -98,6 +112,8 @@ def eval_fingerprint(config: EvalConfig) -> str:
         "tasks": sorted(config.tasks),
         "corpus": config.corpus,
         "seqlen": config.seqlen,
+        "stride": config.stride or default_stride(config.seqlen),
+        "protocol": PROTOCOL_VERSION,  # a new protocol re-evaluates old runs instead of mixing them
         "limit": config.limit,
         "task_limits": sorted(config.task_limits),
         "max_documents": config.max_documents,
@@ -108,8 +124,9 @@ def eval_fingerprint(config: EvalConfig) -> str:
 @dataclass
 class EvalResult:
     run_id: str
-    scores: pl.DataFrame  # long: name (lang or task), metric, value, stderr
+    scores: pl.DataFrame  # long: name (lang or task), metric, value, stderr, ci_low, ci_high
     metrics: dict[str, float]
+    items: dict[str, pl.DataFrame]  # artifact name (items/...) -> per-document or per-item results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,8 +282,9 @@ def _prune_again(
 
 def run_eval(config: EvalConfig, store: tracking.Store, loaded: LoadedModel | None = None) -> EvalResult:
     """Scores of the run's model (`loaded` when the caller already holds it) logged into the run."""
+    import json
+
     import polars as pl
-    from tqdm.auto import tqdm
 
     tracking.client(store)
     # Everything a user can get wrong fails here, before a model is loaded.
@@ -282,33 +300,41 @@ def run_eval(config: EvalConfig, store: tracking.Store, loaded: LoadedModel | No
     else:
         run_id = dense_run(store, str(config.model), config.dtype)
         record = tracking.get_run(store, run_id)
+    options = LoadOptions(config.dtype, config.device)
     if loaded is None:
-        loaded = load_run_model(store, record, LoadOptions(config.dtype, config.device))
+        loaded = load_run_model(store, record, options)
     else:
         loaded.model.to(resolve_device(config.device))
-    rows = []
-    for lang in tqdm(langs, desc="perplexity", unit="lang"):
-        documents = corpus.documents(lang)[: config.max_documents]
-        result = perplexity(loaded.model, loaded.tokenizer, documents, config.seqlen)
-        rows += [(lang, "ppl", result.ppl, None), (lang, "bpb", result.bpb, None)]
-        rows.append((lang, "tokens", float(result.tokens), None))
+    texts = {
+        lang: held_out_windows(
+            corpus.documents(lang)[: config.max_documents], loaded.tokenizer, config.seqlen, config.stride
+        )
+        for lang in langs
+    }
+    held_out = held_out_scores(loaded, record, texts, options)
+    rows, metrics, items = held_out.rows, held_out.metrics, held_out.items
     by_limit: dict[float | None, list[str]] = {}
     for name in task_names:
         by_limit.setdefault(config.limit_for(name), []).append(name)
     for limit, names in by_limit.items():
-        for score in run_tasks(
-            loaded.model, loaded.tokenizer, names, config.data_dir, limit, config.batch_size
-        ):
-            rows.append((score.task, score.metric, score.value, score.stderr))
-    scores = pl.DataFrame(rows, schema=["name", "metric", "value", "stderr"], orient="row")
-    metrics = {}
-    for name, metric, value, stderr in rows:
-        key = "eval_tokens" if metric == "tokens" else metric
-        metrics[f"{key}.{name}"] = value
+        results = run_tasks(loaded.model, loaded.tokenizer, names, config.data_dir, limit, config.batch_size)
+        for score in results.scores:
+            rows.append((score.task, score.metric, score.value, score.stderr, score.ci_low, score.ci_high))
+        items |= {f"items/{task}.parquet": frame for task, frame in results.items.items()}
+    scores = pl.DataFrame(
+        rows, schema=["name", "metric", "value", "stderr", "ci_low", "ci_high"], orient="row"
+    )
+    for name, metric, value, stderr, low, high in rows:
+        metrics[f"{metric}.{name}"] = value
         if stderr is not None:
             metrics[f"{metric}_stderr.{name}"] = stderr
+        if low is not None:
+            metrics |= {f"{metric}_ci_low.{name}": low, f"{metric}_ci_high.{name}": high}
+    the_protocol = protocol(config.seqlen, config.stride, prefix_label(loaded.tokenizer))
     run = tracking.open_run(store, run_id)
     run.log_metrics(metrics)
+    for name, values in held_out.series.items():
+        run.log_series(name, values)
     run.set_tags(
         {
             "cps.eval.corpus": config.corpus,
@@ -316,8 +342,67 @@ def run_eval(config: EvalConfig, store: tracking.Store, loaded: LoadedModel | No
             "cps.eval.limit": config.limit,
             "cps.eval.task_limits": dict(config.task_limits),
             "cps.eval.max_documents": config.max_documents,
+            "cps.eval.protocol": json.dumps(the_protocol),
             EVAL_FINGERPRINT_TAG: eval_fingerprint(config),
         }
     )
-    run.log_frame(scores, "eval_scores.parquet")
-    return EvalResult(run_id, scores, metrics)
+    run.log_frames({"eval_scores.parquet": scores, **items})
+    return EvalResult(run_id, scores, metrics, items)
+
+
+@dataclass
+class HeldOutScores:
+    rows: list[tuple]  # (lang, metric, value, stderr, ci_low, ci_high) as in EvalResult.scores
+    metrics: dict[str, float]  # the metrics that have no row (token and position counts)
+    series: dict[str, list[float]]  # snr_db.<lang>.layer: the held-out SNR per layer (step = layer)
+    items: dict[str, pl.DataFrame]  # items/ppl_<lang>.parquet: per-document NLL, tokens, bytes
+
+
+def held_out_scores(
+    loaded: LoadedModel,
+    record: tracking.RunRecord,
+    texts: dict[str, HeldOutText],
+    options: LoadOptions,
+) -> HeldOutScores:
+    """Perplexity, bits per byte and, for a pruned model, the SNR of its hidden states against the
+    dense model's, per language, from one forward pass over each language's windows. Evaluating the
+    dense model itself records its states for later pruned models (no extra pass)."""
+    from tqdm.auto import tqdm
+
+    params = record.params
+    model_key = params.get("model_id") or model_id(resolve_model(params["model"]))
+    dense = params.get("method") == "dense"
+    plans = {lang: reference_plan(loaded.model, model_key, text) for lang, text in texts.items()}
+    states = DenseStates(lambda: load_model(params["model"], options).model)
+    if not dense:  # every dense reference computed (once, cached) before this model's passes
+        for lang, text in texts.items():
+            states.ensure(*plans[lang], text)
+        states.release()
+    scores = HeldOutScores([], {}, {}, {})
+    layers = len(decoder_layers(loaded.model))
+    for lang, text in tqdm(texts.items(), desc="perplexity", unit="lang"):
+        key, sample = plans[lang]
+        observer: SnrMeter | StateRecorder | None = None
+        if not dense:
+            observer = SnrMeter(sample, states.get(key, sample, text))
+        elif not key.path.is_file():
+            observer = StateRecorder(sample, layers)
+        result = score_text(loaded.model, text, observer)
+        scores.rows += [
+            (lang, "ppl", result.ppl, None, None, None),
+            (lang, "bpb", result.bpb, None, None, None),
+        ]
+        scores.metrics[f"eval_tokens.{lang}"] = float(result.total_tokens)
+        scores.items[f"items/ppl_{lang}.parquet"] = result.frame()
+        if isinstance(observer, StateRecorder) and observer.states is not None:
+            save_reference(key, observer.states)
+        if isinstance(observer, SnrMeter):
+            per_layer = observer.snr_db
+            finite = [value for value in per_layer if math.isfinite(value)]
+            scores.rows.append(
+                (lang, "snr_db", sum(finite) / len(finite) if finite else math.inf, None, None, None)
+            )
+            scores.series[f"snr_db.{lang}.layer"] = per_layer
+            scores.metrics[f"snr_positions.{lang}"] = float(sample.size)
+    states.release()
+    return scores

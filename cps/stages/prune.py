@@ -81,9 +81,9 @@ def stats_frame(result: EngineResult, model: nn.Module) -> pl.DataFrame:
             {
                 "layer": stat.layer,
                 "module": stat.module,
-                "error": stat.error,
-                "signal": stat.signal,
-                "snr_db": stat.snr_db,
+                "calib_error": stat.error,
+                "calib_signal": stat.signal,
+                "calib_snr_db": stat.snr_db,
                 "sparsity": (weight == 0).float().mean().item(),
                 "mask_sparsity": stat.sparsity,
                 "rows": weight.shape[0],
@@ -94,11 +94,11 @@ def stats_frame(result: EngineResult, model: nn.Module) -> pl.DataFrame:
 
 
 def summary_metrics(stats: pl.DataFrame, seconds: float) -> dict[str, float]:
-    finite = stats.filter(stats["snr_db"].is_finite())
+    finite = stats.filter(stats["calib_snr_db"].is_finite())
     weights = stats["rows"] * stats["columns"]
     return {
-        "snr_db.mean": float(finite["snr_db"].mean()) if finite.height else math.inf,
-        "prune_error.total": float(stats["error"].sum()),
+        "calib_snr_db.mean": float(finite["calib_snr_db"].mean()) if finite.height else math.inf,
+        "calib_error.total": float(stats["calib_error"].sum()),
         "sparsity.actual": float((stats["sparsity"] * weights).sum() / weights.sum()),
         "time.prune_s": seconds,
         "mem.peak_rss_gb": peak_rss_gb(),
@@ -210,14 +210,14 @@ def _log_outputs(
     per_layer = (
         stats.group_by("layer")
         .agg(
-            pl.col("snr_db").filter(pl.col("snr_db").is_finite()).mean().alias("snr_db"),
-            pl.col("error").sum().alias("error"),
+            pl.col("calib_snr_db").filter(pl.col("calib_snr_db").is_finite()).mean(),
+            pl.col("calib_error").sum(),
             pl.col("sparsity").mean().alias("sparsity"),
         )
         .sort("layer")
     )
-    run.log_series("snr_db.layer", per_layer["snr_db"].fill_null(float("nan")).to_list())
-    run.log_series("prune_error.layer", per_layer["error"].to_list())
+    run.log_series("calib_snr_db.layer", per_layer["calib_snr_db"].fill_null(float("nan")).to_list())
+    run.log_series("calib_error.layer", per_layer["calib_error"].to_list())
     run.log_series("sparsity.layer", per_layer["sparsity"].to_list())
     run.log_frame(stats, "layer_stats.parquet")
     with tempfile.TemporaryDirectory() as folder:
@@ -226,7 +226,7 @@ def _log_outputs(
         run.log_artifact(masks_path)
         figure = snr_per_layer(stats, f"{config.method} {config.target.pattern} — {config.model}")
         (Path(folder) / "plots").mkdir()
-        figure.savefig(Path(folder) / "plots" / "snr_per_layer.png", dpi=120)
+        figure.savefig(Path(folder) / "plots" / "calib_snr_per_layer.png", dpi=120)
         run.log_artifact(Path(folder) / "plots", "plots")
         if config.save_model:
             model_dir = Path(folder) / "model"

@@ -1,0 +1,180 @@
+"""The evaluation protocol: every held-out document on its own, every window starting with BOS.
+
+1. A document is tokenized without special tokens (T tokens). Documents never see each other.
+2. Every window starts with the tokenizer's own leading special tokens, the prefix P (BOS for Gemma,
+   Llama-3 and Cohere; nothing for tokenizers that add none, such as SmolLM2's), followed by up to
+   C = seqlen - |P| document tokens.
+3. Window k holds the document tokens [k * stride, k * stride + C). Tokens an earlier window scored
+   are context only, the rest are scored: every document token is scored exactly once, and after
+   the first window each scored token sees at least C - stride tokens of its document before it.
+4. Without a prefix the document's first token has nothing to be predicted from: it is context only
+   and its bytes are not counted. Bits per byte divide by the UTF-8 bytes of exactly the scored text.
+
+For a document that fits one window this is what lm-eval's `loglikelihood_rolling` computes with its
+prefix token (BOS) before the document tokens, i.e. `HFLM(add_bos_token=False)`; with
+`add_bos_token=True` lm-eval encodes the document with its own BOS after that prefix and scores the
+second BOS too. The tests compare both.
+
+Hidden-state statistics (SNR against the dense model, LAPE, LSAR) are taken at the scored positions
+as well: each document token once, never at a window's first position (BOS, an attention sink whose
+hidden state dwarfs all others, or, without a prefix, the document's first token).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from cps.data.calibration import special_prefix
+from cps.data.corpus import Document
+from cps.errors import CpsError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+PROTOCOL_VERSION = 2  # 1: one token stream cut into pieces, BOS only before the first
+
+
+@dataclass(frozen=True)
+class Window:
+    document: int  # index of the document it belongs to
+    input_ids: torch.Tensor  # (L,) prefix + document tokens
+    scored: int  # the last `scored` tokens are prediction targets
+
+
+@dataclass
+class HeldOutText:
+    """Documents cut into windows, with what each document contributes to the scores."""
+
+    documents: list[Document]
+    windows: list[Window]
+    tokens: list[int]  # scored tokens per document
+    bytes: list[int]  # UTF-8 bytes of the scored text per document
+    prefix: list[int]
+    seqlen: int
+    stride: int
+
+    def fingerprint(self) -> str:
+        """Hash of exactly what is scored: the window tokens and their scored counts."""
+        digest = hashlib.sha256(json.dumps([self.seqlen, self.stride, self.prefix]).encode())
+        for window in self.windows:
+            digest.update(f"{window.document}:{window.scored}:".encode())
+            digest.update(window.input_ids.numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+def default_stride(seqlen: int) -> int:
+    return max(1, seqlen // 2)
+
+
+def protocol(seqlen: int, stride: int | None, prefix: str) -> dict[str, object]:
+    """The protocol as logged with every evaluation (the `cps.eval.protocol` tag)."""
+    return {
+        "version": PROTOCOL_VERSION,
+        "unit": "document",
+        "prefix": prefix,
+        "seqlen": seqlen,
+        "stride": stride or default_stride(seqlen),
+    }
+
+
+def prefix_label(tokenizer: PreTrainedTokenizerBase) -> str:
+    """'<bos>' (the prefix's tokens as text) or 'none'."""
+    prefix = special_prefix(tokenizer)
+    return "".join(tokenizer.convert_ids_to_tokens(prefix)) if prefix else "none"
+
+
+def _document_windows(
+    ids: list[int], prefix: list[int], capacity: int, stride: int
+) -> list[tuple[list[int], int]]:
+    """(window tokens, scored count) of one document of token ids."""
+    windows = []
+    done = 0 if prefix else 1  # document tokens [0, done) are scored already (or context only)
+    begin = 0
+    while True:
+        end = min(begin + capacity, len(ids))
+        if end > done:
+            windows.append((prefix + ids[begin:end], end - done))
+            done = end
+        if end >= len(ids):
+            return windows
+        begin += stride
+
+
+def _scored_bytes(tokenizer: PreTrainedTokenizerBase, text: str, ids: list[int], prefix: list[int]) -> int:
+    total = len(text.encode("utf-8"))
+    if prefix or not ids:
+        return total
+    # The first token is context only: count the text after it.
+    if getattr(tokenizer, "is_fast", False):
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return len(text[offsets[0][1] :].encode("utf-8"))
+    return total - len(tokenizer.decode(ids[:1]).encode("utf-8"))
+
+
+def held_out_windows(
+    documents: list[Document], tokenizer: PreTrainedTokenizerBase, seqlen: int, stride: int | None = None
+) -> HeldOutText:
+    """Every document as windows of at most `seqlen` tokens (steps 1-4 of the module docstring)."""
+    if not documents:
+        raise CpsError("no text to evaluate on")
+    stride = stride or default_stride(seqlen)
+    prefix = special_prefix(tokenizer)
+    capacity = seqlen - len(prefix)
+    if capacity < 1:
+        raise CpsError(f"--seqlen {seqlen} leaves no room after the {len(prefix)} prefix tokens")
+    if not 1 <= stride <= capacity:
+        raise CpsError(f"--stride must be between 1 and {capacity} for --seqlen {seqlen} (got {stride})")
+    encoded = tokenizer([d.text for d in documents], add_special_tokens=False)["input_ids"]
+    windows, tokens, sizes = [], [], []
+    for index, (document, ids) in enumerate(zip(documents, encoded, strict=True)):
+        parts = _document_windows(list(ids), prefix, capacity, stride)
+        windows += [Window(index, torch.tensor(part, dtype=torch.long), scored) for part, scored in parts]
+        tokens.append(sum(scored for _, scored in parts))
+        sizes.append(_scored_bytes(tokenizer, document.text, list(ids), prefix) if parts else 0)
+    if not windows:
+        raise CpsError("the held-out documents hold no token to score")
+    return HeldOutText(documents, windows, tokens, sizes, prefix, seqlen, stride)
+
+
+@dataclass
+class Batch:
+    """Windows of similar length, right-padded: under causal attention no real token sees padding."""
+
+    rows: list[int]  # window indices, in row order
+    input_ids: torch.Tensor  # (b, L)
+    scored: torch.Tensor  # (b, L) bool: the token at this position is a prediction target
+
+    @property
+    def predicting(self) -> torch.Tensor:
+        """(b, L) bool: positions whose logits predict a scored token (one before each target)."""
+        before = torch.zeros_like(self.scored)
+        before[:, :-1] = self.scored[:, 1:]
+        return before
+
+
+def batches(windows: list[Window], max_tokens: int = 8192, pad_id: int = 0) -> list[Batch]:
+    """Windows sorted by length (longest first) and packed into batches of <= max_tokens (b x L)."""
+    order = sorted(range(len(windows)), key=lambda i: -len(windows[i].input_ids))
+    groups: list[list[int]] = []
+    for index in order:
+        if groups and len(windows[groups[-1][0]].input_ids) * (len(groups[-1]) + 1) <= max_tokens:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    result = []
+    for rows in groups:
+        width = len(windows[rows[0]].input_ids)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        scored = torch.zeros((len(rows), width), dtype=torch.bool)
+        for row, index in enumerate(rows):
+            window = windows[index]
+            length = len(window.input_ids)
+            ids[row, :length] = window.input_ids
+            scored[row, length - window.scored : length] = True
+        result.append(Batch(rows, ids, scored))
+    return result
