@@ -61,3 +61,19 @@ def gemma():
     from cps.models import load_model
 
     return load_model("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def tiny_bos_tokenizer(tiny_tokenizer):
+    """The tiny models' tokenizer (SmolLM2's, which adds nothing) made to start every text with its
+    BOS, as Gemma's, Llama-3's and Cohere's do."""
+    import copy
+
+    from tokenizers import processors
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    bos = (tokenizer.bos_token, tokenizer.bos_token_id)
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos[0]} $A", pair=f"{bos[0]} $A $B", special_tokens=[bos]
+    )
+    return tokenizer

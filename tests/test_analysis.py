@@ -181,9 +181,12 @@ def test_activation_analyses_of_a_group(store):
     assert record.metrics["cross_snr.own_lang_best"] == pytest.approx(sum(wins) / 2)
     assert record.metrics["lape.overlap.mean"] == pytest.approx(overlap["overlap"].mean())
     folder = tracking.local_artifact_dir(store, result.run_id, "plots")
-    assert {"cross_snr.png", "lsar_specific_share.png", "lape_counts_dense.png", "snr_by_calib.png"} <= {
-        path.name for path in folder.iterdir()
-    }
+    assert {
+        "cross_snr.png",
+        "lsar_specific_share.png",
+        "lape_counts_dense.png",
+        "calib_snr_by_calib.png",
+    } <= {path.name for path in folder.iterdir()}
     for name in ("lape_overlap", "lape_counts", "cross_snr", "lsar"):
         assert tracking.local_artifact_dir(store, result.run_id, f"{name}.parquet").is_file()
     pruned = tracking.get_run(store, runs["sw"])

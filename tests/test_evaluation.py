@@ -11,46 +11,114 @@ from cps import tracking
 from cps.data import get_corpus
 from cps.data.calibration import CalibrationConfig
 from cps.errors import CpsError
-from cps.evaluation.perplexity import perplexity, score_chunks
-from cps.evaluation.tasks import _flores_next_items, _sib_items, _xcopa_items, expand_tasks, run_tasks
+from cps.evaluation.perplexity import perplexity
+from cps.evaluation.tasks import (
+    _flores_next_items,
+    _sib_items,
+    _xcopa_items,
+    expand_tasks,
+    run_tasks,
+    wilson_interval,
+)
+from cps.evaluation.windows import held_out_windows
 from cps.models import load_model
 from cps.pruning.masks import SparsityTarget
 from cps.stages.evaluate import EvalConfig, run_eval
 from cps.stages.prune import PruneConfig, run_prune
 
 
-def test_perplexity_equals_a_plain_labels_loop():
-    loaded = load_model("tiny-llama")
-    documents = get_corpus("flores").documents("sw")[:12]
-    result = perplexity(loaded.model, loaded.tokenizer, documents, seqlen=64)
-    # the same stream built by hand, scored chunk by chunk with model(input_ids, labels=...)
-    separator = loaded.tokenizer("\n\n", add_special_tokens=False)["input_ids"]
-    stream: list[int] = []
-    for index, document in enumerate(documents):
-        stream += loaded.tokenizer(document.text, add_special_tokens=False)["input_ids"]
-        stream += separator if index < len(documents) - 1 else []
+def _plain_loop(model, tokenizer, documents, seqlen, stride):
+    """The sliding-window recipe of the transformers docs, per document, with model(labels=...)."""
+    prefix = (
+        tokenizer("a")["input_ids"][:-1] if tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id else []
+    )
     total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(stream), 63):
-            context = [loaded.tokenizer.bos_token_id] if start == 0 else [stream[start - 1]]
-            ids = torch.tensor([context + stream[start : start + 63]])
-            total += loaded.model(ids, labels=ids).loss.item() * (ids.shape[1] - 1)
-            count += ids.shape[1] - 1
-    assert result.tokens == count == len(stream)
+    for document in documents:
+        ids = tokenizer(document.text, add_special_tokens=False)["input_ids"]
+        capacity = seqlen - len(prefix)
+        scored_until = 0 if prefix else 1  # without a BOS the first token has no context
+        for begin in range(0, len(ids), stride):
+            end = min(begin + capacity, len(ids))
+            targets = end - scored_until
+            inputs = torch.tensor([prefix + ids[begin:end]])
+            labels = inputs.clone()
+            labels[:, : inputs.shape[1] - targets] = -100
+            with torch.no_grad():
+                total += model(inputs, labels=labels).loss.item() * targets
+            count += targets
+            scored_until = end
+            if end == len(ids):
+                break
+    return total, count
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_sliding_windows_equal_a_plain_per_document_loop(bos, tiny_tokenizer, tiny_bos_tokenizer):
+    loaded = load_model("tiny-gemma3")
+    tokenizer = tiny_bos_tokenizer if bos else tiny_tokenizer
+    documents = get_corpus("flores").documents("sw")[:6]
+    result = perplexity(loaded.model, tokenizer, documents, seqlen=40, stride=15)
+    total, count = _plain_loop(loaded.model, tokenizer, documents, seqlen=40, stride=15)
+    lengths = [len(tokenizer(d.text, add_special_tokens=False)["input_ids"]) for d in documents]
+    assert max(lengths) > 2 * 40 and min(lengths) < 40  # one window and several
+    assert result.total_tokens == count == sum(lengths) - (0 if bos else len(documents))
     assert result.ppl == pytest.approx(math.exp(total / count), rel=1e-4)
-    text_bytes = len("\n\n".join(d.text for d in documents).encode())
-    assert result.bpb == pytest.approx(total / math.log(2) / text_bytes, rel=1e-4)
+    text_bytes = sum(len(d.text.encode()) for d in documents)
+    if bos:  # every token scored: all the text's bytes
+        assert sum(result.bytes) == text_bytes
+    else:  # the first token of each document is context only: its bytes are not counted
+        first = [
+            tokenizer.decode(tokenizer(d.text, add_special_tokens=False)["input_ids"][:1]) for d in documents
+        ]
+        assert sum(result.bytes) == text_bytes - sum(len(f.encode()) for f in first)
+    assert result.bpb == pytest.approx(total / math.log(2) / sum(result.bytes), rel=1e-4)
 
 
-def test_every_stream_token_is_predicted_once():
-    stream = torch.arange(10, 30)
-    chunks = score_chunks(stream, seqlen=6, start_token=1)
-    assert torch.equal(torch.cat([c[1:] for c in chunks]), stream)
-    assert all(len(c) <= 6 for c in chunks) and chunks[0][0] == 1
-    without = score_chunks(stream, seqlen=6, start_token=None)
-    assert torch.equal(torch.cat([c[1:] for c in without]), stream[1:])  # only the first is lost
-    with pytest.raises(CpsError):
-        score_chunks(stream, seqlen=1, start_token=1)
+def test_windows_start_with_bos_and_score_every_document_token_once(tiny_tokenizer, tiny_bos_tokenizer):
+    tokenizer = tiny_bos_tokenizer
+    documents = get_corpus("flores").documents("en")[:5]
+    text = held_out_windows(documents, tokenizer, seqlen=32, stride=10)
+    bos = tokenizer.bos_token_id
+    for index, document in enumerate(documents):
+        ids = tokenizer(document.text, add_special_tokens=False)["input_ids"]
+        windows = [w for w in text.windows if w.document == index]
+        assert all(w.input_ids[0] == bos and bos not in w.input_ids[1:].tolist() for w in windows)
+        assert all(len(w.input_ids) <= 32 for w in windows)
+        scored = torch.cat([w.input_ids[len(w.input_ids) - w.scored :] for w in windows]).tolist()
+        assert scored == ids  # each document token exactly once, in order, documents never mixed
+        for later in windows[1:]:  # the overlap with the window before is context: >= capacity - stride
+            assert len(later.input_ids) - 1 - later.scored >= 31 - 10
+    plain = held_out_windows(documents, tiny_tokenizer, seqlen=32)
+    assert plain.stride == 16 and plain.prefix == [] and plain.tokens == [t - 1 for t in text.tokens]
+    with pytest.raises(CpsError, match="--stride must be between 1 and 31"):
+        held_out_windows(documents, tokenizer, seqlen=32, stride=32)
+    with pytest.raises(CpsError, match="no text"):
+        held_out_windows([], tokenizer, seqlen=32)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "gemma3-270m"])
+def test_summed_nll_equals_lm_evals_loglikelihood_rolling(name, tiny_bos_tokenizer, request):
+    """Documents that fit one window: cps's per-document NLL is lm-eval's rolling loglikelihood with
+    its prefix token BOS before the document (HFLM(add_bos_token=False)). With add_bos_token=True
+    lm-eval encodes the document with a BOS of its own after that prefix and scores it as well."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    if name == "gemma3-270m":
+        loaded = request.getfixturevalue("gemma")
+        model, tokenizer = loaded.model, loaded.tokenizer
+    else:
+        model, tokenizer = load_model(name).model, tiny_bos_tokenizer
+    documents = get_corpus("flores").documents("sw")[:6]
+    result = perplexity(model, tokenizer, documents, seqlen=1024)
+    assert len(held_out_windows(documents, tokenizer, 1024).windows) == len(documents)  # one each
+    requests = [Instance("loglikelihood_rolling", {}, (d.text,), i) for i, d in enumerate(documents)]
+    plain = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=2, add_bos_token=False)
+    reference = plain.loglikelihood_rolling(requests, disable_tqdm=True)
+    assert result.nll == pytest.approx([-value for value in reference], rel=1e-4)
+    doubled = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=2, add_bos_token=True)
+    twice = doubled.loglikelihood_rolling(requests[:2], disable_tqdm=True)
+    assert all(-value > nll + 1 for value, nll in zip(twice, result.nll[:2], strict=True))
 
 
 def _lm_eval_xcopa_utils():
@@ -96,7 +164,8 @@ def test_each_task_family_runs_through_lm_eval():
     loaded = load_model("tiny-llama")
     names = expand_tasks(["sib", "flores_next", "xcopa"], ["sw", "en"], None)
     assert names == ["sib_sw", "sib_en", "flores_next_sw", "flores_next_en", "xcopa_sw"]
-    scores = run_tasks(loaded.model, loaded.tokenizer, ["sib_sw", "flores_next_en", "xcopa_sw"], limit=4)
+    results = run_tasks(loaded.model, loaded.tokenizer, ["sib_sw", "flores_next_en", "xcopa_sw"], limit=4)
+    scores = results.scores
     found = {(s.task, s.metric) for s in scores}
     assert found == {
         ("sib_sw", "acc"),
@@ -107,6 +176,33 @@ def test_each_task_family_runs_through_lm_eval():
         ("xcopa_sw", "acc"),
     }
     assert all(0 <= s.value <= 1 and s.samples == 4 for s in scores)
+    # the per-item results recompute every accuracy: each metric's choice from the log-likelihoods
+    picks = {
+        "acc": lambda row: row["loglik"],
+        "acc_norm": lambda row: [ll / len(c) for ll, c in zip(row["loglik"], row["choices"], strict=True)],
+        "acc_mutual_info": lambda row: [
+            c - u for c, u in zip(row["loglik"], row["loglik_unconditional"], strict=True)
+        ],
+    }
+    for score in scores:
+        items = results.items[score.task]
+        assert items.height == 4 and set(items["lang"]) == {score.task.rsplit("_", 1)[1]}
+        correct = [
+            int(max(range(len(values)), key=lambda i, v=values: (v[i], -i)) == row["target"])
+            for row in items.iter_rows(named=True)
+            for values in [picks[score.metric](row)]
+        ]
+        assert sum(correct) / len(correct) == pytest.approx(score.value, rel=1e-12)
+        assert (score.ci_low, score.ci_high) == pytest.approx(wilson_interval(sum(correct), 4))
+    assert results.items["sib_sw"]["correct"].to_list() == [a == 1.0 for a in results.items["sib_sw"]["acc"]]
+
+
+def test_wilson_interval_against_hand_computed_values():
+    # 7 of 10: p = 0.7, z^2/n = 0.384146, centre 0.644489, half-width 0.247714 (by hand)
+    assert wilson_interval(7, 10) == pytest.approx((0.39678, 0.89220), abs=1e-5)
+    assert wilson_interval(0, 4) == (0.0, pytest.approx(0.48990, abs=1e-5))  # z^2 / (n + z^2)
+    assert wilson_interval(4, 4) == (pytest.approx(0.51010, abs=1e-5), 1.0)
+    assert all(math.isnan(bound) for bound in wilson_interval(0, 0))
 
 
 @pytest.mark.parametrize("name", ["tiny-gemma3", "tiny-llama"])
@@ -152,7 +248,15 @@ def test_unknown_tasks_and_missing_language_data():
 
 
 def test_gemma3_270m_is_above_chance_on_next_sentence(gemma):
-    scores = {s.metric: s for s in run_tasks(gemma.model, gemma.tokenizer, ["flores_next_en"], limit=40)}
+    first_tokens: list[torch.Tensor] = []
+    hook = gemma.model.register_forward_pre_hook(lambda module, args: first_tokens.append(args[0][:, 0]))
+    try:
+        results = run_tasks(gemma.model, gemma.tokenizer, ["flores_next_en"], limit=40)
+    finally:
+        hook.remove()
+    # every request, conditional or not, starts with Gemma's BOS (as the perplexity windows do)
+    assert first_tokens and all((row == gemma.tokenizer.bos_token_id).all() for row in first_tokens)
+    scores = {s.metric: s for s in results.scores}
     assert scores["acc"].samples == 40
     # chance is 0.25; scored against each candidate's unconditional likelihood (PMI) the model
     # picks the true next sentence most of the time (0.8 measured), length-normalized often

