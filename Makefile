@@ -36,7 +36,7 @@ test-all: setup
 # The embedded study (studies/demo.toml, ~20 min on 2 CPU cores); rerunning resumes where it stopped.
 demo: setup
 	$(BIN)/cps sweep studies/demo.toml
-	$(BIN)/cps report --filter study=demo --pivot eval_lang --metrics ppl,acc --out reports/demo
+	$(BIN)/cps report --filter study=demo --pivot eval_lang --metrics ppl,snr,acc --out reports/demo
 	@echo "report: reports/demo/report.md (and .html); browse every run with: make ui"
 
 lint: setup

@@ -247,15 +247,27 @@ def test_unknown_tasks_and_missing_language_data():
         run_tasks(loaded.model, loaded.tokenizer, ["xcopa_en"])
 
 
-def test_gemma3_270m_is_above_chance_on_next_sentence(gemma):
+def _first_tokens_of_every_request(gemma, task: str, limit: int):
     first_tokens: list[torch.Tensor] = []
     hook = gemma.model.register_forward_pre_hook(lambda module, args: first_tokens.append(args[0][:, 0]))
     try:
-        results = run_tasks(gemma.model, gemma.tokenizer, ["flores_next_en"], limit=40)
+        results = run_tasks(gemma.model, gemma.tokenizer, [task], limit=limit)
     finally:
         hook.remove()
-    # every request, conditional or not, starts with Gemma's BOS (as the perplexity windows do)
-    assert first_tokens and all((row == gemma.tokenizer.bos_token_id).all() for row in first_tokens)
+    return results, torch.cat(first_tokens)
+
+
+def test_gemma3_270m_task_requests_start_with_bos(gemma):
+    # every request, conditional or unconditional (acc_mutual_info), starts with Gemma's BOS, as
+    # the perplexity windows do
+    results, first = _first_tokens_of_every_request(gemma, "flores_next_en", limit=3)
+    assert len(first) > 0 and (first == gemma.tokenizer.bos_token_id).all()
+    assert {s.metric for s in results.scores} == {"acc", "acc_norm", "acc_mutual_info"}
+
+
+@pytest.mark.slow
+def test_gemma3_270m_is_above_chance_on_next_sentence(gemma):
+    results, _ = _first_tokens_of_every_request(gemma, "flores_next_en", limit=40)
     scores = {s.metric: s for s in results.scores}
     assert scores["acc"].samples == 40
     # chance is 0.25; scored against each candidate's unconditional likelihood (PMI) the model

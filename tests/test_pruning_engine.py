@@ -170,7 +170,7 @@ def test_dense_baseline_run(store):
     assert tracking.find_runs(store, "calibrate") == []
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["wanda", pytest.param("sparsegpt", marks=pytest.mark.slow)])
 def test_gemma3_270m_prunes_end_to_end(method, store, tmp_path):
     import polars as pl
 

@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def snr_per_layer(stats: pl.DataFrame, title: str) -> Figure:
+def calib_snr_per_layer(stats: pl.DataFrame, title: str) -> Figure:
     """In-sample SNR (dB) of every pruned linear on its calibration tokens, by layer, one line per module."""
     import matplotlib
 

@@ -63,7 +63,8 @@ def sweep_command(
     if result.failed or result.analysis_errors:
         typer.echo("rerun the same command to retry what failed; finished cells are skipped")
         raise typer.Exit(1)
-    typer.echo(f"next: cps report --filter study={study.name} --pivot eval_lang  (cps ui: browse runs)")
+    report = f"cps report --filter study={study.name} --pivot eval_lang --metrics ppl,snr,acc"
+    typer.echo(f"next: {report}  (cps ui: browse runs)")
 
 
 def _print_plan(name: str, rows: list[tuple[str, str, str]]) -> None:

@@ -198,7 +198,7 @@ def _log_outputs(
 ) -> tuple[pl.DataFrame, dict[str, float]]:
     import polars as pl
 
-    from cps.analysis.plots import snr_per_layer
+    from cps.analysis.plots import calib_snr_per_layer
 
     if not result.masks:  # dense baseline: nothing was pruned, there is nothing per layer
         metrics = {"sparsity.actual": 0.0, "time.prune_s": 0.0, "mem.peak_rss_gb": peak_rss_gb()}
@@ -224,7 +224,9 @@ def _log_outputs(
         masks_path = Path(folder) / "masks.safetensors"
         save_masks(result.masks, str(masks_path))
         run.log_artifact(masks_path)
-        figure = snr_per_layer(stats, f"{config.method} {config.target.pattern} — {config.model}")
+        figure = calib_snr_per_layer(
+            stats, f"in-sample SNR: {config.method} {config.target.pattern} — {config.model}"
+        )
         (Path(folder) / "plots").mkdir()
         figure.savefig(Path(folder) / "plots" / "calib_snr_per_layer.png", dpi=120)
         run.log_artifact(Path(folder) / "plots", "plots")
