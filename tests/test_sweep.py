@@ -11,6 +11,7 @@ import pytest
 
 from cps import tracking
 from cps.errors import CpsError
+from cps.stages import evaluate as evaluate_stage
 from cps.stages import sweep as sweep_stage
 from cps.stages.sweep import local_executor, plan_cells, run_sweep
 from cps.study import load_study, parse_study
@@ -159,7 +160,7 @@ def test_sweep_skips_done_cells_and_reruns_a_crashed_one(tmp_path, store, monkey
     assert third.outcomes == [] and third.analysis_run_ids == [] and third.skipped_analyses == 1
 
 
-def test_a_finished_run_without_the_evaluation_is_only_evaluated(tmp_path, store):
+def test_a_finished_run_without_the_evaluation_is_only_evaluated(tmp_path, store, monkeypatch):
     from cps.stages.prune import run_prune
 
     study = load_study(tiny_study(tmp_path, langs=("sw",)))
@@ -170,7 +171,13 @@ def test_a_finished_run_without_the_evaluation_is_only_evaluated(tmp_path, store
     result = run_sweep(study, store, local_executor)
     assert result.outcomes[0].run_id == pruned.run_id
     assert len(tracking.find_runs(store, "prune")) == 1
-    assert "ppl.sw" in tracking.get_run(store, pruned.run_id).metrics
+    record = tracking.get_run(store, pruned.run_id)
+    assert "ppl.sw" in record.metrics and "snr_db.sw" in record.metrics
+    assert tracking.local_artifact_dir(store, pruned.run_id, "items/ppl_sw.parquet").is_file()
+    assert plan_cells(study, store)[0].action == "done"
+    # runs evaluated under an older protocol are evaluated again, never mixed into one report
+    monkeypatch.setattr(evaluate_stage, "PROTOCOL_VERSION", evaluate_stage.PROTOCOL_VERSION + 1)
+    assert plan_cells(study, store)[0].action == "evaluate"
 
 
 def _sweep_process(study: Path, store: tracking.Store) -> subprocess.Popen:

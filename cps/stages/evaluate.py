@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -373,7 +373,11 @@ def held_out_scores(
     model_key = params.get("model_id") or model_id(resolve_model(params["model"]))
     dense = params.get("method") == "dense"
     plans = {lang: reference_plan(loaded.model, model_key, text) for lang, text in texts.items()}
-    states = DenseStates(lambda: load_model(params["model"], options).model)
+    # The dense states in exactly the arithmetic of the model compared with them (a sweep evaluates
+    # the model it pruned, which may sit in another dtype than `options` would load).
+    parameter = next(loaded.model.parameters())
+    same = replace(options, dtype=str(parameter.dtype).removeprefix("torch."), device=str(parameter.device))
+    states = DenseStates(lambda: load_model(params["model"], same).model)
     if not dense:  # every dense reference computed (once, cached) before this model's passes
         for lang, text in texts.items():
             states.ensure(*plans[lang], text)
