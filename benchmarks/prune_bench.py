@@ -23,8 +23,8 @@ def dense_forward_seconds(model, input_ids, batch_tokens: int) -> float:
     """One dense pass of every decoder layer over all calibration tokens (same batching)."""
     import torch
 
-    from cps.models import decoder_layers
     from cps.hooks import layer_output
+    from cps.models import decoder_layers
     from cps.pruning.engine import capture_layer_calls
 
     batch_size = max(1, batch_tokens // input_ids.shape[1])
