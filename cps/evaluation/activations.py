@@ -119,11 +119,8 @@ class DeviationMeter(SnrMeter):
         width = reference.shape[-1]
         self.second = torch.zeros(reference.shape[0], width, width, dtype=torch.float64)
 
-    def layer(self, index: int, states: torch.Tensor) -> None:
-        super().layer(index, states)
-        assert self._select is not None
-        keep, slots = self._select
-        delta = states[keep.to(states.device)].double().cpu() - self.reference[index, slots].double()
+    def accumulate(self, index: int, dense: torch.Tensor, delta: torch.Tensor) -> None:
+        super().accumulate(index, dense, delta)
         self.second[index] += delta.T @ delta
 
     def result(self) -> DeviationStats:

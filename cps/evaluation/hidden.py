@@ -73,47 +73,57 @@ class PositionSample:
         return keep, positions[keep] // self.every
 
 
-class StateRecorder(LayerObserver):
-    """Keeps the sampled hidden states of every layer: (layers, positions, d), on the CPU."""
+class SampledObserver(LayerObserver):
+    """An observer of the hidden states at the positions of a `PositionSample`."""
 
-    def __init__(self, sample: PositionSample, layers: int) -> None:
+    def __init__(self, sample: PositionSample) -> None:
         self.sample = sample
-        self.layers = layers
-        self.states: torch.Tensor | None = None
         self._select: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def begin(self, batch: Batch) -> None:
         self._select = self.sample.select(batch)
 
-    def layer(self, index: int, states: torch.Tensor) -> None:
+    def sampled(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, d) states of the current batch at the sampled positions, and their slots (n,)."""
         assert self._select is not None
         keep, slots = self._select
+        return states[keep.to(states.device)], slots
+
+
+class StateRecorder(SampledObserver):
+    """Keeps the sampled hidden states of every layer: (layers, positions, d), on the CPU."""
+
+    def __init__(self, sample: PositionSample, layers: int) -> None:
+        super().__init__(sample)
+        self.layers = layers
+        self.states: torch.Tensor | None = None
+
+    def layer(self, index: int, states: torch.Tensor) -> None:
+        chosen, slots = self.sampled(states)
         if self.states is None:
             self.states = torch.zeros(self.layers, self.sample.size, states.shape[-1], dtype=states.dtype)
-        self.states[index, slots] = states[keep.to(states.device)].cpu()
+        self.states[index, slots] = chosen.cpu()
 
 
-class SnrMeter(LayerObserver):
+class SnrMeter(SampledObserver):
     """Signal and noise of every layer's states against recorded reference states."""
 
     def __init__(self, sample: PositionSample, reference: torch.Tensor) -> None:
-        self.sample = sample
+        super().__init__(sample)
         self.reference = reference  # (layers, positions, d)
         layers = reference.shape[0]
         self.signal = torch.zeros(layers, dtype=torch.float64)
         self.noise = torch.zeros(layers, dtype=torch.float64)
-        self._select: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def begin(self, batch: Batch) -> None:
-        self._select = self.sample.select(batch)
 
     def layer(self, index: int, states: torch.Tensor) -> None:
-        assert self._select is not None
-        keep, slots = self._select
-        mine = states[keep.to(states.device)].double().cpu()
+        chosen, slots = self.sampled(states)
         dense = self.reference[index, slots].double()
+        self.accumulate(index, dense, chosen.double().cpu() - dense)
+
+    def accumulate(self, index: int, dense: torch.Tensor, delta: torch.Tensor) -> None:
+        """Adds one batch's (n, d) reference states and deviations from them."""
         self.signal[index] += (dense**2).sum()
-        self.noise[index] += ((mine - dense) ** 2).sum()
+        self.noise[index] += (delta**2).sum()
 
     @property
     def snr_db(self) -> list[float]:
