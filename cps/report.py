@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from cps import tracking
 from cps.errors import CpsError
-from cps.languages import LANGUAGES
+from cps.metrics import INTERVAL, LANGUAGE_KINDS, LAYER, companion, kind_of, metric, metric_lang, task_family
 
 if TYPE_CHECKING:
     import polars as pl
@@ -43,10 +43,6 @@ MUTUAL_INFO_TASKS = ("flores_next",)
 PRUNING_METRICS = ("m:calib_snr_db.mean", "m:calib_error.total", "m:sparsity.actual", "m:time.prune_s")
 # Prune metrics logged before the in-sample figures were named for what they are.
 LEGACY_METRICS = {"m:snr_db.mean": "m:calib_snr_db.mean", "m:prune_error.total": "m:calib_error.total"}
-# A family's metric names (`--metrics snr` reads snr_db.<lang>) and the families named per language.
-FAMILY_PREFIX = {"snr": "snr_db"}
-LANGUAGE_FAMILIES = ("ppl", "bpb", "snr")
-INTERVAL = ("ci_low", "ci_high")  # a metric's Wilson interval: <family>_ci_low.<name>, ...
 NOTES = {
     "ppl": "token perplexity on held-out text (each document alone, BOS first; lower is better)",
     "bpb": "bits per UTF-8 byte of the scored held-out text (comparable across tokenizers)",
@@ -127,36 +123,30 @@ def _families(frame: pl.DataFrame, families: tuple[str, ...]) -> dict[str, list[
     (per-layer series excluded)."""
     found: dict[str, list[str]] = {}
     for family in families:
-        prefix = FAMILY_PREFIX.get(family, family)
+        kind = kind_of(family)
         columns = sorted(
             c
             for c in frame.columns
-            if c.startswith(f"m:{prefix}.")
-            and not c.endswith(".layer")
-            and (family not in LANGUAGE_FAMILIES or metric_lang(c) is not None)
+            if c.startswith(f"m:{kind}.")
+            and not c.endswith(f".{LAYER}")
+            and (kind not in LANGUAGE_KINDS or metric_lang(c.removeprefix("m:")) is not None)
         )
         if columns:
             found[family] = columns
     return found
 
 
+def _lang(column: str) -> str | None:
+    return metric_lang(column.removeprefix("m:"))
+
+
+def _family(column: str) -> str:
+    return task_family(column.removeprefix("m:"))
+
+
 def _bound_column(column: str, bound: str) -> str:
     """m:acc.sib_sw -> m:acc_ci_low.sib_sw."""
-    family, _, name = column.partition(".")
-    return f"{family}_{bound}.{name}"
-
-
-def metric_lang(name: str) -> str | None:
-    """The language a metric is named after: ppl.sw -> sw, acc.sib_sw -> sw, acc.xcopa_zh -> zh."""
-    last = re.split(r"[._]", name)[-1]
-    return last if last in LANGUAGES else None
-
-
-def task_family(name: str) -> str:
-    """acc.sib_sw -> sib; acc.flores_next_en -> flores_next."""
-    body = name.split(".", 1)[1]
-    lang = metric_lang(name)
-    return body[: -len(lang) - 1] if lang and body.endswith(f"_{lang}") else body
+    return "m:" + companion(column.removeprefix("m:"), bound)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +195,7 @@ def build_report(store: tracking.Store, config: ReportConfig) -> Report:
         raise CpsError(f"no finished prune runs in {where} ({store.resolved_uri})")
     for column in [c for c in runs.columns if c.startswith("m:acc_mutual_info.")]:
         task = column.removeprefix("m:acc_mutual_info.")
-        if task_family(f"acc.{task}") in MUTUAL_INFO_TASKS:
+        if task_family(metric("acc", task)) in MUTUAL_INFO_TASKS:
             runs = runs.with_columns(pl.col(column).alias(f"m:acc.{task}"))
             for bound in INTERVAL:
                 if _bound_column(column, bound) in runs.columns:
@@ -332,8 +322,8 @@ def _by_language(frame: pl.DataFrame, index: list[str], columns: list[str]) -> p
     return (
         long.drop_nulls("value")
         .with_columns(
-            pl.col("metric").map_elements(metric_lang, return_dtype=pl.String).alias(EVAL_LANG),
-            pl.col("metric").map_elements(task_family, return_dtype=pl.String).alias("task"),
+            pl.col("metric").map_elements(_lang, return_dtype=pl.String).alias(EVAL_LANG),
+            pl.col("metric").map_elements(_family, return_dtype=pl.String).alias("task"),
         )
         .drop([] if "run_id" in index else ["run_id"])
     )

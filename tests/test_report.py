@@ -9,7 +9,8 @@ import pytest
 
 from cps import tracking
 from cps.errors import CpsError
-from cps.report import ReportConfig, build_report, metric_lang, render, task_family, write_report
+from cps.metrics import companion, metric_lang, split_task, task_family
+from cps.report import ReportConfig, build_report, render, write_report
 
 BASE = {"model": "tiny-llama", "pattern": "unstructured", "calib_corpus": "ntrex", "nsamples": "4"}
 
@@ -172,5 +173,10 @@ def test_report_errors(store, filled):
 
 def test_metric_names():
     assert metric_lang("ppl.sw") == "sw" and metric_lang("acc.flores_next_zh") == "zh"
-    assert metric_lang("snr_db.mean") is None
+    assert metric_lang("snr_db.sw") == "sw" and metric_lang("snr_db.sw.layer") is None
+    assert metric_lang("snr_db.mean") is None and metric_lang("calib_snr_db.mean") is None
+    assert metric_lang("acc.mmlu") is None and metric_lang("acc.global_mmlu_sw") == "sw"
     assert task_family("acc.flores_next_zh") == "flores_next" and task_family("acc.sib_sw") == "sib"
+    assert task_family("acc.mmlu") == "mmlu"
+    assert split_task("flores_next_sw") == ("flores_next", "sw") and split_task("mmlu") == ("mmlu", None)
+    assert companion("acc.sib_sw", "ci_low") == "acc_ci_low.sib_sw"

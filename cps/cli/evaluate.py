@@ -76,15 +76,15 @@ def _print_table(scores) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from cps.evaluation.tasks import split_task
+    from cps.metrics import split_task
 
     table = Table(title="evaluation")
     table.add_column("lang")
     by_lang: dict[str, dict[str, str]] = {}
     columns: list[str] = []
     for name, metric, value, _, low, high in scores.iter_rows():
-        split = split_task(name)
-        lang, column = (split[1], f"{split[0]} {metric}") if split else (name, metric)
+        family, task_lang = split_task(name)
+        lang, column = (task_lang, f"{family} {metric}") if task_lang else (name, metric)
         text = f"{value:.4g}" if low is None else f"{value:.3f} ({low:.2f}–{high:.2f})"
         if metric == "snr_db":
             column = "held-out SNR dB"

@@ -22,6 +22,7 @@ from cps.data import get_corpus
 from cps.data.flores import EVAL_SPLITS, FloresCorpus
 from cps.data.xcopa import XcopaCorpus
 from cps.errors import CpsError, first_line
+from cps.metrics import ACCURACIES, split_task
 
 if TYPE_CHECKING:
     import polars as pl
@@ -147,12 +148,10 @@ def families() -> dict[str, dict[str, Any]]:
     return loaded
 
 
-def split_task(name: str) -> tuple[str, str] | None:
-    """'flores_next_sw' -> ('flores_next', 'sw'); None for names outside the pack."""
-    for family in sorted(families(), key=len, reverse=True):
-        if name.startswith(family + "_"):
-            return family, name[len(family) + 1 :]
-    return None
+def pack_family(name: str) -> str | None:
+    """The pack family of a task name ('flores_next_sw' -> 'flores_next'), None outside the pack."""
+    family, lang = split_task(name)
+    return family if lang is not None and family in families() else None
 
 
 def expand_tasks(specs: list[str], langs: list[str], data_dir: str | None) -> list[str]:
@@ -176,8 +175,8 @@ def _dataset(items: Callable[[], dict[str, list[dict]]], **_: Any) -> Any:
 
 def pack_task_config(name: str, data_dir: str | None) -> dict[str, Any]:
     """The lm-eval config of a pack task, its data built from the data dir when lm-eval asks."""
-    family, lang = split_task(name) or (None, None)
-    if family is None or lang is None:
+    family, lang = split_task(name)
+    if pack_family(name) is None or lang is None:
         raise CpsError(f"{name!r} is not a task of the cps pack")
     spec = families()[family]
     builder = BUILDERS[spec["builder"]]
@@ -190,9 +189,6 @@ def pack_task_config(name: str, data_dir: str | None) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # Running
-
-
-ACCURACIES = ("acc", "acc_norm", "acc_mutual_info")
 
 
 @dataclass(frozen=True)
@@ -235,7 +231,7 @@ def task_configs(names: list[str], data_dir: str | None) -> list[str | dict[str,
     configs: list[str | dict[str, Any]] = []
     standard: set[str] | None = None
     for name in names:
-        if split_task(name) is not None:
+        if pack_family(name) is not None:
             configs.append(pack_task_config(name, data_dir))
             continue
         standard = _standard_task_names() if standard is None else standard
@@ -267,8 +263,7 @@ def item_frame(name: str, task: Any, samples: list[dict[str, Any]]) -> pl.DataFr
     acc_mutual_info) and the choice each metric picked, enough to recompute every accuracy."""
     import polars as pl
 
-    split = split_task(name)
-    lang = split[1] if split else None
+    lang = split_task(name)[1]
     rows = []
     first_filter = samples[0].get("filter") if samples else None
     for sample in sorted(samples, key=lambda s: s["doc_id"]):

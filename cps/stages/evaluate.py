@@ -23,7 +23,7 @@ from cps.data.calibration import CalibrationConfig
 from cps.errors import CpsError
 from cps.evaluation.hidden import DenseStates, SnrMeter, StateRecorder, reference_plan, save_reference
 from cps.evaluation.perplexity import score_text
-from cps.evaluation.tasks import expand_tasks, run_tasks, split_task, task_configs
+from cps.evaluation.tasks import expand_tasks, run_tasks, task_configs
 from cps.evaluation.windows import (
     PROTOCOL_VERSION,
     HeldOutText,
@@ -33,6 +33,7 @@ from cps.evaluation.windows import (
     protocol,
 )
 from cps.languages import PAPER_LANGUAGES, get_language
+from cps.metrics import companion, layer_series, metric, split_task
 from cps.models import (
     LoadedModel,
     LoadOptions,
@@ -94,9 +95,7 @@ class EvalConfig:
     def limit_for(self, task: str) -> float | None:
         """Items to score for `task`: its own limit, its family's, else `limit`."""
         limits = dict(self.task_limits)
-        split = split_task(task)
-        family = split[0] if split else None
-        return limits.get(task, limits.get(family, self.limit) if family else self.limit)
+        return limits.get(task, limits.get(split_task(task)[0], self.limit))
 
 
 EVAL_FINGERPRINT_TAG = "cps.eval.fingerprint"
@@ -324,12 +323,13 @@ def run_eval(config: EvalConfig, store: tracking.Store, loaded: LoadedModel | No
     scores = pl.DataFrame(
         rows, schema=["name", "metric", "value", "stderr", "ci_low", "ci_high"], orient="row"
     )
-    for name, metric, value, stderr, low, high in rows:
-        metrics[f"{metric}.{name}"] = value
+    for subject, kind, value, stderr, low, high in rows:
+        name = metric(kind, subject)
+        metrics[name] = value
         if stderr is not None:
-            metrics[f"{metric}_stderr.{name}"] = stderr
+            metrics[companion(name, "stderr")] = stderr
         if low is not None:
-            metrics |= {f"{metric}_ci_low.{name}": low, f"{metric}_ci_high.{name}": high}
+            metrics |= {companion(name, "ci_low"): low, companion(name, "ci_high"): high}
     the_protocol = protocol(config.seqlen, config.stride, prefix_label(loaded.tokenizer))
     run = tracking.open_run(store, run_id)
     run.log_metrics(metrics)
@@ -396,7 +396,7 @@ def held_out_scores(
             (lang, "ppl", result.ppl, None, None, None),
             (lang, "bpb", result.bpb, None, None, None),
         ]
-        scores.metrics[f"eval_tokens.{lang}"] = float(result.total_tokens)
+        scores.metrics[metric("eval_tokens", lang)] = float(result.total_tokens)
         scores.items[f"items/ppl_{lang}.parquet"] = result.frame()
         if isinstance(observer, StateRecorder) and observer.states is not None:
             save_reference(key, observer.states)
@@ -406,7 +406,7 @@ def held_out_scores(
             scores.rows.append(
                 (lang, "snr_db", sum(finite) / len(finite) if finite else math.inf, None, None, None)
             )
-            scores.series[f"snr_db.{lang}.layer"] = per_layer
-            scores.metrics[f"snr_positions.{lang}"] = float(sample.size)
+            scores.series[layer_series("snr_db", lang)] = per_layer
+            scores.metrics[metric("snr_positions", lang)] = float(sample.size)
     states.release()
     return scores
