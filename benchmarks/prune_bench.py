@@ -40,7 +40,8 @@ def dense_forward_seconds(model, input_ids, batch_tokens: int) -> float:
 def measure(method: str, nsamples: int, seqlen: int, batch_tokens: int) -> dict:
     import torch
 
-    from cps.data.calibration import CalibrationConfig, build_calibration
+    from cps.config import CalibrationConfig
+    from cps.data.calibration import build_calibration
     from cps.models import load_model
     from cps.pruning.base import get_method
     from cps.pruning.engine import EngineConfig, prune_model

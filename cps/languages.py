@@ -64,6 +64,38 @@ def parse_languages(spec: str) -> list[str]:
     return list(dict.fromkeys(codes))
 
 
+def parse_mixture(spec: str) -> dict[str, float]:
+    """'sw' -> {'sw': 1.0}; 'en:0.5,sw:0.5' -> proportions (positive, summing to 1)."""
+    mixture: dict[str, float] = {}
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        code, _, weight = part.partition(":")
+        code = get_language(code).code
+        try:
+            share = float(weight) if weight else 1.0
+        except ValueError:
+            raise CpsError(f"bad proportion {weight!r} for {code!r} in {spec!r}") from None
+        if not share > 0:
+            raise CpsError(f"proportion of {code!r} must be positive in {spec!r}")
+        if code in mixture:
+            raise CpsError(f"language {code!r} appears twice in {spec!r}")
+        mixture[code] = share
+    if not mixture:
+        raise CpsError("no calibration language given")
+    if len(mixture) > 1 and abs(sum(mixture.values()) - 1) > 1e-3:
+        raise CpsError(f"mixture proportions must sum to 1 (got {sum(mixture.values()):g})")
+    total = sum(mixture.values())
+    return {code: share / total for code, share in mixture.items()}
+
+
+def mixture_label(mixture: dict[str, float]) -> str:
+    """The canonical `calib_lang` param: 'sw' or 'en:0.5,sw:0.5'."""
+    if len(mixture) == 1:
+        return next(iter(mixture))
+    return ",".join(f"{code}:{share:g}" for code, share in mixture.items())
+
+
 # Unicode blocks of the scripts above; used to check that text is in the language it claims.
 _BLOCKS: dict[str, tuple[tuple[int, int], ...]] = {
     "Latn": ((0x41, 0x5A), (0x61, 0x7A), (0xC0, 0x24F), (0x1E00, 0x1EFF)),

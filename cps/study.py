@@ -2,15 +2,19 @@
 
     [study]        name, description
     [grid]         models, methods, patterns, sparsities, calib_langs, seeds, dense_baseline
-    [calibration]  corpus, nsamples, seqlen
-    [prune]        dtype, device, save_model, true_sequential, blocksize, dampening
-    [eval]         langs, tasks, corpus, seqlen, stride, max_docs, limit, task_limits (a table), batch_size
-    [analyze]      group_by, activations, langs, corpus, seqlen, stride, max_docs, lape_ratio, lsar_rank
+    [calibration]  corpus, nsamples, seqlen                                  (CalibrationConfig)
+    [prune]        dtype, device, save_model, true_sequential, blocksize, dampening,
+                   offload_activations, batch_tokens                         (PruneConfig)
+    [eval]         every EvalConfig field but device and dtype (those of [prune]); task_limits is
+                   a table (family = items)
+    [analyze]      every AnalyzeConfig field but filters and device; group_by may list several
+                   params (one analysis each); enabled = false turns the analyses off
 
-A cell is one (model, method, pattern/sparsity, calibration language, seed): one prune run that is
-also evaluated before it ends. `unstructured` takes every sparsity of the grid; an N:M pattern is
-one cell (its sparsity is 1 - N/M). With `dense_baseline` each model also gets a `method=dense` cell.
-Every value is checked when the file is read, so a typo fails before any work.
+The keys are the field names of `cps.config`, so a new option there is a new key here. A cell is one
+(model, method, pattern/sparsity, calibration language, seed): one prune run that is also evaluated
+before it ends. `unstructured` takes every sparsity of the grid; an N:M pattern is one cell (its
+sparsity is 1 - N/M). With `dense_baseline` each model also gets a dense cell. Every value is
+checked when the file is read, so a typo fails before any work.
 """
 
 from __future__ import annotations
@@ -19,19 +23,16 @@ import hashlib
 import itertools
 import json
 import tomllib
-from dataclasses import dataclass, field, fields
+from collections.abc import Collection
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from cps.data.calibration import CalibrationConfig
+from cps.config import DENSE, AnalyzeConfig, CalibrationConfig, EvalConfig, PruneConfig
+from cps.data import get_corpus
 from cps.errors import CpsError
+from cps.evaluation.tasks import check_eval_inputs
 from cps.languages import PAPER_LANGUAGES, parse_languages
-from cps.pruning.base import MethodOptions
-from cps.pruning.engine import EngineConfig
-from cps.pruning.masks import SparsityTarget
-from cps.stages.analyze import AnalyzeConfig
-from cps.stages.evaluate import EvalConfig
-from cps.stages.prune import DENSE, PruneConfig, run_identity
 
 
 @dataclass(frozen=True)
@@ -45,48 +46,23 @@ class Grid:
     dense_baseline: bool = True
 
 
-@dataclass(frozen=True)
-class CalibrationSection:
-    corpus: str = "ntrex"
-    nsamples: int = 128
-    seqlen: int = 2048
-
-
-@dataclass(frozen=True)
-class PruneSection:
-    dtype: str = "auto"
-    device: str = "auto"
-    save_model: bool = False
-    true_sequential: bool = False
-    blocksize: int = 128
-    dampening: float = 0.01
-
-
-@dataclass(frozen=True)
-class EvalSection:
-    langs: tuple[str, ...] = PAPER_LANGUAGES
-    tasks: tuple[str, ...] = ()
-    corpus: str = "flores"
-    seqlen: int = 1024
-    stride: int | None = None
-    max_docs: int | None = None
-    limit: float | None = None
-    task_limits: tuple[tuple[str, float], ...] = ()  # [eval.task_limits] family = items
-    batch_size: int = 8
-
-
-@dataclass(frozen=True)
-class AnalyzeSection:
-    group_by: tuple[str, ...] = ("calib_lang",)
-    activations: bool = False
-    langs: tuple[str, ...] = PAPER_LANGUAGES
-    corpus: str = "flores"
-    seqlen: int = 512
-    stride: int | None = None
-    max_docs: int | None = None
-    lape_ratio: float = 0.01
-    lsar_rank: int | None = None
-    enabled: bool = True
+CALIBRATION_KEYS = ("corpus", "nsamples", "seqlen")
+PRUNE_KEYS = (
+    "dtype",
+    "device",
+    "save_model",
+    "true_sequential",
+    "blocksize",
+    "dampening",
+    "offload_activations",
+    "batch_tokens",
+)
+PRUNE_DEFAULTS = {"device": "auto", "save_model": False}  # a sweep: any GPU, no 1 GB copies
+EVAL_KEYS = tuple(f.name for f in fields(EvalConfig) if f.name not in ("device", "dtype", "data_dir"))
+ANALYZE_KEYS = (
+    *(f.name for f in fields(AnalyzeConfig) if f.name not in ("filters", "device", "data_dir")),
+    "enabled",
+)
 
 
 @dataclass(frozen=True)
@@ -94,12 +70,12 @@ class Cell:
     """One prune run of the grid (evaluated inside it)."""
 
     prune: PruneConfig
-    evaluate: EvalConfig  # run_id is filled in when the run exists
+    evaluate: EvalConfig
 
     @property
     def key(self) -> dict[str, str]:
         """The params that identify this cell's finished run in the store (as MLflow keeps them)."""
-        return {name: str(value) for name, value in run_identity(self.prune).items()}
+        return {name: str(value) for name, value in self.prune.identity().items()}
 
     @property
     def label(self) -> str:
@@ -115,74 +91,46 @@ class Study:
     name: str
     description: str
     grid: Grid
-    calibration: CalibrationSection
-    prune: PruneSection
-    evaluate: EvalSection
-    analyze: AnalyzeSection
-    source: str = ""  # the file's text, logged with the sweep
+    evaluate: EvalConfig
+    analyses: tuple[AnalyzeConfig, ...]  # one per group_by param; none when disabled
     cells: tuple[Cell, ...] = field(default=(), repr=False)
+    source: str = ""  # the file's text, logged with the sweep
 
     @property
     def fingerprint(self) -> str:
-        """Identifies the grid and settings (not the name or comments): the sweep's parent run."""
-        cells = [cell.key for cell in self.cells]
-        payload = json.dumps(
-            {"cells": cells, "eval": repr(self.evaluate), "analyze": repr(self.analyze)}, sort_keys=True
-        )
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-    def analyze_configs(self, data_dir: str | None) -> list[AnalyzeConfig]:
-        section = self.analyze
-        if not section.enabled:
-            return []
-        return [
-            AnalyzeConfig(
-                vary=vary,
-                activations=section.activations,
-                langs=tuple(parse_languages(",".join(section.langs))),
-                corpus=section.corpus,
-                seqlen=section.seqlen,
-                stride=section.stride,
-                max_documents=section.max_docs,
-                lape_ratio=section.lape_ratio,
-                lsar_rank=section.lsar_rank,
-                device=self.prune.device,
-                data_dir=data_dir,
-            )
-            for vary in section.group_by
+        """Identifies the grid and settings (not the name, comments or data location): the sweep's
+        parent run."""
+        analyses = [
+            {k: v for k, v in asdict(a).items() if k not in ("device", "data_dir")} for a in self.analyses
         ]
+        payload = {
+            "cells": [cell.key for cell in self.cells],
+            "eval": self.evaluate.fingerprint(),
+            "analyze": analyses,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-SECTIONS = {
-    "grid": Grid,
-    "calibration": CalibrationSection,
-    "prune": PruneSection,
-    "evaluate": EvalSection,
-    "analyze": AnalyzeSection,
-}
-_FILE_SECTIONS = {"study": None, "grid": "grid", "calibration": "calibration", "prune": "prune"}
-_FILE_SECTIONS |= {"eval": "evaluate", "analyze": "analyze"}
-
-
-def _section(kind: type, name: str, raw: Any) -> Any:
+def _values(kind: type, section: str, raw: Any, keys: Collection[str]) -> dict[str, Any]:
+    """The `keys` of a TOML table, lists as tuples (tables as sorted pairs) where `kind` has tuples."""
     if not isinstance(raw, dict):
-        raise CpsError(f"[{name}] must be a table")
-    known = {f.name: f for f in fields(kind)}
+        raise CpsError(f"[{section}] must be a table")
+    defaults = {f.name: f.default for f in fields(kind)}
     values = {}
     for key, value in raw.items():
-        if key not in known:
-            raise CpsError(f"unknown key {key!r} in [{name}]; known: {', '.join(sorted(known))}")
-        default = getattr(kind(), key)
+        if key not in keys:
+            raise CpsError(f"unknown key {key!r} in [{section}]; known: {', '.join(sorted(keys))}")
+        default = defaults.get(key)
         if isinstance(value, dict) and isinstance(default, tuple):  # a table: name = value pairs
             value = tuple(sorted(value.items()))
         elif isinstance(default, tuple):
             if isinstance(value, str):
                 value = [value]
             if not isinstance(value, list) or (default and not value):  # () defaults may be empty
-                raise CpsError(f"[{name}] {key} must be a {'non-empty ' if default else ''}list")
+                raise CpsError(f"[{section}] {key} must be a {'non-empty ' if default else ''}list")
             value = tuple(value)
         values[key] = value
-    return kind(**values)
+    return values
 
 
 def load_study(path: str | Path, data_dir: str | None = None) -> Study:
@@ -198,61 +146,66 @@ def load_study(path: str | Path, data_dir: str | None = None) -> Study:
     return parse_study(raw, data_dir, text, default_name=path.stem)
 
 
+SECTIONS = ("study", "grid", "calibration", "prune", "eval", "analyze")
+
+
 def parse_study(
     raw: dict[str, Any], data_dir: str | None = None, source: str = "", default_name: str = "study"
 ) -> Study:
-    unknown = set(raw) - set(_FILE_SECTIONS)
+    unknown = set(raw) - set(SECTIONS)
     if unknown:
-        raise CpsError(f"unknown section [{sorted(unknown)[0]}]; known: {', '.join(_FILE_SECTIONS)}")
+        raise CpsError(f"unknown section [{sorted(unknown)[0]}]; known: {', '.join(SECTIONS)}")
     head = raw.get("study", {})
     if not isinstance(head, dict) or set(head) - {"name", "description"}:
         raise CpsError("[study] takes name and description")
-    parts = {
-        attribute: _section(SECTIONS[attribute], section, raw.get(section, {}))
-        for section, attribute in _FILE_SECTIONS.items()
-        if attribute
-    }
     try:
-        study = Study(
-            name=str(head.get("name", default_name)),
-            description=str(head.get("description", "")),
-            source=source,
-            **parts,
+        grid = Grid(**_values(Grid, "grid", raw.get("grid", {}), [f.name for f in fields(Grid)]))
+        calibration = _values(CalibrationConfig, "calibration", raw.get("calibration", {}), CALIBRATION_KEYS)
+        prune = PRUNE_DEFAULTS | _values(PruneConfig, "prune", raw.get("prune", {}), PRUNE_KEYS)
+        evaluate = _values(EvalConfig, "eval", raw.get("eval", {}), EVAL_KEYS)
+        evaluate["langs"] = tuple(parse_languages(",".join(evaluate.get("langs", PAPER_LANGUAGES))))
+        eval_config = EvalConfig(
+            **evaluate, device=prune["device"], dtype=prune.get("dtype", "auto"), data_dir=data_dir
         )
-        return Study(**{**study.__dict__, "cells": tuple(_cells(study, data_dir))})
+        analyses = _analyses(raw.get("analyze", {}), prune["device"], data_dir)
+        cells = _cells(grid, calibration, prune, eval_config, data_dir)
     except (TypeError, ValueError) as error:
         raise CpsError(f"bad study file: {error}") from None
+    name, description = str(head.get("name", default_name)), str(head.get("description", ""))
+    return Study(name, description, grid, eval_config, analyses, tuple(cells), source)
 
 
-def _cells(study: Study, data_dir: str | None) -> list[Cell]:
-    grid, calib, prune = study.grid, study.calibration, study.prune
-    evaluate = _eval_template(study, data_dir)
-    options = MethodOptions(prune.blocksize, prune.dampening)
-    engine = EngineConfig(device=prune.device, true_sequential=prune.true_sequential)
-    targets = []
-    for pattern in grid.patterns:
-        if pattern == "unstructured":
-            targets += [SparsityTarget.parse(pattern, float(s)) for s in grid.sparsities]
-        else:
-            targets.append(SparsityTarget.parse(pattern, None))
+def _analyses(raw: Any, device: str, data_dir: str | None) -> tuple[AnalyzeConfig, ...]:
+    values = _values(AnalyzeConfig, "analyze", raw, ANALYZE_KEYS)
+    if not values.pop("enabled", True):
+        return ()
+    group_by = values.pop("group_by", ("calib_lang",))
+    values["langs"] = tuple(parse_languages(",".join(values.get("langs", PAPER_LANGUAGES))))
+    params = [group_by] if isinstance(group_by, str) else list(group_by)
+    return tuple(AnalyzeConfig(str(p), **values, device=device, data_dir=data_dir) for p in params)
+
+
+def _cells(
+    grid: Grid, calibration: dict[str, Any], prune: dict[str, Any], evaluate: EvalConfig, data_dir: str | None
+) -> list[Cell]:
+    targets: list[tuple[str, float | None]] = []
+    for pattern in grid.patterns:  # unstructured takes every sparsity; N:M implies its own
+        unstructured = pattern == "unstructured"
+        targets += [(pattern, float(s)) for s in grid.sparsities] if unstructured else [(pattern, None)]
     cells = []
     for model in grid.models:
         if grid.dense_baseline:
             dense = PruneConfig(
-                CalibrationConfig(model, "en", data_dir=data_dir), DENSE, dtype=prune.dtype, save_model=False
+                model, None, dtype=prune.get("dtype", "auto"), device=prune["device"], save_model=False
             )
             cells.append(Cell(dense, evaluate))
-        for method, target, lang, seed in itertools.product(
+        for method, (pattern, sparsity), lang, seed in itertools.product(
             grid.methods, targets, grid.calib_langs, grid.seeds
         ):
             if method == DENSE:
                 raise CpsError("list the dense baseline as dense_baseline = true, not as a method")
-            calibration = CalibrationConfig(
-                model, str(lang), calib.corpus, calib.nsamples, calib.seqlen, int(seed), data_dir
-            )
-            config = PruneConfig(
-                calibration, method, target, options, engine, prune.dtype, save_model=prune.save_model
-            )
+            calib = CalibrationConfig(model, str(lang), seed=int(seed), data_dir=data_dir, **calibration)
+            config = PruneConfig(model, method, calib, pattern=pattern, sparsity=sparsity, **prune)
             cells.append(Cell(config, evaluate))
     if not cells:
         raise CpsError("the study's grid has no cells")
@@ -262,40 +215,17 @@ def _cells(study: Study, data_dir: str | None) -> list[Cell]:
     return cells
 
 
-def _eval_template(study: Study, data_dir: str | None) -> EvalConfig:
-    section, prune = study.evaluate, study.prune
-    return EvalConfig(
-        run_id="pending",  # each cell's run id replaces it
-        langs=tuple(parse_languages(",".join(section.langs))),
-        tasks=tuple(section.tasks),
-        corpus=section.corpus,
-        seqlen=section.seqlen,
-        stride=section.stride,
-        limit=section.limit,
-        task_limits=section.task_limits,
-        max_documents=section.max_docs,
-        batch_size=section.batch_size,
-        device=prune.device,
-        dtype=prune.dtype,
-        data_dir=data_dir,
-    )
-
-
-def check_inputs(study: Study, data_dir: str | None) -> None:
+def check_inputs(study: Study) -> None:
     """Every corpus, language and task the study reads exists: a missing one fails before any work."""
-    from cps.data import get_corpus
-    from cps.evaluation.tasks import expand_tasks, task_configs
-
-    calibration = get_corpus(study.calibration.corpus, data_dir)
     for cell in study.cells:
-        if cell.prune.method != DENSE:
-            for lang in cell.prune.calibration.mixture:
-                calibration.require(lang)
-    held_out = get_corpus(study.evaluate.corpus, data_dir)
-    langs = [held_out.require(lang) for lang in study.evaluate.langs]
-    task_configs(expand_tasks(list(study.evaluate.tasks), langs, data_dir), data_dir)
-    for config in study.analyze_configs(data_dir):
+        calibration = cell.prune.calibration
+        if calibration is not None:
+            corpus = get_corpus(calibration.corpus, calibration.data_dir)
+            for lang in calibration.mixture:
+                corpus.require(lang)
+    check_eval_inputs(study.evaluate)
+    for config in study.analyses:
         if config.activations:
-            analysis = get_corpus(config.corpus, data_dir)
+            analysis = get_corpus(config.corpus, config.data_dir)
             for lang in config.langs:
                 analysis.require(lang)

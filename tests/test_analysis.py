@@ -109,22 +109,35 @@ def test_groups_ignore_runs_that_differ_in_anything_but_the_varied_param():
 
 
 def test_mask_overlap_of_a_group_from_the_store(store):
+    from cps.analysis.masks_overlap import pairwise_iou
     from cps.analysis.plots import iou_heatmap, language_matrix
-    from cps.data.calibration import CalibrationConfig
-    from cps.stages.analyze import AnalyzeConfig, find_groups, mask_overlap, run_analyze
-    from cps.stages.prune import PruneConfig, run_prune
+    from cps.config import AnalyzeConfig, CalibrationConfig, PruneConfig
+    from cps.runs import run_masks
+    from cps.stages.analyze import find_groups, run_analyze
+    from cps.stages.prune import run_prune
 
     for lang in ("sw", "zh", "ru"):
         run_prune(
-            PruneConfig(CalibrationConfig("tiny-llama", lang, nsamples=4, seqlen=32), save_model=False), store
+            PruneConfig(
+                "tiny-llama",
+                "wanda",
+                CalibrationConfig("tiny-llama", lang, nsamples=4, seqlen=32),
+                save_model=False,
+            ),
+            store,
         )
     run_prune(
-        PruneConfig(CalibrationConfig("tiny-llama", "sw", nsamples=4, seqlen=32, seed=1), save_model=False),
+        PruneConfig(
+            "tiny-llama",
+            "wanda",
+            CalibrationConfig("tiny-llama", "sw", nsamples=4, seqlen=32, seed=1),
+            save_model=False,
+        ),
         store,
     )
     (group,) = find_groups(store)
     assert sorted(group.members) == ["ru", "sw", "zh"] and group.shared["seed"] == "0"
-    table = mask_overlap(store, group)
+    table = pairwise_iou({lang: run_masks(store, run_id) for lang, run_id in group.members.items()})
     assert table.height == 3 * 14  # 3 language pairs x 7 linears x 2 layers
     assert table["iou"].min() > 0 and table["iou"].max() < 1  # Wanda masks move with the language
     # 50% masks of the same size: IoU = s / (2 * 0.5 - s) for a shared share s, so >= 1/3 at chance
@@ -146,17 +159,17 @@ def test_mask_overlap_of_a_group_from_the_store(store):
 
 
 def test_activation_analyses_of_a_group(store):
-    from cps.data.calibration import CalibrationConfig
-    from cps.stages.analyze import AnalyzeConfig, run_analyze
-    from cps.stages.prune import PruneConfig, run_prune
+    from cps.config import AnalyzeConfig, CalibrationConfig, PruneConfig
+    from cps.stages.analyze import run_analyze
+    from cps.stages.prune import run_prune
 
     runs = {}
     for lang in ("sw", "zh"):
         calibration = CalibrationConfig("tiny-gemma3", lang, nsamples=4, seqlen=32)
-        runs[lang] = run_prune(PruneConfig(calibration, save_model=False), store).run_id
-    config = AnalyzeConfig(
-        activations=True, langs=("sw", "zh", "ru"), max_documents=3, seqlen=64, lape_ratio=0.05
-    )
+        runs[lang] = run_prune(
+            PruneConfig(calibration.model, "wanda", calibration, save_model=False), store
+        ).run_id
+    config = AnalyzeConfig(activations=True, langs=("sw", "zh", "ru"), max_docs=3, seqlen=64, lape_ratio=0.05)
     (result,) = run_analyze(config, store)
     tables = result.activation_tables
     overlap = tables["lape_overlap"]

@@ -5,17 +5,11 @@ from itertools import pairwise
 import pytest
 import torch
 
+from cps.config import CalibrationConfig
 from cps.data import get_corpus
-from cps.data.calibration import (
-    DOCUMENT_SEPARATOR,
-    CalibrationConfig,
-    build_calibration,
-    parse_mixture,
-    sample_starts,
-    window_counts,
-)
+from cps.data.calibration import DOCUMENT_SEPARATOR, build_calibration, sample_starts, window_counts
 from cps.errors import CpsError
-from cps.languages import get_language, script_share
+from cps.languages import get_language, parse_mixture, script_share
 
 
 def _build(tokenizer, lang, nsamples=8, seqlen=64, seed=0, corpus="ntrex"):

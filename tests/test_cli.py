@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cps import tracking
-from cps.data.calibration import CalibrationConfig, build_calibration
+from cps.config import CalibrationConfig
+from cps.data.calibration import build_calibration
 
 
 def cps(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -68,7 +69,7 @@ def test_calibrate_logs_a_run_that_reads_back(store, tmp_path, tiny_tokenizer):
     assert run.params["calib_hash"] == expected.calib_hash
     assert run.metrics["calib.tokens"] == 128
     assert run.metrics["calib.coverage"] == pytest.approx(expected.summary_metrics()["calib.coverage"])
-    from cps.stages.calibrate import load_calibration_run
+    from cps.runs import load_calibration_run
 
     logged = load_calibration_run(store, run.run_id)
     assert torch.equal(logged.input_ids, expected.input_ids)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from cps import tracking
+from cps.config import CalibrationConfig, EvalConfig, PruneConfig
 from cps.data import get_corpus
-from cps.data.calibration import CalibrationConfig
 from cps.errors import CpsError
 from cps.evaluation.perplexity import perplexity
 from cps.evaluation.tasks import (
@@ -22,9 +22,8 @@ from cps.evaluation.tasks import (
 )
 from cps.evaluation.windows import held_out_windows
 from cps.models import load_model
-from cps.pruning.masks import SparsityTarget
-from cps.stages.evaluate import EvalConfig, run_eval
-from cps.stages.prune import PruneConfig, run_prune
+from cps.stages.evaluate import run_eval
+from cps.stages.prune import run_prune
 
 
 def _plain_loop(model, tokenizer, documents, seqlen, stride):
@@ -278,10 +277,10 @@ def test_gemma3_270m_is_above_chance_on_next_sentence(gemma):
 
 def test_metrics_land_in_the_evaluated_run(store):
     calibration = CalibrationConfig("tiny-llama", "sw", nsamples=4, seqlen=32)
-    pruned = run_prune(PruneConfig(calibration, "wanda"), store)
-    other = run_prune(PruneConfig(calibration, "magnitude"), store)
+    pruned = run_prune(PruneConfig("tiny-llama", "wanda", calibration), store)
+    other = run_prune(PruneConfig("tiny-llama", "magnitude", calibration), store)
     result = run_eval(
-        EvalConfig(run_id=pruned.run_id, langs=("sw", "zh"), tasks=("sib",), limit=3, seqlen=128), store
+        EvalConfig(langs=("sw", "zh"), tasks=("sib",), limit=3, seqlen=128), store, pruned.run_id
     )
     record = tracking.get_run(store, pruned.run_id)
     assert record.status == "FINISHED"
@@ -289,9 +288,9 @@ def test_metrics_land_in_the_evaluated_run(store):
         assert key in record.metrics and record.metrics[key] == pytest.approx(result.metrics[key])
     assert not any(k.startswith("ppl.") for k in tracking.get_run(store, other.run_id).metrics)
     # the model evaluated is the pruned one: the dense model has a different perplexity
-    dense = run_eval(EvalConfig(model="tiny-llama", langs=("sw",), seqlen=128), store)
+    dense = run_eval(EvalConfig(langs=("sw",), seqlen=128), store, model="tiny-llama")
     assert dense.metrics["ppl.sw"] != pytest.approx(result.metrics["ppl.sw"])
-    again = run_eval(EvalConfig(model="tiny-llama", langs=("sw",), seqlen=128), store)
+    again = run_eval(EvalConfig(langs=("sw",), seqlen=128), store, model="tiny-llama")
     assert again.run_id == dense.run_id  # the dense run is reused, not duplicated
     assert len(tracking.find_runs(store, "prune", {"method": "dense"})) == 1
 
@@ -299,26 +298,26 @@ def test_metrics_land_in_the_evaluated_run(store):
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_rebuilt_models_evaluate_like_saved_ones(method, store):
     calibration = CalibrationConfig("tiny-qwen2", "sw", nsamples=4, seqlen=32)
-    saved = run_prune(PruneConfig(calibration, method, SparsityTarget.parse("2:4", None)), store)
+    saved = run_prune(PruneConfig("tiny-qwen2", method, calibration, pattern="2:4"), store)
     unsaved = run_prune(
-        PruneConfig(calibration, method, SparsityTarget.parse("2:4", None), save_model=False), store
+        PruneConfig("tiny-qwen2", method, calibration, pattern="2:4", save_model=False), store
     )
     config = {"langs": ("en",), "seqlen": 96}
-    from_artifact = run_eval(EvalConfig(run_id=saved.run_id, **config), store)
-    rebuilt = run_eval(EvalConfig(run_id=unsaved.run_id, **config), store)
+    from_artifact = run_eval(EvalConfig(**config), store, saved.run_id)
+    rebuilt = run_eval(EvalConfig(**config), store, unsaved.run_id)
     assert rebuilt.metrics["ppl.en"] == pytest.approx(from_artifact.metrics["ppl.en"], rel=1e-6)
 
 
 def test_eval_errors(store):
     with pytest.raises(CpsError, match="no run 'feedface'"):
-        run_eval(EvalConfig(run_id="feedface"), store)
+        run_eval(EvalConfig(), store, "feedface")
     with pytest.raises(CpsError, match="not both"):
-        EvalConfig(run_id="x", model="tiny-llama")
+        run_eval(EvalConfig(), store, "x", model="tiny-llama")
     with pytest.raises(CpsError, match="no 'et' data"):
-        run_eval(EvalConfig(model="tiny-llama", langs=("et",)), store)
+        run_eval(EvalConfig(langs=("et",)), store, model="tiny-llama")
     with tracking.start_run(store, "calibrate", {}) as calibrate:
         pass
     with pytest.raises(CpsError, match="a calibrate run"):
-        run_eval(EvalConfig(run_id=calibrate.run_id), store)
+        run_eval(EvalConfig(), store, calibrate.run_id)
     with pytest.raises(CpsError, match="unknown task"):
-        run_eval(EvalConfig(model="tiny-llama", tasks=("nonsense_task",)), store)
+        run_eval(EvalConfig(tasks=("nonsense_task",)), store, model="tiny-llama")

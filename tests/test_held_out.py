@@ -13,15 +13,15 @@ import pytest
 import torch
 
 from cps import tracking
+from cps.config import CalibrationConfig, EvalConfig, PruneConfig
 from cps.data import get_corpus
-from cps.data.calibration import CalibrationConfig
 from cps.evaluation import hidden
 from cps.evaluation.windows import held_out_windows
-from cps.models import decoder_layers, load_model
-from cps.pruning.masks import SparsityTarget
+from cps.models import LoadOptions, decoder_layers, load_model
+from cps.runs import load_run_model
 from cps.stages import evaluate
-from cps.stages.evaluate import EvalConfig, load_run_model, run_eval
-from cps.stages.prune import PruneConfig, run_prune
+from cps.stages.evaluate import run_eval
+from cps.stages.prune import run_prune
 
 
 def _items(store, run_id: str, folder: Path) -> dict[str, pl.DataFrame]:
@@ -35,16 +35,9 @@ def _first_max(values: list[float]) -> int:
 
 def test_per_item_results_recompute_every_logged_number(store, tmp_path):
     calibration = CalibrationConfig("tiny-llama", "sw", nsamples=4, seqlen=32)
-    pruned = run_prune(PruneConfig(calibration, "wanda", save_model=False), store)
-    config = EvalConfig(
-        run_id=pruned.run_id,
-        langs=("sw", "zh"),
-        tasks=("sib", "flores_next"),
-        limit=5,
-        seqlen=64,
-        max_documents=8,
-    )
-    run_eval(config, store)
+    pruned = run_prune(PruneConfig("tiny-llama", "wanda", calibration, save_model=False), store)
+    config = EvalConfig(langs=("sw", "zh"), tasks=("sib", "flores_next"), limit=5, seqlen=64, max_docs=8)
+    run_eval(config, store, pruned.run_id)
     record = tracking.get_run(store, pruned.run_id)
     items = _items(store, pruned.run_id, tmp_path)
     assert set(items) == {"ppl_sw", "ppl_zh", "sib_sw", "sib_zh", "flores_next_sw", "flores_next_zh"}
@@ -103,10 +96,10 @@ def _layer_outputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
 
 def test_held_out_snr_equals_a_recomputation_window_by_window(store):
     calibration = CalibrationConfig("tiny-qwen2", "sw", nsamples=4, seqlen=32)
-    pruned = run_prune(PruneConfig(calibration, "sparsegpt", SparsityTarget.parse("2:4", None)), store)
-    result = run_eval(EvalConfig(run_id=pruned.run_id, langs=("en",), seqlen=48, max_documents=5), store)
+    pruned = run_prune(PruneConfig("tiny-qwen2", "sparsegpt", calibration, pattern="2:4"), store)
+    result = run_eval(EvalConfig(langs=("en",), seqlen=48, max_docs=5), store, pruned.run_id)
     dense = load_model("tiny-qwen2")
-    model = load_run_model(store, tracking.get_run(store, pruned.run_id), evaluate.LoadOptions()).model
+    model = load_run_model(store, tracking.get_run(store, pruned.run_id), LoadOptions()).model
     text = held_out_windows(get_corpus("flores").documents("en")[:5], dense.tokenizer, 48)
     layers = len(decoder_layers(dense.model))
     signal, noise = torch.zeros(layers, dtype=torch.float64), torch.zeros(layers, dtype=torch.float64)
@@ -126,28 +119,30 @@ def test_held_out_snr_equals_a_recomputation_window_by_window(store):
 
 def test_dense_states_are_computed_once_then_read_from_the_cache(store, monkeypatch):
     calibration = CalibrationConfig("tiny-llama", "sw", nsamples=4, seqlen=32)
-    runs = [run_prune(PruneConfig(calibration, method), store).run_id for method in ("wanda", "magnitude")]
+    runs = [
+        run_prune(PruneConfig("tiny-llama", m, calibration), store).run_id for m in ("wanda", "magnitude")
+    ]
     loads: list[str] = []
     real_load = evaluate.load_model
     monkeypatch.setattr(
         evaluate, "load_model", lambda name, *a, **k: loads.append(name) or real_load(name, *a, **k)
     )
-    langs = {"langs": ("sw", "zh", "de"), "seqlen": 64, "max_documents": 3}
+    langs = {"langs": ("sw", "zh", "de"), "seqlen": 64, "max_docs": 3}
     cache = Path(os.environ["CPS_CACHE_DIR"]) / "hidden"
     before = set(cache.glob("*.safetensors")) if cache.is_dir() else set()
-    first = run_eval(EvalConfig(run_id=runs[0], **langs), store)
+    first = run_eval(EvalConfig(**langs), store, runs[0])
     assert loads == ["tiny-llama"]  # the dense model, once for all three languages
     assert len(set(cache.glob("*.safetensors")) - before) == 3
-    second = run_eval(EvalConfig(run_id=runs[1], **langs), store)
+    second = run_eval(EvalConfig(**langs), store, runs[1])
     assert loads == ["tiny-llama"]  # cache hits: not loaded again
     assert second.metrics["snr_db.sw"] != pytest.approx(first.metrics["snr_db.sw"])
-    again = run_eval(EvalConfig(run_id=runs[0], **langs), store)
+    again = run_eval(EvalConfig(**langs), store, runs[0])
     assert again.metrics["snr_db.zh"] == first.metrics["snr_db.zh"]  # the cached states are exact
     # the dense model's own evaluation records its states in the same pass it scores perplexity
-    dense = run_eval(EvalConfig(model="tiny-llama", langs=("en",), seqlen=64, max_documents=3), store)
+    dense = run_eval(EvalConfig(langs=("en",), seqlen=64, max_docs=3), store, model="tiny-llama")
     assert not any(name.startswith("snr_db") for name in dense.metrics)
     loads.clear()
-    run_eval(EvalConfig(run_id=runs[0], langs=("en",), seqlen=64, max_documents=3), store)
+    run_eval(EvalConfig(langs=("en",), seqlen=64, max_docs=3), store, runs[0])
     assert loads == []
 
 

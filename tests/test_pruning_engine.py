@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from cps import tracking
-from cps.data.calibration import CalibrationConfig, build_calibration
+from cps.config import CalibrationConfig, PruneConfig
+from cps.data.calibration import build_calibration
 from cps.models import decoder_layers, load_model
 from cps.pruning.base import get_method
 from cps.pruning.engine import EngineConfig, capture_layer_calls, prune_model
 from cps.pruning.masks import SparsityTarget, load_masks
-from cps.stages.prune import PruneConfig, run_prune
+from cps.stages.prune import run_prune
 
 ARCHITECTURES = ["tiny-llama", "tiny-gemma3", "tiny-cohere", "tiny-qwen2"]
 
@@ -139,7 +140,7 @@ def test_tiny_architectures_prune_end_to_end(name, store, tmp_path):
     from transformers import AutoModelForCausalLM
 
     calibration = CalibrationConfig(name, "sw", nsamples=4, seqlen=40)
-    result = run_prune(PruneConfig(calibration, "wanda", SparsityTarget.parse("2:4", None)), store)
+    result = run_prune(PruneConfig(calibration.model, "wanda", calibration, pattern="2:4"), store)
     record = tracking.get_run(store, result.run_id)
     assert record.status == "FINISHED" and record.params["pattern"] == "2:4"
     assert float(record.metrics["sparsity.actual"]) == 0.5
@@ -163,7 +164,7 @@ def test_tiny_architectures_prune_end_to_end(name, store, tmp_path):
 
 
 def test_dense_baseline_run(store):
-    result = run_prune(PruneConfig(CalibrationConfig("tiny-llama", "en"), "dense"), store)
+    result = run_prune(PruneConfig("tiny-llama", None), store)
     record = tracking.get_run(store, result.run_id)
     assert record.params["method"] == "dense" and record.params["sparsity"] == "0.0"
     assert record.params["calib_lang"] == "none"
@@ -174,9 +175,8 @@ def test_dense_baseline_run(store):
 def test_gemma3_270m_prunes_end_to_end(method, store, tmp_path):
     import polars as pl
 
-    config = PruneConfig(
-        CalibrationConfig("gemma3-270m", "sw", nsamples=16, seqlen=256), method, save_model=False
-    )
+    calibration = CalibrationConfig("gemma3-270m", "sw", nsamples=16, seqlen=256)
+    config = PruneConfig("gemma3-270m", method, calibration, save_model=False)
     result = run_prune(config, store)
     (record,) = tracking.find_runs(store, "prune", {"method": method})
     assert record.run_id == result.run_id

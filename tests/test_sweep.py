@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from cps import config as config_module
 from cps import tracking
 from cps.errors import CpsError
-from cps.stages import evaluate as evaluate_stage
 from cps.stages import sweep as sweep_stage
 from cps.stages.sweep import local_executor, plan_cells, run_sweep
 from cps.study import load_study, parse_study
@@ -120,7 +120,7 @@ def test_shipped_studies_parse():
     demo = load_study(REPO / "studies" / "demo.toml")
     assert demo.grid.models == ("gemma3-270m",)
     assert set(demo.grid.calib_langs) == {"ar", "de", "en", "es", "ru", "sw", "zh"}
-    assert len(demo.cells) == 1 + 2 * 7 and demo.analyze.activations
+    assert len(demo.cells) == 1 + 2 * 7 and demo.analyses[0].activations
     paper = load_study(REPO / "studies" / "paper.toml")
     assert set(paper.grid.models) == {"llama3", "aya23"} and paper.grid.seeds == (0, 42, 1234)
     assert set(paper.grid.patterns) == {"unstructured", "2:4"}
@@ -131,10 +131,10 @@ def test_sweep_skips_done_cells_and_reruns_a_crashed_one(tmp_path, store, monkey
     study = load_study(tiny_study(tmp_path, langs=("sw", "zh", "ru"), dense=True, analyze=True))
     real_eval = sweep_stage.run_eval
 
-    def crash_on_zh(config, store_, loaded=None):
-        if tracking.get_run(store_, config.run_id).params.get("calib_lang") == "zh":
+    def crash_on_zh(config, store_, run_id, loaded=None):
+        if tracking.get_run(store_, run_id).params.get("calib_lang") == "zh":
             raise RuntimeError("simulated crash")
-        return real_eval(config, store_, loaded)
+        return real_eval(config, store_, run_id, loaded)
 
     monkeypatch.setattr(sweep_stage, "run_eval", crash_on_zh)
     first = run_sweep(study, store)
@@ -176,7 +176,7 @@ def test_a_finished_run_without_the_evaluation_is_only_evaluated(tmp_path, store
     assert tracking.local_artifact_dir(store, pruned.run_id, "items/ppl_sw.parquet").is_file()
     assert plan_cells(study, store)[0].action == "done"
     # runs evaluated under an older protocol are evaluated again, never mixed into one report
-    monkeypatch.setattr(evaluate_stage, "PROTOCOL_VERSION", evaluate_stage.PROTOCOL_VERSION + 1)
+    monkeypatch.setattr(config_module, "PROTOCOL_VERSION", config_module.PROTOCOL_VERSION + 1)
     assert plan_cells(study, store)[0].action == "evaluate"
 
 
@@ -251,21 +251,20 @@ def test_ray_executor_runs_a_two_cell_grid(tmp_path, store):
 def test_kept_weights_load_exactly_and_serve_the_sweeps_analyses(tmp_path, store, monkeypatch):
     import torch
 
-    from cps.data.calibration import CalibrationConfig
+    from cps import runs
+    from cps.config import CalibrationConfig, PruneConfig
     from cps.models import LoadOptions
-    from cps.stages import evaluate
-    from cps.stages.prune import PruneConfig, run_prune
+    from cps.stages.prune import run_prune
 
-    config = PruneConfig(
-        CalibrationConfig("tiny-llama", "sw", nsamples=4, seqlen=32), "sparsegpt", save_model=False
-    )
+    calibration = CalibrationConfig("tiny-llama", "sw", nsamples=4, seqlen=32)
+    config = PruneConfig("tiny-llama", "sparsegpt", calibration, save_model=False)
     pruned = run_prune(config, store, keep_model=True)
-    path = evaluate.keep_weights(pruned.run_id, pruned.model.model)
+    path = runs.keep_weights(pruned.run_id, pruned.model.model)
     record = tracking.get_run(store, pruned.run_id)
-    kept = evaluate.load_run_model(store, record, LoadOptions())
-    evaluate.drop_kept_weights([pruned.run_id])
+    kept = runs.load_run_model(store, record, LoadOptions())
+    runs.drop_kept_weights([pruned.run_id])
     assert not path.exists()
-    rebuilt = evaluate.load_run_model(store, record, LoadOptions())  # pruned again from the calibration run
+    rebuilt = runs.load_run_model(store, record, LoadOptions())  # pruned again from the calibration run
     for name, weight in pruned.model.model.state_dict().items():
         assert torch.equal(kept.model.state_dict()[name], weight), name
         assert torch.equal(rebuilt.model.state_dict()[name], weight), name
@@ -282,7 +281,7 @@ def test_kept_weights_load_exactly_and_serve_the_sweeps_analyses(tmp_path, store
     def no_rebuild(*args):
         raise AssertionError("the analyses pruned again instead of loading the kept weights")
 
-    monkeypatch.setattr(evaluate, "_prune_again", no_rebuild)
+    monkeypatch.setattr(runs, "_prune_again", no_rebuild)
     result = run_sweep(study, store)
     assert not result.failed and len(result.analysis_run_ids) == 1 and not result.analysis_errors
     assert len(kept_paths) == 2 and not any(p.exists() for p in kept_paths)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import polars as pl
 import torch
 
 
@@ -45,3 +46,39 @@ def lape(
         keep = probs[selected[:, 0], selected[:, 1], index] > threshold
         assignment[lang] = selected[keep]
     return LanguageNeurons(entropy.float(), selected, assignment, threshold)
+
+
+def neuron_counts(model: str, neurons: LanguageNeurons, languages: list[str]) -> pl.DataFrame:
+    """(model, lang, layer, neurons): the language-specific neurons of every layer that has any."""
+    rows = []
+    for lang in languages:
+        layers, counts = torch.unique(neurons.assignment[lang][:, 0], return_counts=True)
+        rows += [(model, lang, int(layer), int(n)) for layer, n in zip(layers, counts, strict=True)]
+    return pl.DataFrame(
+        rows,
+        schema={"model": pl.String, "lang": pl.String, "layer": pl.Int64, "neurons": pl.Int64},
+        orient="row",
+    )
+
+
+def neuron_overlap(
+    dense: LanguageNeurons,
+    pruned: LanguageNeurons,
+    dense_probabilities: torch.Tensor,
+    pruned_probabilities: torch.Tensor,
+    languages: list[str],
+) -> pl.DataFrame:
+    """Per language: the dense model's language-specific neurons against the pruned model's (IoU of
+    the (layer, neuron) sets; 1.0 when both are empty), and the mean change of the activation
+    probability of the dense model's neurons. Probabilities: (layers, neurons, languages)."""
+    rows = []
+    change = pruned_probabilities - dense_probabilities
+    for index, lang in enumerate(languages):
+        before = {tuple(x) for x in dense.assignment[lang].tolist()}
+        after = {tuple(x) for x in pruned.assignment[lang].tolist()}
+        overlap = len(before & after) / len(before | after) if before | after else 1.0
+        where = dense.assignment[lang]
+        shift = change[where[:, 0], where[:, 1], index].mean().item() if len(where) else 0.0
+        rows.append((lang, len(before), len(after), overlap, shift))
+    schema = ["lang", "dense_neurons", "pruned_neurons", "overlap", "prob_change"]
+    return pl.DataFrame(rows, schema=schema, orient="row")

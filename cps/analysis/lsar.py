@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import polars as pl
 import torch
 
 
@@ -37,6 +38,23 @@ def split_deviation(delta: torch.Tensor, subspace: LanguageSubspace) -> tuple[to
     inside = delta @ subspace.basis  # (..., r) coordinates in the orthonormal basis
     specific = (inside**2).sum(-1)
     return specific, (delta**2).sum(-1) - specific
+
+
+def split_second_moment(
+    second_moment: torch.Tensor, noise: torch.Tensor, tokens: int, subspaces: list[LanguageSubspace]
+) -> pl.DataFrame:
+    """Per layer, the mean squared deviation inside each layer's language-specific subspace
+    (tr(U^T C U) / n for C = sum delta delta^T) and outside it (the rest of ||delta||^2 / n), and the
+    specific share. `second_moment`: (layers, d, d); `noise`: (layers,) sum ||delta||^2."""
+    rows = []
+    for layer, subspace in enumerate(subspaces):
+        basis = subspace.basis.double()
+        specific = torch.trace(basis.T @ second_moment[layer].double() @ basis).item() / tokens
+        total = noise[layer].item() / tokens
+        rows.append((layer, specific, total - specific))
+    frame = pl.DataFrame(rows, schema=["layer", "specific", "agnostic"], orient="row")
+    share = pl.col("specific") / (pl.col("specific") + pl.col("agnostic")).clip(lower_bound=1e-30)
+    return frame.with_columns(share.alias("specific_share"))
 
 
 def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

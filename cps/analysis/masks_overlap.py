@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import re
 from itertools import combinations
-from typing import TYPE_CHECKING
 
+import polars as pl
 import torch
-
-if TYPE_CHECKING:
-    import polars as pl
 
 _LAYER = re.compile(r"\.(\d+)\.(.+)$")
 
@@ -30,8 +27,6 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def pairwise_iou(masks: dict[str, dict[str, torch.Tensor]]) -> pl.DataFrame:
     """Long table (layer, module, lang_a, lang_b, iou) for every pair of calibration languages."""
-    import polars as pl
-
     rows = []
     for lang_a, lang_b in combinations(sorted(masks), 2):
         for name in sorted(masks[lang_a].keys() & masks[lang_b].keys()):
@@ -45,3 +40,31 @@ def pairwise_iou(masks: dict[str, dict[str, torch.Tensor]]) -> pl.DataFrame:
         "iou": pl.Float64,
     }
     return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+PAPER_LOW_IOU_MODULES = ("o_proj", "down_proj")  # arXiv 2408.14398: lowest overlap, early layers
+
+
+def lowest_overlap_modules(iou: pl.DataFrame, count: int = 2) -> list[str]:
+    """Modules with the lowest mean IoU over the first third of the layers."""
+    early = iou.filter(pl.col("layer") <= iou["layer"].max() // 3)
+    ranked = early.group_by("module").agg(pl.col("iou").mean()).sort("iou", "module")
+    return ranked["module"].head(count).to_list()
+
+
+def paper_agrees(lowest: list[str]) -> bool:
+    """Whether the lowest-overlap modules are the paper's: attention output and MLP down projection."""
+    return all(any(module.endswith(name) for module in lowest) for name in PAPER_LOW_IOU_MODULES)
+
+
+def iou_headlines(iou: pl.DataFrame) -> dict[str, float]:
+    """iou.mean and iou.<module> (mean over layers and language pairs)."""
+    headlines = {"iou.mean": float(iou["iou"].mean())}
+    for module, value in iou.group_by("module").agg(pl.col("iou").mean()).iter_rows():
+        headlines[f"iou.{module}"] = float(value)
+    return headlines
+
+
+def language_pairs(iou: pl.DataFrame) -> pl.DataFrame:
+    """(lang_a, lang_b, iou): the mean over layers and modules of every language pair."""
+    return iou.group_by("lang_a", "lang_b").agg(pl.col("iou").mean()).sort("lang_a", "lang_b")

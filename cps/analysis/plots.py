@@ -1,22 +1,23 @@
-"""Figures built from long-form frames; callers save them (matplotlib, no display needed)."""
+"""Figures built from long-form frames; callers save them.
+
+Figures are made as `matplotlib.figure.Figure` objects, never through pyplot: no display, no global
+state, and `savefig` renders PNGs with Agg by itself.
+"""
 
 from __future__ import annotations
 
 import textwrap
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
 
-if TYPE_CHECKING:
-    import polars as pl
-    from matplotlib.figure import Figure
+import numpy as np
+import polars as pl
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 
 
 def calib_snr_per_layer(stats: pl.DataFrame, title: str) -> Figure:
     """In-sample SNR (dB) of every pruned linear on its calibration tokens, by layer, one line per module."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(8, 4.5), layout="constrained")
     axes = figure.add_subplot()
@@ -34,11 +35,6 @@ def calib_snr_per_layer(stats: pl.DataFrame, title: str) -> Figure:
 
 def iou_heatmap(iou: pl.DataFrame, title: str) -> Figure:
     """Mean IoU over language pairs, layer (rows) x module (columns)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import polars as pl
-    from matplotlib.figure import Figure
 
     mean = iou.group_by("layer", "module").agg(pl.col("iou").mean()).sort("layer", "module")
     wide = mean.pivot(on="module", index="layer", values="iou").sort("layer")
@@ -57,11 +53,6 @@ def iou_heatmap(iou: pl.DataFrame, title: str) -> Figure:
 
 def language_matrix(matrix: pl.DataFrame, value: str, title: str) -> Figure:
     """A symmetric language x language matrix from a long (lang_a, lang_b, value) table."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import numpy as np
-    from matplotlib.figure import Figure
 
     langs = sorted(set(matrix["lang_a"]) | set(matrix["lang_b"]))
     grid = np.eye(len(langs))
@@ -83,12 +74,6 @@ def language_matrix(matrix: pl.DataFrame, value: str, title: str) -> Figure:
 
 def layer_lines(frame: pl.DataFrame, value: str, hue: str, title: str, ylabel: str) -> Figure:
     """`value` against the decoder layer, one line per `hue` value (averaged over any other column)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import polars as pl
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     mean = frame.group_by(hue, "layer").agg(pl.col(value).mean()).sort(hue, "layer")
     figure = Figure(figsize=(8, 4.5), layout="constrained")
@@ -121,13 +106,6 @@ def matrix_heatmap(
     colours show each cell against its column's best (value / best), so columns on different scales
     (perplexities of different languages) read alike; the numbers stay the values.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import numpy as np
-    import polars as pl
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
 
     mean = frame.group_by(row, column).agg(pl.col(value).mean())
     rows = sorted(mean[row].unique().to_list())
@@ -164,3 +142,51 @@ def matrix_heatmap(
     axes.set_title(textwrap.fill(title, 70), fontsize=9)
     figure.colorbar(image, ax=axes, label=label)
     return figure
+
+
+def group_figures(frames: Mapping[str, pl.DataFrame], vary: str, name: str) -> dict[str, Figure]:
+    """The plots of an analysis run, from whichever of its tables it has."""
+    figures = {
+        "iou_heatmap": iou_heatmap(frames["iou"], f"mask IoU across {vary} — {name}"),
+        "iou_languages": language_matrix(frames["iou_pairs"], "iou", f"mean mask IoU by {vary}"),
+        "calib_snr_by_calib": layer_lines(
+            frames["calib_snr"],
+            "calib_snr_db",
+            vary,
+            f"in-sample pruning SNR per layer by {vary} (each run on its own calibration tokens)",
+            "mean SNR on the calibration tokens (dB)",
+        ),
+    }
+    if "cross_snr" in frames:
+        cross = frames["cross_snr"]
+        figures["cross_snr"] = matrix_heatmap(
+            cross, vary, "eval_lang", "snr_db", "hidden-state SNR vs dense, mean over layers (dB)"
+        )
+        for lang in sorted(cross["eval_lang"].unique()):
+            figures[f"cross_snr_layers_{lang}"] = layer_lines(
+                cross.filter(pl.col("eval_lang") == lang),
+                "snr_db",
+                vary,
+                f"hidden-state SNR vs dense on {lang} held-out text",
+                "SNR (dB)",
+            )
+        counts = frames["lape_counts"]
+        for model in counts["model"].unique().sort():
+            figures[f"lape_counts_{model}"] = layer_lines(
+                counts.filter(pl.col("model") == model),
+                "neurons",
+                "lang",
+                f"language-specific neurons (LAPE) per layer — {model}",
+                "neurons",
+            )
+        figures["lape_overlap"] = matrix_heatmap(
+            frames["lape_overlap"], vary, "lang", "overlap", "LAPE neuron overlap with the dense model"
+        )
+        figures["lsar_specific_share"] = layer_lines(
+            frames["lsar"],
+            "specific_share",
+            vary,
+            "share of the hidden-state deviation in the language-specific subspace (LSAR)",
+            "specific / total deviation",
+        )
+    return figures

@@ -37,20 +37,20 @@ def analyze_command(
     experiment: Experiment = "cps",
 ) -> None:
     """Mask IoU and SNR by calibration language (+ LAPE, LSAR, cross-language SNR), one run per group."""
-    from cps.stages.analyze import AnalyzeConfig, run_analyze
+    from cps.config import AnalyzeConfig
+    from cps.languages import parse_languages
+    from cps.stages.analyze import run_analyze
     from cps.tracking import Store
 
     filters = parse_filters(filter_)
-    from cps.languages import parse_languages
-
     config = AnalyzeConfig(
-        vary=group_by,
+        group_by=group_by,
         filters=filters,
         activations=activations,
         langs=tuple(parse_languages(langs)),
         seqlen=seqlen,
         stride=stride,
-        max_documents=max_docs,
+        max_docs=max_docs,
         lape_ratio=lape_ratio,
         lsar_rank=lsar_rank,
         device=device,
@@ -70,18 +70,13 @@ def analyze_command(
             f"({'agrees with' if result.paper_agrees else 'differs from'} the paper: o_proj, down_proj)"
         )
         if result.activation_tables:
-            import polars as pl
+            from cps.analysis.cross_language import best_by_language
 
             overlap = result.activation_tables["lape_overlap"]
-            cross = (
-                result.activation_tables["cross_snr"]
-                .group_by(group_by, "eval_lang")
-                .agg(pl.col("snr_db").mean())
-            )
             typer.echo(
                 f"  LAPE overlap with the dense model's language neurons: {overlap['overlap'].mean():.3f}"
             )
-            best = cross.sort("snr_db", descending=True).group_by("eval_lang", maintain_order=True).first()
-            for eval_lang, winner in best.select("eval_lang", group_by).sort("eval_lang").iter_rows():
+            best = best_by_language(result.activation_tables["cross_snr"], group_by)
+            for eval_lang, winner in best.iter_rows():
                 typer.echo(f"  {eval_lang} held-out text is best preserved by {group_by}={winner}")
         typer.echo(f"  analysis run {result.run_id}")

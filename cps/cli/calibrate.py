@@ -23,7 +23,7 @@ def calibrate_command(
     experiment: Experiment = "cps",
 ) -> None:
     """Build a calibration set (cached by content hash) and log it as an MLflow run."""
-    from cps.data.calibration import CalibrationConfig
+    from cps.config import CalibrationConfig
     from cps.stages.calibrate import run_calibrate
     from cps.tracking import Store
 

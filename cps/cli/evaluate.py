@@ -47,27 +47,26 @@ def eval_command(
     experiment: Experiment = "cps",
 ) -> None:
     """Evaluate a pruned model (or the dense one): ppl.<lang>, bpb.<lang>, snr_db.<lang>, acc.<task>."""
+    from cps.config import EvalConfig
     from cps.languages import parse_languages
-    from cps.stages.evaluate import EvalConfig, run_eval
+    from cps.stages.evaluate import run_eval
     from cps.tracking import Store
 
     config = EvalConfig(
-        run_id=run_id,
-        model=model,
         langs=tuple(parse_languages(langs)),
         tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
         corpus=corpus,
         seqlen=seqlen,
         stride=stride,
         limit=limit,
-        max_documents=max_docs,
+        max_docs=max_docs,
         task_limits=_task_limits(task_limit),
         batch_size=batch_size,
         device=device,
         dtype=dtype,
         data_dir=data_dir,
     )
-    result = run_eval(config, Store(tracking_uri, experiment))
+    result = run_eval(config, Store(tracking_uri, experiment), run_id, model=model)
     _print_table(result.scores)
     typer.echo(f"logged into run {result.run_id}")
 

@@ -48,35 +48,34 @@ def prune_command(
     experiment: Experiment = "cps",
 ) -> None:
     """Prune with Wanda, SparseGPT or magnitude; log params, per-layer error/SNR, masks and model."""
-    from cps.data.calibration import CalibrationConfig
-    from cps.errors import CpsError
-    from cps.pruning.base import MethodOptions
-    from cps.pruning.engine import EngineConfig
-    from cps.pruning.masks import SparsityTarget
-    from cps.stages.prune import DENSE, PruneConfig, run_prune
+    from cps.config import DENSE, CalibrationConfig, PruneConfig
+    from cps.stages.prune import run_prune
     from cps.tracking import Store
 
-    if lang is None and method != DENSE and calib is None:
-        raise CpsError("--lang is required (the calibration language), unless --method dense or --calib")
-    if batch_tokens < 1:
-        raise CpsError(f"--batch-tokens must be positive (got {batch_tokens})")
-    target = SparsityTarget.parse(
-        pattern, 0.5 if sparsity is None and pattern == "unstructured" else sparsity
-    )
+    dense = method == DENSE
+    calibration = None
+    if lang is not None and not dense and calib is None:
+        calibration = CalibrationConfig(model, lang, corpus, nsamples, seqlen, seed, data_dir)
     config = PruneConfig(
-        calibration=CalibrationConfig(model, lang or "en", corpus, nsamples, seqlen, seed, data_dir),
-        method=method,
-        target=target,
-        options=MethodOptions(blocksize, dampening),
-        engine=EngineConfig(device, true_sequential, offload_activations, batch_tokens),
+        model=model,
+        method=None if dense else method,
+        calibration=calibration,
+        pattern=pattern,
+        sparsity=sparsity,
+        blocksize=blocksize,
+        dampening=dampening,
+        device=device,
         dtype=dtype,
+        true_sequential=true_sequential,
+        offload_activations=offload_activations,
+        batch_tokens=batch_tokens,
         calib_run=calib,
         save_model=save_model,
     )
     store = Store(tracking_uri, experiment)
     result = run_prune(config, store)
     metrics = result.metrics
-    typer.echo(f"run {result.run_id}: {method} {target.pattern} on {model}")
+    typer.echo(f"run {result.run_id}: {method} {config.target.pattern} on {model}")
     typer.echo(f"  actual sparsity {metrics['sparsity.actual']:.4f}")
     if "calib_snr_db.mean" in metrics:
         typer.echo(

@@ -37,18 +37,17 @@ def sweep_command(
     store = Store(tracking_uri, experiment)
     client(store)
     if dry_run:
-        check_inputs(study, data_dir)
+        check_inputs(study)
         plans = plan_cells(study, store)
         _print_plan(study.name, [(p.cell.label, ACTIONS[p.action], p.run_id or "") for p in plans])
         pending = sum(1 for plan in plans if plan.pending)
-        vary = ", ".join(study.analyze.group_by) if study.analyze.enabled else "none"
+        analyses = [f"{a.group_by}{' with activations' if a.activations else ''}" for a in study.analyses]
         typer.echo(
-            f"{pending} of {len(plans)} cells to run; then analyses by {vary}"
-            f"{' with activations' if study.analyze.activations else ''}"
+            f"{pending} of {len(plans)} cells to run; then analyses by {', '.join(analyses) or 'none'}"
         )
         return
     run = local_executor if executor == "local" else ray_executor(address, cpus_per_cell)
-    result = run_sweep(study, store, run, data_dir)
+    result = run_sweep(study, store, run)
     done = len(result.plans) - len(result.failed)
     typer.echo(
         f"sweep {study.name}: {done}/{len(result.plans)} cells done "

@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cps.config import CalibrationConfig
 from cps.data import get_corpus
 from cps.data.corpus import Document, file_sha256
 from cps.errors import CpsError
-from cps.languages import get_language
-from cps.models import resolve_model
+from cps.languages import mixture_label
 from cps.paths import cache_dir
 
 if TYPE_CHECKING:
@@ -36,38 +36,6 @@ FORMAT_VERSION = 1  # bump when the sampling changes: old cache entries stop mat
 DOCUMENT_SEPARATOR = "\n\n"
 
 
-def parse_mixture(spec: str) -> dict[str, float]:
-    """'sw' -> {'sw': 1.0}; 'en:0.5,sw:0.5' -> proportions (positive, summing to 1)."""
-    mixture: dict[str, float] = {}
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
-        code, _, weight = part.partition(":")
-        code = get_language(code).code
-        try:
-            share = float(weight) if weight else 1.0
-        except ValueError:
-            raise CpsError(f"bad proportion {weight!r} for {code!r} in {spec!r}") from None
-        if not share > 0:
-            raise CpsError(f"proportion of {code!r} must be positive in {spec!r}")
-        if code in mixture:
-            raise CpsError(f"language {code!r} appears twice in {spec!r}")
-        mixture[code] = share
-    if not mixture:
-        raise CpsError("no calibration language given")
-    if len(mixture) > 1 and abs(sum(mixture.values()) - 1) > 1e-3:
-        raise CpsError(f"mixture proportions must sum to 1 (got {sum(mixture.values()):g})")
-    total = sum(mixture.values())
-    return {code: share / total for code, share in mixture.items()}
-
-
-def mixture_label(mixture: dict[str, float]) -> str:
-    """The canonical `calib_lang` param: 'sw' or 'en:0.5,sw:0.5'."""
-    if len(mixture) == 1:
-        return next(iter(mixture))
-    return ",".join(f"{code}:{share:g}" for code, share in mixture.items())
-
-
 def window_counts(mixture: dict[str, float], nsamples: int) -> dict[str, int]:
     """Split nsamples by the mixture's proportions (largest remainder, ties in mixture order)."""
     exact = {code: share * nsamples for code, share in mixture.items()}
@@ -76,31 +44,6 @@ def window_counts(mixture: dict[str, float], nsamples: int) -> dict[str, int]:
     for code in by_remainder[: nsamples - sum(counts.values())]:
         counts[code] += 1
     return counts
-
-
-@dataclass(frozen=True)
-class CalibrationConfig:
-    model: str
-    lang: str  # a code, or a mixture 'en:0.5,sw:0.5'
-    corpus: str = "ntrex"
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
-    data_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.nsamples < 1:
-            raise CpsError(f"--nsamples must be at least 1 (got {self.nsamples})")
-        if self.seqlen < 2:
-            raise CpsError(f"--seqlen must be at least 2 (got {self.seqlen})")
-        if self.seed < 0:
-            raise CpsError(f"--seed must be non-negative (got {self.seed})")
-        parse_mixture(self.lang)
-        resolve_model(self.model)
-
-    @property
-    def mixture(self) -> dict[str, float]:
-        return parse_mixture(self.lang)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from functools import lru_cache, partial
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from cps.config import EvalConfig
 from cps.data import get_corpus
 from cps.data.flores import EVAL_SPLITS, FloresCorpus
 from cps.data.xcopa import XcopaCorpus
@@ -291,6 +292,16 @@ def item_frame(name: str, task: Any, samples: list[dict[str, Any]]) -> pl.DataFr
         row["correct"] = bool(row.get("acc", 0.0))
         rows.append(row)
     return pl.DataFrame(rows, infer_schema_length=None)
+
+
+def check_eval_inputs(config: EvalConfig) -> tuple[list[str], list[str]]:
+    """Everything of an evaluation a user can get wrong, before any model is loaded: its languages
+    (held-out text present) and its task names, expanded (task data present)."""
+    corpus = get_corpus(config.corpus, config.data_dir)
+    langs = [corpus.require(lang) for lang in config.langs]
+    task_names = expand_tasks(list(config.tasks), langs, config.data_dir)
+    task_configs(task_names, config.data_dir)
+    return langs, task_names
 
 
 def run_tasks(

@@ -29,14 +29,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from cps.config import PROTOCOL_VERSION, default_stride
 from cps.data.calibration import special_prefix
 from cps.data.corpus import Document
 from cps.errors import CpsError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-PROTOCOL_VERSION = 2  # 1: one token stream cut into pieces, BOS only before the first
 
 
 @dataclass(frozen=True)
@@ -65,10 +64,6 @@ class HeldOutText:
             digest.update(f"{window.document}:{window.scored}:".encode())
             digest.update(window.input_ids.numpy().tobytes())
         return digest.hexdigest()[:16]
-
-
-def default_stride(seqlen: int) -> int:
-    return max(1, seqlen // 2)
 
 
 def protocol(seqlen: int, stride: int | None, prefix: str) -> dict[str, object]:

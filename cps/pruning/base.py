@@ -49,7 +49,14 @@ class Pruned:
 
 
 class PruningMethod(ABC):
+    """A method, registered under its module's name. Its traits tell the stages what they need to
+    know without naming it: whether it changes the kept weights (then its pruned model cannot be
+    rebuilt from the dense weights and the masks), and which `MethodOptions` shape its result (its
+    run logs them as params)."""
+
     name: ClassVar[str]
+    updates_weights: ClassVar[bool] = False
+    logged_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: MethodOptions | None = None) -> None:
         self.options = options or MethodOptions()
@@ -63,9 +70,14 @@ METHODS: Registry[PruningMethod] = Registry()
 register = METHODS.register
 
 
-def get_method(name: str, options: MethodOptions | None = None) -> PruningMethod:
-    from cps.pruning import magnitude, sparsegpt, wanda  # noqa: F401  (register themselves)
+def method_class(name: str) -> type[PruningMethod]:
+    # The methods register themselves when imported; they import this module, so not at its top.
+    from cps.pruning import magnitude, sparsegpt, wanda  # noqa: F401
 
     if name not in METHODS:
         raise CpsError(f"unknown method {name!r}; use one of {', '.join(sorted(METHODS))} or dense")
-    return METHODS[name](options)
+    return METHODS[name]
+
+
+def get_method(name: str, options: MethodOptions | None = None) -> PruningMethod:
+    return method_class(name)(options)

@@ -9,15 +9,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cps import tracking
-from cps.data.calibration import (
-    CalibrationConfig,
-    CalibrationSet,
-    build_calibration,
-    load_calibration,
-)
+from cps.config import CalibrationConfig
+from cps.data.calibration import CalibrationSet, build_calibration
 from cps.models import load_tokenizer, model_id, resolve_model
-
-ARTIFACT = "calibration.safetensors"
+from cps.runs import CALIBRATION_ARTIFACT
 
 
 @dataclass
@@ -52,17 +47,8 @@ def run_calibrate(config: CalibrationConfig, store: tracking.Store) -> Calibrate
         run.log_metrics(calib.summary_metrics())
         run.set_tags({"cps.calib_cache_hit": calib.cache_hit})
         with tempfile.TemporaryDirectory() as folder:
-            shutil.copyfile(calib.cache_path, Path(folder) / ARTIFACT)
+            shutil.copyfile(calib.cache_path, Path(folder) / CALIBRATION_ARTIFACT)
             stats = {code: {**asdict(s), "coverage": s.coverage} for code, s in calib.stats.items()}
             (Path(folder) / "calibration_stats.json").write_text(json.dumps(stats, indent=2))
             run.log_artifact(folder)
     return CalibrateResult(calib, run.run_id, reused_run=False)
-
-
-def load_calibration_run(store: tracking.Store, run_id: str) -> CalibrationSet:
-    """The calibration set recorded by a calibrate run (`--calib RUN_ID`)."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = tracking.download_artifact(store, run_id, ARTIFACT, folder)
-        calib = load_calibration(path)
-    calib.cache_path = Path(f"runs:/{run_id}/{ARTIFACT}")
-    return calib

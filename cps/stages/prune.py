@@ -8,49 +8,26 @@ import resource
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import polars as pl
 import torch
+from torch import nn
 
 from cps import tracking
-from cps.data.calibration import CalibrationConfig, CalibrationSet, mixture_label
+from cps.analysis.plots import calib_snr_per_layer
+from cps.config import PruneConfig
+from cps.data.calibration import CalibrationSet
 from cps.errors import CpsError
-from cps.models import LoadedModel, LoadOptions, load_model, model_id, resolve_device, resolve_model
-from cps.pruning.base import MethodOptions, get_method
-from cps.pruning.engine import EngineConfig, EngineResult, prune_model
-from cps.pruning.masks import SparsityTarget, save_masks
-from cps.stages.calibrate import load_calibration_run, run_calibrate
-
-if TYPE_CHECKING:
-    import polars as pl
-    from torch import nn
+from cps.models import LoadedModel, LoadOptions, load_model, resolve_device
+from cps.pruning.base import get_method
+from cps.pruning.engine import EngineResult, prune_model
+from cps.pruning.masks import save_masks
+from cps.runs import DENSE_METRICS, load_calibration_run, prune_params
+from cps.stages.calibrate import run_calibrate
 
 log = logging.getLogger(__name__)
-
-DENSE = "dense"
-
-
-@dataclass(frozen=True)
-class PruneConfig:
-    calibration: CalibrationConfig
-    method: str = "wanda"
-    target: SparsityTarget = field(default_factory=lambda: SparsityTarget(0.5))
-    options: MethodOptions = field(default_factory=MethodOptions)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    dtype: str = "auto"
-    calib_run: str | None = None  # reuse the calibration set of this calibrate run
-    save_model: bool = True
-
-    def __post_init__(self) -> None:
-        if self.method != DENSE:
-            get_method(self.method)  # unknown methods fail before any work
-        LoadOptions(self.dtype, self.engine.device)
-
-    @property
-    def model(self) -> str:
-        return self.calibration.model
 
 
 @dataclass
@@ -70,8 +47,6 @@ def peak_rss_gb() -> float:
 
 def stats_frame(result: EngineResult, model: nn.Module) -> pl.DataFrame:
     """layer_stats.parquet: one row per pruned linear; sparsity measured on the stored weights."""
-    import polars as pl
-
     modules = dict(model.named_modules())
     names = list(result.masks)
     rows = []
@@ -105,42 +80,6 @@ def summary_metrics(stats: pl.DataFrame, seconds: float) -> dict[str, float]:
     }
 
 
-def run_identity(config: PruneConfig, calibration: CalibrationConfig | None = None) -> dict[str, object]:
-    """The params of a prune run that follow from its settings alone (all but `model_id` and
-    `calib_hash`): `prune_params` logs them, and a sweep finds a cell's finished run by them.
-    `calibration` is the calibration actually used (a reused calibrate run's), default the config's."""
-    calibration = calibration or config.calibration
-    dense = config.method == DENSE
-    params: dict[str, object] = {"model": config.model, "seed": calibration.seed}
-    if dense:  # the dense baseline: no calibration involved
-        params |= {"calib_lang": "none", "calib_corpus": "none", "nsamples": 0, "seqlen": 0}
-    else:
-        params |= {
-            "calib_lang": mixture_label(calibration.mixture),
-            "calib_corpus": calibration.corpus,
-            "nsamples": calibration.nsamples,
-            "seqlen": calibration.seqlen,
-        }
-    params |= {
-        "method": config.method,
-        "sparsity": 0.0 if dense else config.target.sparsity,
-        "pattern": "unstructured" if dense else config.target.pattern,
-        "true_sequential": config.engine.true_sequential,
-        "dtype": config.dtype,
-    }
-    if config.method == "sparsegpt":
-        params |= {"blocksize": config.options.blocksize, "dampening": config.options.dampening}
-    return params
-
-
-def prune_params(config: PruneConfig, calib: CalibrationSet | None) -> dict[str, object]:
-    """The DESIGN.md params of a prune run: its identity plus the model's id and the data's hash."""
-    params = run_identity(config, calib.config if calib else None)
-    params["model_id"] = model_id(resolve_model(config.model))
-    params["calib_hash"] = calib.calib_hash if calib else "none"
-    return params
-
-
 def _calibration(config: PruneConfig, store: tracking.Store) -> tuple[CalibrationSet, str]:
     if config.calib_run:
         record = tracking.get_run(store, config.calib_run)
@@ -152,6 +91,7 @@ def _calibration(config: PruneConfig, store: tracking.Store) -> tuple[Calibratio
                 f"not {config.model!r}"
             )
         return load_calibration_run(store, config.calib_run), config.calib_run
+    assert config.calibration is not None  # PruneConfig: a calibration or a calibrate run
     result = run_calibrate(config.calibration, store)
     return result.calib, result.run_id
 
@@ -169,26 +109,31 @@ def run_prune(
     before the run ends (a sweep evaluates there), so the run is FINISHED only when it is done too.
     """
     tracking.client(store)  # an unreachable store fails before any work
-    torch.manual_seed(config.calibration.seed)
-    device = resolve_device(config.engine.device)
-    calib, calib_run = (None, None) if config.method == DENSE else _calibration(config, store)
+    device = resolve_device(config.device)
+    calib, calib_run = (None, None) if config.dense else _calibration(config, store)
+    torch.manual_seed(calib.config.seed if calib else 0)
     params = prune_params(config, calib)
-    run_name = f"{config.method}-{config.model}-{params['calib_lang']}-{params['pattern']}"
+    run_name = f"{config.method_name}-{config.model}-{params['calib_lang']}-{params['pattern']}"
     with tracking.start_run(store, "prune", params, run_name, tags) as run:
         if calib_run:
             run.set_tags({"cps.calib_run_id": calib_run})
-        # The model stays on the CPU; the engine moves one layer at a time to the device.
-        loaded = load_model(config.model, LoadOptions(config.dtype, "cpu"))
-        if loaded.model.dtype != torch.float32 and device == "cpu":
-            log.info("pruning in %s on the CPU", loaded.model.dtype)
-        engine = replace(config.engine, device=device)
-        if calib is None:
-            result = EngineResult(masks={})
+        if calib is None:  # the dense baseline prunes nothing: a model only for whoever asks for one
+            metrics = {**DENSE_METRICS, "mem.peak_rss_gb": peak_rss_gb()}
+            run.log_metrics(metrics)
+            stats, loaded = pl.DataFrame(), None
+            if then is not None or keep_model:
+                loaded = load_model(config.model, LoadOptions(config.dtype, "cpu"))
         else:
-            method = get_method(config.method, config.options)
+            # The model stays on the CPU; the engine moves one layer at a time to the device.
+            loaded = load_model(config.model, LoadOptions(config.dtype, "cpu"))
+            if loaded.model.dtype != torch.float32 and device == "cpu":
+                log.info("pruning in %s on the CPU", loaded.model.dtype)
+            method = get_method(config.method_name, config.options)
+            engine = replace(config.engine, device=device)
             result = prune_model(loaded.model, calib.input_ids, method, config.target, engine)
-        stats, metrics = _log_outputs(run, config, loaded, result)
+            stats, metrics = _log_outputs(run, config, loaded, result)
         if then is not None:
+            assert loaded is not None
             then(run.run_id, loaded)
     return PruneResult(run.run_id, stats, metrics, calib, loaded if keep_model else None)
 
@@ -196,14 +141,6 @@ def run_prune(
 def _log_outputs(
     run: tracking.TrackedRun, config: PruneConfig, loaded: LoadedModel, result: EngineResult
 ) -> tuple[pl.DataFrame, dict[str, float]]:
-    import polars as pl
-
-    from cps.analysis.plots import calib_snr_per_layer
-
-    if not result.masks:  # dense baseline: nothing was pruned, there is nothing per layer
-        metrics = {"sparsity.actual": 0.0, "time.prune_s": 0.0, "mem.peak_rss_gb": peak_rss_gb()}
-        run.log_metrics(metrics)
-        return pl.DataFrame(), metrics
     stats = stats_frame(result, loaded.model)
     metrics = summary_metrics(stats, result.seconds)
     run.log_metrics(metrics)
@@ -225,7 +162,7 @@ def _log_outputs(
         save_masks(result.masks, str(masks_path))
         run.log_artifact(masks_path)
         figure = calib_snr_per_layer(
-            stats, f"in-sample SNR: {config.method} {config.target.pattern} — {config.model}"
+            stats, f"in-sample SNR: {config.method_name} {config.target.pattern} — {config.model}"
         )
         (Path(folder) / "plots").mkdir()
         figure.savefig(Path(folder) / "plots" / "calib_snr_per_layer.png", dpi=120)

@@ -19,22 +19,18 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from cps import tracking
 from cps.analysis.groups import comparison_groups
+from cps.config import EVAL_FINGERPRINT_TAG
 from cps.errors import CpsError, first_line
+from cps.pruning.base import method_class
+from cps.runs import drop_kept_weights, keep_weights
 from cps.stages.analyze import analysis_params, analyze_group
-from cps.stages.evaluate import (
-    EVAL_FINGERPRINT_TAG,
-    MASK_ONLY_METHODS,
-    drop_kept_weights,
-    eval_fingerprint,
-    keep_weights,
-    run_eval,
-)
-from cps.stages.prune import DENSE, run_prune
+from cps.stages.evaluate import run_eval
+from cps.stages.prune import run_prune
 from cps.study import Cell, Study, check_inputs
 
 if TYPE_CHECKING:
@@ -90,7 +86,7 @@ class SweepResult:
 
 def plan_cells(study: Study, store: tracking.Store) -> list[CellPlan]:
     """What each cell needs, read from the store."""
-    fingerprint = eval_fingerprint(study.cells[0].evaluate)
+    fingerprint = study.evaluate.fingerprint()
     plans = []
     for cell in study.cells:
         runs = tracking.find_runs(store, "prune", cell.key, status=None)
@@ -113,16 +109,16 @@ def run_cell(plan: CellPlan, store: tracking.Store, tags: dict[str, str], keep: 
     With `keep`, a method that updates the weights (SparseGPT) leaves them in the local cache for
     the sweep's activation analyses, which would otherwise prune again to rebuild the model.
     """
-    evaluate = plan.cell.evaluate
+    evaluate, prune = plan.cell.evaluate, plan.cell.prune
     if plan.action == EVALUATE:
         assert plan.run_id is not None
         tracking.open_run(store, plan.run_id).set_tags(tags)
-        run_eval(replace(evaluate, run_id=plan.run_id), store)
+        run_eval(evaluate, store, plan.run_id)
         return plan.run_id
 
     def then(run_id: str, loaded) -> None:
-        run_eval(replace(evaluate, run_id=run_id), store, loaded)
-        if keep and plan.cell.prune.method not in (DENSE, *MASK_ONLY_METHODS):
+        run_eval(evaluate, store, run_id, loaded)
+        if keep and prune.method is not None and method_class(prune.method).updates_weights:
             keep_weights(run_id, loaded.model)
 
     result = run_prune(plan.cell.prune, store, tags=tags, then=then)
@@ -249,13 +245,12 @@ def run_sweep(
     study: Study,
     store: tracking.Store,
     executor: Callable[..., Iterable[CellOutcome]] = local_executor,
-    data_dir: str | None = None,
 ) -> SweepResult:
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
     tracking.client(store)
-    check_inputs(study, data_dir)
+    check_inputs(study)
     stale = tracking.fail_stale_runs(store)
     if stale:
         log.warning("ended %d run(s) left RUNNING by a dead process as FAILED", len(stale))
@@ -276,7 +271,7 @@ def run_sweep(
             "cps.study": study.name,
         }
         pending = [plan for plan in plans if plan.pending]
-        keep = any(config.activations for config in study.analyze_configs(data_dir))
+        keep = any(config.activations for config in study.analyses)
         with tqdm(total=len(pending), desc=f"sweep {study.name}", unit="cell") as bar:
             for outcome in executor(pending, store, tags, keep):
                 outcomes.append(outcome)
@@ -284,7 +279,7 @@ def run_sweep(
                 bar.set_postfix(failed=sum(1 for o in outcomes if o.error))
                 parent.log_metrics(_progress(plans, outcomes))
         try:
-            analysis_ids, analysis_errors, skipped = run_analyses(study, store, tags, data_dir)
+            analysis_ids, analysis_errors, skipped = run_analyses(study, store, tags)
         finally:  # the kept weights served the analyses; they are not a store of models
             drop_kept_weights([run_id for run_id in _run_ids(plans, outcomes) if run_id])
         seconds = time.perf_counter() - started
@@ -340,24 +335,23 @@ def finished_cells(study: Study, store: tracking.Store) -> list[tuple[str, dict[
     return [
         (plan.run_id, plan.params)
         for plan in plan_cells(study, store)
-        if plan.action == DONE and plan.cell.prune.method != DENSE and plan.run_id
+        if plan.action == DONE and not plan.cell.prune.dense and plan.run_id
     ]
 
 
 def run_analyses(
-    study: Study, store: tracking.Store, tags: dict[str, str], data_dir: str | None
+    study: Study, store: tracking.Store, tags: dict[str, str]
 ) -> tuple[list[str], list[str], int]:
     """Each analysis group of the study once: skipped when an identical analysis run finished."""
     run_ids, errors, skipped = [], [], 0
-    configs = study.analyze_configs(data_dir)
-    runs = finished_cells(study, store) if configs else []
-    for config in configs:
-        for group in comparison_groups(runs, config.vary):
+    runs = finished_cells(study, store) if study.analyses else []
+    for config in study.analyses:
+        for group in comparison_groups(runs, config.group_by):
             params = {k: str(v) for k, v in analysis_params(group, config).items()}
             if tracking.find_runs(store, "analyze", params):
                 skipped += 1
                 continue
-            log.info("analysis by %s: %s", config.vary, json.dumps(group.members))
+            log.info("analysis by %s: %s", config.group_by, json.dumps(group.members))
             try:
                 run_ids.append(analyze_group(store, group, config, tags).run_id)
             except Exception as error:  # recorded in its FAILED run; the other groups still run

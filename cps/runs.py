@@ -1,0 +1,226 @@
+"""Prune runs in the store, and back into things in memory.
+
+- what a prune run logs as params (`prune_params`), and the dense baseline's run of a model,
+  created without loading the model when there is none (`dense_run`);
+- its masks, per-linear layer stats and calibration set;
+- its model: the saved `model/` artifact; else the dense weights with the masks applied (methods
+  that keep the dense weights); else weights kept in the local cache by a sweep; else pruned again
+  from the same calibration run and checked mask for mask (methods that update the weights).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import polars as pl
+import torch
+from safetensors.torch import load_file, save_file
+
+from cps import tracking
+from cps.config import DENSE, PruneConfig
+from cps.data.calibration import CalibrationSet, load_calibration
+from cps.errors import CpsError
+from cps.models import (
+    LoadedModel,
+    LoadOptions,
+    decoder_layers,
+    load_model,
+    load_tokenizer,
+    model_id,
+    resolve_device,
+    resolve_dtype,
+    resolve_model,
+)
+from cps.paths import cache_dir
+from cps.pruning.base import MethodOptions, get_method, method_class
+from cps.pruning.engine import prune_model
+from cps.pruning.masks import load_masks
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_ARTIFACT = "calibration.safetensors"
+# layer_stats.parquet columns before the in-sample figures were named for what they are
+_LEGACY_LAYER_STATS = {"error": "calib_error", "signal": "calib_signal", "snr_db": "calib_snr_db"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Params and the dense baseline's run
+
+
+def prune_params(config: PruneConfig, calib: CalibrationSet | None) -> dict[str, object]:
+    """The DESIGN.md params of a prune run: its identity plus the model's id and the data's hash."""
+    params = config.identity(calib.config if calib else None)
+    params["model_id"] = model_id(resolve_model(config.model))
+    params["calib_hash"] = calib.calib_hash if calib else "none"
+    return params
+
+
+def dense_run(store: tracking.Store, model: str, dtype: str) -> str:
+    """The `method=dense` run of this model, created (without loading anything) when there is none."""
+    config = PruneConfig(model, method=None, dtype=dtype)
+    wanted = {"method": DENSE, "model": model, "model_id": model_id(resolve_model(model)), "dtype": dtype}
+    existing = tracking.find_runs(store, "prune", wanted)
+    if existing:
+        return existing[0].run_id
+    with tracking.start_run(store, "prune", prune_params(config, None), f"dense-{model}") as run:
+        run.log_metrics(DENSE_METRICS)
+    return run.run_id
+
+
+DENSE_METRICS = {"sparsity.actual": 0.0, "time.prune_s": 0.0}  # a dense baseline prunes nothing
+
+
+# ---------------------------------------------------------------------------------------------
+# Artifacts
+
+
+def run_masks(store: tracking.Store, run_id: str) -> dict[str, torch.Tensor]:
+    """The pruning masks a prune run saved (`masks.safetensors`), True = pruned."""
+    with tempfile.TemporaryDirectory() as folder:
+        return load_masks(str(tracking.download_artifact(store, run_id, "masks.safetensors", folder)))
+
+
+def run_layer_stats(store: tracking.Store, run_id: str) -> pl.DataFrame:
+    """A prune run's `layer_stats.parquet` (in-sample: on its own calibration tokens)."""
+    with tempfile.TemporaryDirectory() as folder:
+        stats = pl.read_parquet(tracking.download_artifact(store, run_id, "layer_stats.parquet", folder))
+    return stats.rename({k: v for k, v in _LEGACY_LAYER_STATS.items() if k in stats.columns})
+
+
+def load_calibration_run(store: tracking.Store, run_id: str) -> CalibrationSet:
+    """The calibration set recorded by a calibrate run (`--calib RUN_ID`)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = tracking.download_artifact(store, run_id, CALIBRATION_ARTIFACT, folder)
+        calib = load_calibration(path)
+    calib.cache_path = Path(f"runs:/{run_id}/{CALIBRATION_ARTIFACT}")
+    return calib
+
+
+def _has_artifact(store: tracking.Store, run_id: str, path: str) -> bool:
+    return any(item.path == path for item in tracking.client(store).list_artifacts(run_id))
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights kept by a sweep: a sweep that analyses activations keeps the weights of methods that
+# update them (SparseGPT) in the local cache until its analyses are done, so they need not be
+# pruned again; never an artifact.
+
+
+def kept_weights_path(run_id: str) -> Path:
+    return cache_dir() / "pruned" / f"{run_id}.safetensors"
+
+
+def keep_weights(run_id: str, model: torch.nn.Module) -> Path:
+    """Save the decoder layers' linear weights of a pruned model to the local cache (atomically)."""
+    layers = {id(layer) for layer in decoder_layers(model)}
+    state = {
+        f"{name}.{inner}": module.weight.detach().to("cpu").contiguous()
+        for name, layer in model.named_modules()
+        if id(layer) in layers
+        for inner, module in layer.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+    path = kept_weights_path(run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    save_file(state, str(partial))
+    partial.replace(path)
+    return path
+
+
+def drop_kept_weights(run_ids: list[str]) -> None:
+    for run_id in run_ids:
+        kept_weights_path(run_id).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model of a run
+
+
+def load_run_model(store: tracking.Store, record: tracking.RunRecord, options: LoadOptions) -> LoadedModel:
+    """The weights a prune run produced, as a model in memory."""
+    params = record.params
+    if params.get("method") == DENSE:
+        return load_model(params["model"], options)
+    local = tracking.local_artifact_dir(store, record.run_id, "model")
+    if local is not None or _has_artifact(store, record.run_id, "model"):
+        return _load_saved(store, record, options, local)
+    if kept_weights_path(record.run_id).is_file():
+        return _load_kept(store, record, options)
+    return _rebuild(store, record, options)
+
+
+def _load_saved(
+    store: tracking.Store, record: tracking.RunRecord, options: LoadOptions, local: Path | None
+) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(options.device)
+    with tempfile.TemporaryDirectory() as folder:
+        path = local or tracking.download_artifact(store, record.run_id, "model", folder)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(options.dtype, device))
+    # The tokenizer of the source model, exactly as pruning used it: a copy reloaded beside another
+    # architecture's config can come back as that architecture's tokenizer class.
+    tokenizer = load_tokenizer(record.params["model"], options.trust_remote_code)
+    model.eval().to(device)
+    return LoadedModel(resolve_model(record.params["model"]), model, tokenizer)
+
+
+def _load_kept(store: tracking.Store, record: tracking.RunRecord, options: LoadOptions) -> LoadedModel:
+    masks = run_masks(store, record.run_id)
+    loaded = load_model(record.params["model"], options)
+    state = load_file(str(kept_weights_path(record.run_id)))
+    with torch.no_grad():
+        for name, weight in state.items():
+            target = loaded.model.get_submodule(name).weight
+            if name in masks and bool((weight[masks[name]] != 0).any()):
+                raise CpsError(f"kept weights of run {record.run_id} disagree with its masks ({name})")
+            target.copy_(weight.to(target.dtype))
+    return loaded
+
+
+def _rebuild(store: tracking.Store, record: tracking.RunRecord, options: LoadOptions) -> LoadedModel:
+    masks = run_masks(store, record.run_id)
+    loaded = load_model(record.params["model"], options)
+    if not method_class(record.params["method"]).updates_weights:  # the dense weights, masked
+        with torch.no_grad():
+            for name, mask in masks.items():
+                loaded.model.get_submodule(name).weight.mul_(~mask.to(loaded.model.device))
+        return loaded
+    return _prune_again(store, record, loaded, masks)
+
+
+def _prune_again(
+    store: tracking.Store, record: tracking.RunRecord, loaded: LoadedModel, masks: dict[str, torch.Tensor]
+) -> LoadedModel:
+    """A method that updates the weights: prune again (deterministic), check the masks agree."""
+    params = record.params
+    calib_run = record.tags.get("cps.calib_run_id")
+    if not calib_run:
+        raise CpsError(f"run {record.run_id} saved no model and names no calibration run to rebuild it")
+    log.warning("run %s saved no model: pruning again with %s to rebuild it", record.run_id, params["method"])
+    calib = load_calibration_run(store, calib_run)
+    defaults = MethodOptions()
+    options = {
+        name: type(getattr(defaults, name))(params[name])
+        for name in method_class(params["method"]).logged_options
+    }
+    config = PruneConfig(
+        params["model"],
+        params["method"],
+        # the calibrate run's file may name another model with the same tokenizer
+        calibration=replace(calib.config, model=params["model"]),
+        pattern=params["pattern"],
+        sparsity=None if ":" in params["pattern"] else float(params["sparsity"]),
+        device=str(loaded.model.device),
+        true_sequential=params.get("true_sequential") == "True",
+        **options,
+    )
+    method = get_method(config.method_name, config.options)
+    result = prune_model(loaded.model, calib.input_ids, method, config.target, config.engine)
+    if result.masks.keys() != masks.keys() or any(not torch.equal(result.masks[k], masks[k]) for k in masks):
+        raise CpsError(f"rebuilding run {record.run_id} gave different masks; cannot evaluate it faithfully")
+    return loaded
