@@ -180,3 +180,66 @@ def test_metric_names():
     assert task_family("acc.mmlu") == "mmlu"
     assert split_task("flores_next_sw") == ("flores_next", "sw") and split_task("mmlu") == ("mmlu", None)
     assert companion("acc.sib_sw", "ci_low") == "acc_ci_low.sib_sw"
+
+
+def test_csv_is_one_table_a_csv_reader_reads(filled):
+    import io
+
+    import polars as pl
+
+    report = build_report(filled, ReportConfig(pivot="eval_lang", filters=(("model", "tiny-llama"),)))
+    assert len(report.sections) > 1
+    parsed = pl.read_csv(io.StringIO(render(report, "csv")))
+    assert parsed.equals(report.sections[0].frame)
+
+
+def test_heatmaps_star_every_tie_and_keep_their_titles_inside(filled):
+    import polars as pl
+
+    from cps.analysis.plots import matrix_heatmap
+
+    tied = pl.DataFrame({"calib": ["a", "b", "c"], "eval": ["x"] * 3, "value": [2.0, 2.0, 1.0]})
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from cps.report.write import heatmaps
+
+    long_title = matrix_heatmap(tied, "calib", "eval", "value", "a title " * 30, best="max")
+    texts = [t.get_text() for t in long_title.axes[0].texts]
+    assert sorted(texts) == ["1", "2*", "2*"]  # both best cells starred, like the tables
+    report = build_report(filled, ReportConfig(pivot="eval_lang", filters=(("model", "tiny-llama"),)))
+    figures = [long_title, *(f for s in report.sections if s.heatmap for f in heatmaps(s).values())]
+    for figure in figures:
+        canvas = FigureCanvasAgg(figure)
+        canvas.draw()
+        box = figure._suptitle.get_window_extent(canvas.get_renderer())
+        assert box.x0 >= 0 and box.x1 <= figure.bbox.width + 0.5  # the title is never cut off
+
+
+def test_the_html_report_renders_in_chromium(filled, tmp_path):
+    """Headless Chromium opens report.html: every image loads, every table renders; the screenshot
+    stays in the test's folder for a person to look at."""
+    import shutil
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("no chromium on PATH (.ci/run installs Debian's chromium package)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency")
+    config = ReportConfig(
+        pivot="eval_lang", metrics=("ppl", "snr", "acc"), filters=(("model", "tiny-llama"),)
+    )
+    report = build_report(filled, config)
+    write_report(report, tmp_path / "out")
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=flags)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto((tmp_path / "out" / "report.html").as_uri(), wait_until="load")
+        loaded = "i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0]"
+        images = page.evaluate(f"() => Array.from(document.images).map({loaded})")
+        rows = page.evaluate("() => Array.from(document.querySelectorAll('table')).map(t => t.rows.length)")
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        browser.close()
+    assert images and all(loaded for _, loaded in images), images
+    assert len(images) == len(list((tmp_path / "out" / "plots").glob("*.png")))
+    assert rows == [section.frame.height + 1 for section in report.sections]
+    assert (tmp_path / "report.png").stat().st_size > 20_000

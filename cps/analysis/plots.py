@@ -16,6 +16,11 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
 
+def _title(figure: Figure, title: str) -> None:
+    """The figure's title over its whole width, wrapped to fit it (never cut at an edge)."""
+    figure.suptitle(textwrap.fill(title, max(40, int(figure.get_figwidth() * 12))), fontsize=9)
+
+
 def calib_snr_per_layer(stats: pl.DataFrame, title: str) -> Figure:
     """In-sample SNR (dB) of every pruned linear on its calibration tokens, by layer, one line per module."""
 
@@ -27,7 +32,7 @@ def calib_snr_per_layer(stats: pl.DataFrame, title: str) -> Figure:
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("decoder layer")
     axes.set_ylabel("SNR of the pruned output on the calibration tokens (dB)")
-    axes.set_title(title)
+    _title(figure, title)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, ncols=2)
     return figure
@@ -46,7 +51,7 @@ def iou_heatmap(iou: pl.DataFrame, title: str) -> Figure:
     axes.set_xticks(range(len(modules)), modules, rotation=45, ha="right", fontsize=8)
     axes.set_yticks(range(wide.height), wide["layer"].to_list(), fontsize=7)
     axes.set_ylabel("decoder layer")
-    axes.set_title(title)
+    _title(figure, title)
     figure.colorbar(image, ax=axes, label="mean IoU of pruned weights")
     return figure
 
@@ -67,7 +72,7 @@ def language_matrix(matrix: pl.DataFrame, value: str, title: str) -> Figure:
     for i in range(len(langs)):
         for j in range(len(langs)):
             axes.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color="white")
-    axes.set_title(title)
+    _title(figure, title)
     figure.colorbar(image, ax=axes)
     return figure
 
@@ -84,7 +89,7 @@ def layer_lines(frame: pl.DataFrame, value: str, hue: str, title: str, ylabel: s
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("decoder layer")
     axes.set_ylabel(ylabel)
-    axes.set_title(title)
+    _title(figure, title)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, ncols=2)
     return figure
@@ -98,13 +103,16 @@ def matrix_heatmap(
     title: str,
     best: str | None = "max",
     relative: bool = False,
+    starred: set[tuple[str, str]] | None = None,
 ) -> Figure:
     """A row x column heatmap of `value` (mean over other columns) with numbers in the cells.
 
     Cells whose row and column labels are equal (calibration language = evaluation language) get a
-    red box; with `best` ("max" or "min") each column's best cell is starred. With `relative` the
-    colours show each cell against its column's best (value / best), so columns on different scales
-    (perplexities of different languages) read alike; the numbers stay the values.
+    red box; the `starred` (row, column) cells get a star, by default every cell holding its
+    column's best value (`best`: "max" or "min"; ties all starred). With `relative` the colours show
+    each cell against its column's best (value / best), so columns on different scales
+    (perplexities of different languages) read alike; the numbers stay the values. The title spans
+    the figure, wrapped to its width.
     """
 
     mean = frame.group_by(row, column).agg(pl.col(value).mean())
@@ -126,20 +134,23 @@ def matrix_heatmap(
     axes.set_yticks(range(len(rows)), [str(r) for r in rows])
     axes.set_xlabel(column)
     axes.set_ylabel(row)
-    sign = {"max": 1.0, "min": -1.0}.get(best or "", 0.0)
-    winners = np.nanargmax(np.where(np.isnan(grid), -np.inf, sign * grid), axis=0)
+    if starred is None and best in ("max", "min"):
+        column_best = np.nanmax(grid, axis=0) if best == "max" else np.nanmin(grid, axis=0)
+        starred = {
+            (str(rows[i]), str(columns[j])) for i, j in zip(*np.nonzero(grid == column_best), strict=True)
+        }
     for i in range(len(rows)):
         for j in range(len(columns)):
             if np.isnan(grid[i, j]):
                 continue
-            star = "*" if sign and winners[j] == i else ""
+            star = "*" if (str(rows[i]), str(columns[j])) in (starred or set()) else ""
             red, green, blue, _ = image.cmap(image.norm(colours[i, j]))
             ink = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.55 else "white"
             number = f"{grid[i, j]:.0f}" if abs(grid[i, j]) >= 1000 else f"{grid[i, j]:.3g}"
             axes.text(j, i, f"{number}{star}", ha="center", va="center", fontsize=7, color=ink)
             if str(rows[i]) == str(columns[j]):
                 axes.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.5))
-    axes.set_title(textwrap.fill(title, 70), fontsize=9)
+    _title(figure, title)
     figure.colorbar(image, ax=axes, label=label)
     return figure
 

@@ -42,8 +42,13 @@ def report_command(
         include_dense=not no_dense,
     )
     report = build_report(Store(tracking_uri, experiment), config)
-    text = render(report, fmt)
-    typer.echo(text)
+    typer.echo(render(report, fmt))
+    if fmt == "csv" and len(report.sections) > 1:
+        typer.echo(
+            f"cps: csv shows the first of {len(report.sections)} tables ({report.sections[0].title}); "
+            "--out DIR writes every table as a CSV file",
+            err=True,
+        )
     if out:
         written = write_report(report, out)
         typer.echo(f"report written to {out}/report.md and report.html ({len(written)} files)")

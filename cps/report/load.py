@@ -1,0 +1,87 @@
+"""The tracking store -> frames: finished prune runs (params and metrics as columns) and analysis runs.
+
+Metric names are normalised here, once: metrics logged under older names read as today's, and task
+families whose accuracy to read is another metric (`flores_next`: acc_mutual_info) show it as
+their `acc`, interval included.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+
+import polars as pl
+
+from cps import tracking
+from cps.metrics import INTERVAL, companion, metric, task_family
+
+# Task families whose `acc` column shows acc_mutual_info (the task pack's metric to read for them).
+MUTUAL_INFO_TASKS = ("flores_next",)
+# Prune metrics logged before the in-sample figures were named for what they are.
+LEGACY_METRICS = {"snr_db.mean": "calib_snr_db.mean", "prune_error.total": "calib_error.total"}
+ANALYSIS_HEADLINES = ("iou.mean", "lape.overlap.mean", "lsar.specific_share.mean", "cross_snr.own_lang_best")
+
+
+def matches(record: tracking.RunRecord, filters: Mapping[str, str]) -> bool:
+    """A filter names a param, or a tag `cps.<key>` (e.g. study=demo for a sweep's runs)."""
+    for key, value in filters.items():
+        actual = record.params.get(key, record.tags.get(f"cps.{key}"))
+        if actual is None or str(actual) != value:
+            return False
+    return True
+
+
+def prune_runs(store: tracking.Store, filters: Mapping[str, str]) -> pl.DataFrame:
+    """Finished prune runs matching the filters: params and metrics as columns (metrics prefixed m:)."""
+    rows = []
+    for record in tracking.find_runs(store, "prune"):
+        if not matches(record, filters):
+            continue
+        row: dict[str, object] = {"run_id": record.run_id, **record.params}
+        row |= {f"m:{name}": value for name, value in _normalised(record.metrics).items()}
+        rows.append(row)
+    if not rows:
+        return pl.DataFrame()
+    columns = sorted({key for row in rows for key in row})
+    return pl.DataFrame(
+        [{column: row.get(column) for column in columns} for row in rows],
+        schema={c: pl.Float64 if c.startswith("m:") else pl.String for c in columns},
+    )
+
+
+def _normalised(metrics: Mapping[str, float]) -> dict[str, float]:
+    normalised = dict(metrics)
+    for old, new in LEGACY_METRICS.items():
+        if old in metrics and new not in metrics:
+            normalised[new] = metrics[old]
+    for name, value in metrics.items():
+        kind, _, task = name.partition(".")
+        if kind == "acc_mutual_info" and task_family(name) in MUTUAL_INFO_TASKS:
+            normalised[metric("acc", task)] = value
+            for bound in INTERVAL:
+                if companion(name, bound) in metrics:
+                    normalised[companion(metric("acc", task), bound)] = metrics[companion(name, bound)]
+    return normalised
+
+
+def analysis_runs(store: tracking.Store, filters: Mapping[str, str]) -> pl.DataFrame:
+    """The headline numbers of the finished analysis runs, the newest per group."""
+    rows = []
+    for record in tracking.find_runs(store, "analyze"):
+        if not matches(record, filters):
+            continue
+        members = json.loads(record.params.get("runs", "{}"))
+        row = {
+            "model": record.params.get("model"),
+            "method": record.params.get("method"),
+            "pattern": record.params.get("pattern"),
+            "vary": record.params.get("vary"),
+            "members": ",".join(sorted(members)),
+            "paper_low_iou_agrees": record.tags.get("cps.paper_low_iou_agrees"),
+        }
+        row |= {name: record.metrics.get(name, math.nan) for name in ANALYSIS_HEADLINES}
+        rows.append(row)
+    if not rows:
+        return pl.DataFrame()
+    return pl.DataFrame(rows).unique(subset=["model", "method", "pattern", "vary", "members"], keep="first")

@@ -1,0 +1,351 @@
+"""Frames -> the report's sections: aggregation over runs, pivots, change against the dense baseline,
+task accuracy, pruning figures and analysis headlines, and which cells are best (`best_rows`).
+
+Rows are the values of the `group_by` params. Runs are never averaged across models, methods,
+patterns or sparsities: those of them that vary in the selection join the row key. Everything else
+that varies (seeds, above all) is averaged: every number is a mean with its standard deviation over
+the `n` runs of the row (std is 0 for a single run); an interval column holds the mean of the runs'
+bounds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from cps import tracking
+from cps.errors import CpsError
+from cps.metrics import INTERVAL, LANGUAGE_KINDS, LAYER, companion, kind_of, metric_lang, task_family
+from cps.report.load import MUTUAL_INFO_TASKS, analysis_runs, prune_runs
+
+SETTING_PARAMS = ("model", "method", "pattern", "sparsity")
+EVAL_LANG = "eval_lang"
+PRUNING_METRICS = ("m:calib_snr_db.mean", "m:calib_error.total", "m:sparsity.actual", "m:time.prune_s")
+NOTES = {
+    "ppl": "token perplexity on held-out text (each document alone, BOS first; lower is better)",
+    "bpb": "bits per UTF-8 byte of the scored held-out text (comparable across tokenizers)",
+    "snr": "held-out SNR (dB) of the pruned model's hidden states against the dense model's on each "
+    "evaluation language's text, mean over layers; higher = closer to dense",
+}
+INTERVAL_NOTE = (
+    "(a–b): Wilson 95% interval over the task's items (averaged over runs when a row holds several); "
+    "a wide one says the sample is too small to compare"
+)
+COMPANIONS = (".std", ".ci_low", ".ci_high")  # columns that annotate the value column before them
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    group_by: tuple[str, ...] = ("calib_lang",)
+    filters: tuple[tuple[str, str], ...] = ()
+    metrics: tuple[str, ...] = ("ppl", "bpb", "acc")
+    pivot: str | None = None
+    include_dense: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.group_by:
+            raise CpsError("--group-by needs at least one param")
+        if not self.metrics:
+            raise CpsError("--metrics needs at least one metric family (ppl, bpb, acc, ...)")
+
+
+@dataclass
+class Section:
+    """One table of the report. `frame` holds the key columns, then per value column v: v (the mean)
+    and its companions v.std, v.ci_low, v.ci_high where present."""
+
+    title: str
+    frame: pl.DataFrame
+    key: list[str]  # the row-label columns
+    note: str = ""
+    best: str | None = None  # "min" or "max": star the best row of each value column
+    diagonal: str | None = None  # a key column whose value marks the diagonal cell of its column
+    heatmap: bool = False
+
+    @property
+    def values(self) -> list[str]:
+        """The value columns (no key, count or companion)."""
+        return [
+            c for c in self.frame.columns if c not in self.key and not c.endswith(COMPANIONS) and c != "n"
+        ]
+
+
+@dataclass
+class Report:
+    sections: list[Section] = field(default_factory=list)
+    runs: int = 0
+
+
+def best_rows(section: Section) -> dict[str, set[int]]:
+    """Per value column, the rows holding its best value (every tie), among the pruned rows (the
+    dense baseline is the reference) and, with a diagonal, per value of the other key columns (per
+    method): what the tables star and the heatmaps too."""
+    if not section.best:
+        return {}
+    frame = section.frame
+    parts = [k for k in section.key if k != section.diagonal] if section.diagonal else []
+    indexed = frame.with_row_index("_row")
+    if "method" in frame.columns:
+        indexed = indexed.filter(pl.col("method") != "dense")
+    found = {}
+    for column in section.values:
+        if not frame[column].dtype.is_numeric():
+            continue
+        best = pl.col(column).max() if section.best == "max" else pl.col(column).min()
+        ranked = indexed.drop_nulls(column).with_columns((best.over(parts) if parts else best).alias("_best"))
+        found[column] = set(ranked.filter(pl.col(column) == pl.col("_best"))["_row"].to_list())
+    return found
+
+
+def _families(frame: pl.DataFrame, families: tuple[str, ...]) -> dict[str, list[str]]:
+    """Metric columns per family, e.g. ppl -> [ppl.ar, ppl.en, ...], snr -> [snr_db.ar, ...]
+    (per-layer series excluded)."""
+    found: dict[str, list[str]] = {}
+    for family in families:
+        kind = kind_of(family)
+        columns = sorted(
+            c
+            for c in frame.columns
+            if c.startswith(f"m:{kind}.")
+            and not c.endswith(f".{LAYER}")
+            and (kind not in LANGUAGE_KINDS or metric_lang(c.removeprefix("m:")) is not None)
+        )
+        if columns:
+            found[family] = columns
+    return found
+
+
+def _lang(column: str) -> str | None:
+    return metric_lang(column.removeprefix("m:"))
+
+
+def _family(column: str) -> str:
+    return task_family(column.removeprefix("m:"))
+
+
+def _bound_column(column: str, bound: str) -> str:
+    """m:acc.sib_sw -> m:acc_ci_low.sib_sw."""
+    return "m:" + companion(column.removeprefix("m:"), bound)
+
+
+def aggregate(frame: pl.DataFrame, key: list[str], values: list[str]) -> pl.DataFrame:
+    """Mean and std (0 for one run) of `values` per `key`; `n` runs per row; sorted by key."""
+    exprs = [pl.len().alias("n")]
+    for column in values:
+        name = column.removeprefix("m:")
+        exprs += [pl.col(column).mean().alias(name), pl.col(column).std().fill_null(0.0).alias(f"{name}.std")]
+    return frame.group_by(key).agg(exprs).sort(key)
+
+
+def row_key(frame: pl.DataFrame, group_by: tuple[str, ...]) -> list[str]:
+    """`group_by` plus the setting params that vary among the pruned runs (dense rows are told
+    apart by `method` alone: their sparsity 0 and pattern never split the pruned rows)."""
+    missing = [param for param in group_by if param not in frame.columns]
+    if missing:
+        known = ", ".join(sorted(c for c in frame.columns if not c.startswith("m:") and c != "run_id"))
+        raise CpsError(f"no prune run has the param {missing[0]!r} to group by; params: {known}")
+    pruned = frame.filter(pl.col("method") != "dense") if "method" in frame.columns else frame
+    extra = [
+        param
+        for param in SETTING_PARAMS
+        if param not in group_by
+        and param in frame.columns
+        and (pruned[param].n_unique() > 1 or (param == "method" and frame[param].n_unique() > 1))
+    ]
+    return [*extra, *group_by]
+
+
+def build_report(store: tracking.Store, config: ReportConfig) -> Report:
+    tracking.client(store)
+    filters = dict(config.filters)
+    runs = prune_runs(store, filters)  # metric names normalised there
+    if runs.is_empty():
+        where = " ".join(f"{k}={v}" for k, v in config.filters) or "the store"
+        raise CpsError(f"no finished prune runs in {where} ({store.resolved_uri})")
+    dense = runs.filter(pl.col("method") == "dense")
+    pruned = runs.filter(pl.col("method") != "dense")
+    body = runs if config.include_dense or pruned.is_empty() else pruned
+    key = row_key(body, config.group_by)
+    families = _families(body, config.metrics)
+    if not families:
+        raise CpsError(
+            f"no metric of {', '.join(config.metrics)} in the selected runs (evaluate them: cps eval RUN_ID)"
+        )
+    report = Report(runs=runs.height)
+    if not config.pivot:  # with a pivot, the pivoted tables show the same numbers, readably
+        columns = [c for family in families.values() for c in family]
+        report.sections.append(
+            Section(
+                "Metrics (mean ± std over runs)", aggregate(body, key, columns), key, note=_runs_note(body)
+            )
+        )
+    else:
+        for family, family_columns in families.items():
+            report.sections += _pivot_sections(body, dense, key, family, family_columns, config)
+    if "acc" in families:
+        report.sections.append(_task_section(body, families["acc"]))
+    pruning = [c for c in PRUNING_METRICS if c in pruned.columns]
+    if pruning and not pruned.is_empty():
+        prune_key = row_key(pruned, config.group_by)
+        report.sections.append(
+            Section(
+                "Pruning, in-sample (calibration SNR dB, error, sparsity)",
+                aggregate(pruned, prune_key, pruning),
+                prune_key,
+                note="calib_snr_db / calib_error: each run on its own calibration tokens (SparseGPT fits "
+                "its weights to exactly those), not comparable across calibration languages; the "
+                "held-out SNR per evaluation language is --metrics snr",
+            )
+        )
+    analyses = analysis_section(store, filters)
+    if analyses is not None:
+        report.sections.append(analyses)
+    return report
+
+
+def _runs_note(frame: pl.DataFrame) -> str:
+    seeds = sorted(frame["seed"].unique().to_list()) if "seed" in frame.columns else []
+    return f"{frame.height} runs; seeds {', '.join(map(str, seeds))}" if seeds else f"{frame.height} runs"
+
+
+def _pivot_sections(
+    body: pl.DataFrame,
+    dense: pl.DataFrame,
+    key: list[str],
+    family: str,
+    columns: list[str],
+    config: ReportConfig,
+) -> list[Section]:
+
+    best = "min" if family in ("ppl", "bpb") else "max"
+    if config.pivot == EVAL_LANG:
+        index = list(dict.fromkeys([*key, *(["model"] if "model" in body.columns else [])]))
+        long = _by_language(body, index, columns).drop_nulls(EVAL_LANG)
+        if family == "acc":  # one accuracy per language would mix tasks: keep the task family in the key
+            key = [*key, "task"]
+        else:
+            long = long.drop("task")
+        pivot_column = EVAL_LANG
+    else:
+        if config.pivot not in body.columns:
+            raise CpsError(f"cannot pivot on {config.pivot!r}: use eval_lang or a param of the runs")
+        key = [k for k in key if k != config.pivot]
+        long = body.select(*key, config.pivot, *columns).unpivot(
+            index=[*key, config.pivot], on=columns, variable_name="metric", value_name="value"
+        )
+        key = [*key, "metric"]
+        pivot_column = config.pivot
+    wide = _wide(long, key, pivot_column)
+    diagonal = "calib_lang" if pivot_column == EVAL_LANG and "calib_lang" in key else None
+    title = f"{family} by {' x '.join(key)} (rows) and {pivot_column} (columns), mean ± std"
+    note = NOTES.get(family, INTERVAL_NOTE if "ci_low" in long.columns else "")
+    sections = [Section(title, wide, key, note=note, best=best, diagonal=diagonal, heatmap=True)]
+    if family in ("ppl", "bpb") and pivot_column == EVAL_LANG and not dense.is_empty():
+        change = _change_vs_dense(long, dense, key, family)
+        if change is not None:
+            sections.append(
+                Section(
+                    f"{family} change against the dense baseline (%), by {' x '.join(key)} and {EVAL_LANG}",
+                    change,
+                    key,
+                    note="(pruned / dense - 1) x 100, dense = the method=dense run of the same model",
+                    best=best,
+                    diagonal=diagonal,
+                    heatmap=True,
+                )
+            )
+    return sections
+
+
+def _by_language(frame: pl.DataFrame, index: list[str], columns: list[str]) -> pl.DataFrame:
+    """Metric columns as rows (metric, value) with the language and task family each names, and
+    the metric's interval (ci_low, ci_high) where the runs logged one."""
+    keys = list(dict.fromkeys(["run_id", *index]))
+    long = frame.select(*keys, *columns).unpivot(
+        index=keys, on=columns, variable_name="metric", value_name="value"
+    )
+    for bound in INTERVAL:
+        sources = {c: _bound_column(c, bound) for c in columns if _bound_column(c, bound) in frame.columns}
+        if sources:
+            bounds = (
+                frame.select(*keys, *sources.values())
+                .rename({source: column for column, source in sources.items()})
+                .unpivot(index=keys, on=list(sources), variable_name="metric", value_name=bound)
+            )
+            long = long.join(bounds, on=[*keys, "metric"], how="left", nulls_equal=True)
+    return (
+        long.drop_nulls("value")
+        .with_columns(
+            pl.col("metric").map_elements(_lang, return_dtype=pl.String).alias(EVAL_LANG),
+            pl.col("metric").map_elements(_family, return_dtype=pl.String).alias("task"),
+        )
+        .drop([] if "run_id" in index else ["run_id"])
+    )
+
+
+def _wide(long: pl.DataFrame, key: list[str], pivot_column: str) -> pl.DataFrame:
+    """Columns per pivot value v: v (mean), v.std and, with intervals, v.ci_low and v.ci_high
+    (the mean of the runs' bounds)."""
+    bounds = [bound for bound in INTERVAL if bound in long.columns]
+    stats = long.group_by(*key, pivot_column).agg(
+        pl.col("value").mean().alias("mean"),
+        pl.col("value").std().fill_null(0.0).alias("std"),
+        *[pl.col(bound).mean() for bound in bounds],
+    )
+    values = sorted(stats[pivot_column].unique().to_list())
+    wide = stats.pivot(on=pivot_column, index=key, values="mean")
+    suffixes = ["std", *bounds]
+    for suffix in suffixes:
+        part = stats.pivot(on=pivot_column, index=key, values=suffix)
+        wide = wide.join(part.rename({v: f"{v}.{suffix}" for v in values}), on=key, nulls_equal=True)
+    columns = [c for v in values for c in (v, *(f"{v}.{suffix}" for suffix in suffixes))]
+    return wide.select(*key, *columns).sort(key)
+
+
+def _change_vs_dense(
+    long: pl.DataFrame, dense: pl.DataFrame, key: list[str], family: str
+) -> pl.DataFrame | None:
+    columns = [c for c in dense.columns if c.startswith(f"m:{family}.")]
+    if not columns or "model" not in dense.columns or "model" not in long.columns:
+        return None
+    base = (
+        dense.select("model", *columns)
+        .unpivot(index="model", on=columns, variable_name="metric", value_name="dense")
+        .drop_nulls("dense")
+        .group_by("model", "metric")
+        .agg(pl.col("dense").mean())
+    )
+    joined = long.join(base, on=["model", "metric"], how="inner")
+    if joined.is_empty():
+        return None
+    joined = joined.with_columns(((pl.col("value") / pl.col("dense") - 1) * 100).alias("value"))
+    return _wide(joined.drop("dense"), key, EVAL_LANG)
+
+
+def _task_section(body: pl.DataFrame, columns: list[str]) -> Section:
+    index = [k for k in ("method",) if k in body.columns]
+    long = _by_language(body, index, columns).with_columns(pl.col(EVAL_LANG).fill_null("-"))
+    task_key = [*index, "task"]
+    return Section(
+        f"Task accuracy by {' x '.join(task_key)} and language (mean ± std over all runs of the row)",
+        _wide(long, task_key, EVAL_LANG),
+        task_key,
+        note=f"acc; for {', '.join(MUTUAL_INFO_TASKS)} acc_mutual_info (plain acc rewards short candidates). "
+        + INTERVAL_NOTE,
+        best="max",
+        heatmap=True,
+    )
+
+
+def analysis_section(store: tracking.Store, filters: dict[str, str]) -> Section | None:
+    """Headline numbers of the finished analysis runs (IoU, LAPE overlap, LSAR share, paper check)."""
+    frame = analysis_runs(store, filters)
+    if frame.is_empty():
+        return None
+    key = ["model", "method", "pattern", "vary", "members", "paper_low_iou_agrees"]
+    return Section(
+        "Analyses (latest per group): mask IoU, LAPE overlap, LSAR, cross-language SNR",
+        frame.sort(key[:4]),
+        key,
+    )
