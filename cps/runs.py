@@ -18,6 +18,7 @@ from pathlib import Path
 import polars as pl
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 from cps import tracking
 from cps.config import DENSE, PruneConfig
@@ -156,7 +157,6 @@ def load_run_model(store: tracking.Store, record: tracking.RunRecord, options: L
 def _load_saved(
     store: tracking.Store, record: tracking.RunRecord, options: LoadOptions, local: Path | None
 ) -> LoadedModel:
-    from transformers import AutoModelForCausalLM
 
     device = resolve_device(options.device)
     with tempfile.TemporaryDirectory() as folder:

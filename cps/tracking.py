@@ -22,13 +22,17 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 
 import cps
 from cps.errors import CpsError, first_line
 
 if TYPE_CHECKING:
     import polars as pl
-    from mlflow import MlflowClient
 
 DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
 DEFAULT_EXPERIMENT = "cps"
@@ -114,8 +118,6 @@ def artifact_root(uri: str) -> str | None:
 @lru_cache(maxsize=8)
 def _client_for(uri: str) -> MlflowClient:
     _check_reachable(uri)
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     _quiet_mlflow()  # after the import: mlflow configures its loggers when imported
 
@@ -198,14 +200,12 @@ class TrackedRun:
     _client: Any = field(repr=False)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
 
         items = [Param(k, str(v)[:_PARAM_MAX]) for k, v in params.items()]
         for start in range(0, len(items), 100):
             self._client.log_batch(self.run_id, params=items[start : start + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
-        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
@@ -214,7 +214,6 @@ class TrackedRun:
 
     def log_series(self, name: str, values: list[float]) -> None:
         """A per-layer series: one point per step (= layer index)."""
-        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(name, float(v), now, step) for step, v in enumerate(values)]
@@ -222,7 +221,6 @@ class TrackedRun:
             self._client.log_batch(self.run_id, metrics=items[start : start + 1000])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
 
         self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
@@ -346,7 +344,6 @@ def local_artifact_dir(store: Store, run_id: str, path: str) -> Path | None:
     uri = get_run(store, run_id).artifact_uri
     if not uri.startswith("file:"):
         return None
-    from urllib.parse import unquote, urlparse
 
     local = Path(unquote(urlparse(uri).path)) / path
     return local if local.exists() else None
@@ -370,7 +367,6 @@ def _record(run: Any) -> RunRecord:
 
 
 def get_run(store: Store, run_id: str) -> RunRecord:
-    from mlflow.exceptions import MlflowException
 
     mlflow_client = client(store)
     try:
@@ -414,7 +410,6 @@ def find_runs(
 
 def download_artifact(store: Store, run_id: str, path: str, dst: str | Path) -> Path:
     """Copy one artifact (file or folder) of a run to `dst`; CpsError when it is missing."""
-    from mlflow.exceptions import MlflowException
 
     get_run(store, run_id)
     Path(dst).mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,46 @@ def test_help_is_fast(command):
     assert elapsed < 1.5, f"cps {' '.join(command)} --help took {elapsed:.2f}s"
 
 
+# Fields whose flag is named otherwise (a repeatable flag, or the calibration spelled out in flags).
+FLAG_NAMES = {"task_limits": "--task-limit", "filters": "--filter", "calib_run": "--calib"}
+NOT_FLAGS = {"calibration"}  # PruneConfig.calibration comes from --lang, --corpus, --nsamples, ...
+
+
+@pytest.mark.parametrize(
+    ("command", "config"),
+    [
+        ("calibrate", "CalibrationConfig"),
+        ("prune", "PruneConfig"),
+        ("eval", "EvalConfig"),
+        ("analyze", "AnalyzeConfig"),
+    ],
+)
+def test_every_config_field_has_its_flag(command, config):
+    """A config field is its command's flag of the same name: adding an option is a field and a flag."""
+    import dataclasses
+
+    from cps import config as configs
+    from cps.cli import app
+
+    options = {
+        name for info in typer_command(app, command).params for name in info.opts if name.startswith("--")
+    }
+    missing = [
+        field.name
+        for field in dataclasses.fields(getattr(configs, config))
+        if field.name not in NOT_FLAGS
+        and FLAG_NAMES.get(field.name, "--" + field.name.replace("_", "-")) not in options
+    ]
+    assert not missing, f"cps {command} has no flag for {missing}"
+
+
+def typer_command(app, name: str):
+    import typer.main
+
+    group = typer.main.get_command(app)
+    return group.commands[name]
+
+
 def _store_args(store: tracking.Store) -> list[str]:
     return ["--tracking-uri", str(store.uri)]
 

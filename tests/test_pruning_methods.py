@@ -247,3 +247,39 @@ def test_unknown_method_and_bad_options():
         MethodOptions(blocksize=0)
     with pytest.raises(CpsError, match="dampening"):
         MethodOptions(dampening=0)
+
+
+def test_a_new_method_is_one_file(tmp_path, monkeypatch, store):
+    """A module dropped into cps/pruning registers itself; prune, eval (rebuilt from the masks, as
+    its traits say) and the params follow without another edit."""
+    import cps.pruning
+    from cps import tracking
+    from cps.config import CalibrationConfig, EvalConfig, PruneConfig
+    from cps.pruning import base
+    from cps.stages.evaluate import run_eval
+    from cps.stages.prune import run_prune
+
+    (tmp_path / "smallest_rows.py").write_text(
+        "from cps.pruning.base import Pruned, PruningMethod, register\n"
+        "from cps.pruning.masks import target_mask\n"
+        "@register('smallest_rows')\n"
+        "class SmallestRows(PruningMethod):\n"
+        "    logged_options = ('blocksize',)\n"
+        "    def prune(self, weight, stats, target):\n"
+        "        return Pruned(target_mask(weight.abs(), target, per_row=True))\n"
+    )
+    monkeypatch.setattr(cps.pruning, "__path__", [*cps.pruning.__path__, str(tmp_path)])
+    base._discover_methods.cache_clear()
+    try:
+        calibration = CalibrationConfig("tiny-llama", "sw", nsamples=2, seqlen=32)
+        config = PruneConfig("tiny-llama", "smallest_rows", calibration, save_model=False, blocksize=64)
+        pruned = run_prune(config, store)
+        record = tracking.get_run(store, pruned.run_id)
+        assert record.params["method"] == "smallest_rows" and record.params["blocksize"] == "64"
+        assert "dampening" not in record.params
+        assert record.metrics["sparsity.actual"] == pytest.approx(0.5)
+        result = run_eval(EvalConfig(langs=("sw",), seqlen=64, max_docs=2), store, pruned.run_id)
+        assert result.metrics["snr_db.sw"] > 0  # rebuilt as dense weights x masks, then scored
+    finally:
+        base.METHODS.pop("smallest_rows", None)
+        base._discover_methods.cache_clear()

@@ -20,6 +20,7 @@ def analyze_command(
     langs: Annotated[
         str, typer.Option(help="Held-out languages for the activation analyses.")
     ] = "ar,de,en,es,ru,sw,zh",
+    corpus: Annotated[str, typer.Option(help="Held-out text: flores, or textdir:<folder>.")] = "flores",
     max_docs: Annotated[
         int | None, typer.Option(help="Held-out documents per language (quick runs).")
     ] = None,
@@ -48,6 +49,7 @@ def analyze_command(
         filters=filters,
         activations=activations,
         langs=tuple(parse_languages(langs)),
+        corpus=corpus,
         seqlen=seqlen,
         stride=stride,
         max_docs=max_docs,

@@ -19,6 +19,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 from cps.config import CalibrationConfig
 from cps.data import get_corpus
 from cps.data.corpus import Document, file_sha256
@@ -27,7 +31,6 @@ from cps.languages import mixture_label
 from cps.paths import cache_dir
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -107,7 +110,6 @@ def token_stream(
     documents: list[Document], tokenizer: PreTrainedTokenizerBase
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """All documents as one token stream, and the index of the document each token came from."""
-    import torch
 
     separator = tokenizer(DOCUMENT_SEPARATOR, add_special_tokens=False)["input_ids"]
     encoded = tokenizer([d.text for d in documents], add_special_tokens=False)["input_ids"]
@@ -127,7 +129,6 @@ def sample_starts(
     Disjoint placement: draw the free tokens before each window as sorted uniform cut points of
     the slack, so every arrangement of disjoint windows is possible. Returns (starts, overlapping).
     """
-    import torch
 
     if stream_length < width:
         raise CpsError(
@@ -142,7 +143,6 @@ def sample_starts(
 
 
 def _language_generator(seed: int, code: str) -> torch.Generator:
-    import torch
 
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(code.encode()))
 
@@ -170,7 +170,6 @@ def _sample_language(
     config: CalibrationConfig,
     code: str,
 ) -> tuple[torch.Tensor, LanguageStats]:
-    import torch
 
     if not documents:
         raise CpsError(f"corpus {config.corpus!r} has no {code!r} text")
@@ -241,8 +240,6 @@ def _cache_path(calib_hash: str) -> Path:
 
 
 def save_calibration(calib: CalibrationSet, path: Path) -> None:
-    import torch
-    from safetensors.torch import save_file
 
     codes = list(calib.stats)
     lang_index = torch.tensor([codes.index(code) for code in calib.window_langs], dtype=torch.long)
@@ -263,7 +260,6 @@ def save_calibration(calib: CalibrationSet, path: Path) -> None:
 
 
 def load_calibration(path: Path) -> CalibrationSet:
-    from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
@@ -281,7 +277,6 @@ def load_calibration(path: Path) -> CalibrationSet:
 
 def build_calibration(config: CalibrationConfig, tokenizer: PreTrainedTokenizerBase) -> CalibrationSet:
     """The calibration set for `config`, from the cache when an identical one was built before."""
-    import torch
 
     calib_hash = calibration_hash(config, tokenizer)
     path = _cache_path(calib_hash)

@@ -36,7 +36,7 @@ class Mc4Corpus(Corpus):
         budget = max_chars or 2_000_000
         try:
             _probe_hub()  # fail in seconds offline, instead of after minutes of retries
-            import datasets
+            import datasets  # ~2 s to import: only for this corpus, which only some users read
 
             stream = datasets.load_dataset(DATASET, config, split="train", streaming=True)
             documents, chars = [], 0
@@ -61,7 +61,7 @@ class Mc4Corpus(Corpus):
 
 
 def _probe_hub(timeout: float = 5.0) -> None:
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # with `datasets`: only for this corpus
 
     if constants.HF_HUB_OFFLINE:
         raise ConnectionError("HF_HUB_OFFLINE is set")

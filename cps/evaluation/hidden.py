@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from cps.evaluation.perplexity import LayerObserver, score_windows
 from cps.evaluation.windows import Batch, HeldOutText
@@ -168,8 +170,6 @@ def sampling_for(text: HeldOutText, layers: int, width: int, element_bytes: int)
 
 
 def load_reference(key: ReferenceKey) -> torch.Tensor | None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     path = key.path
     if not path.is_file():
@@ -186,7 +186,6 @@ def load_reference(key: ReferenceKey) -> torch.Tensor | None:
 
 def save_reference(key: ReferenceKey, states: torch.Tensor) -> None:
     """Publish atomically, then drop the least recently used entries beyond the bound."""
-    from safetensors.torch import save_file
 
     path = key.path
     path.parent.mkdir(parents=True, exist_ok=True)

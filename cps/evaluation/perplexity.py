@@ -22,6 +22,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import polars as pl
 import torch
 
 from cps.data.corpus import Document
@@ -30,7 +31,6 @@ from cps.hooks import output_hooks
 from cps.models import decoder_layers
 
 if TYPE_CHECKING:
-    import polars as pl
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 HEAD_BUDGET_BYTES = 256 << 20  # fp32 logits held at once
@@ -62,7 +62,6 @@ class PerplexityResult:
 
     def frame(self) -> pl.DataFrame:
         """Per-document results (`items/ppl_<lang>.parquet`): document, nll, tokens, bytes."""
-        import polars as pl
 
         return pl.DataFrame(
             {"document": self.documents, "nll": self.nll, "tokens": self.tokens, "bytes": self.bytes},

@@ -18,6 +18,9 @@ from functools import lru_cache, partial
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+import polars as pl
+import yaml
+
 from cps.config import EvalConfig
 from cps.data import get_corpus
 from cps.data.flores import EVAL_SPLITS, FloresCorpus
@@ -26,7 +29,6 @@ from cps.errors import CpsError, first_line
 from cps.metrics import ACCURACIES, split_task
 
 if TYPE_CHECKING:
-    import polars as pl
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -138,7 +140,6 @@ BUILDERS = {
 @lru_cache(maxsize=1)
 def families() -> dict[str, dict[str, Any]]:
     """The task pack: family name -> its YAML (prompt, choices, metrics, builder)."""
-    import yaml
 
     pack = resources.files("cps.evaluation") / "taskpack"
     loaded = {}
@@ -169,7 +170,7 @@ def expand_tasks(specs: list[str], langs: list[str], data_dir: str | None) -> li
 
 
 def _dataset(items: Callable[[], dict[str, list[dict]]], **_: Any) -> Any:
-    import datasets
+    import datasets  # ~2 s to import: only once lm-eval asks for a pack task's data
 
     return datasets.DatasetDict({split: datasets.Dataset.from_list(rows) for split, rows in items().items()})
 
@@ -223,6 +224,7 @@ def wilson_interval(successes: float, trials: int, z: float = 1.959963984540054)
 
 
 def _standard_task_names() -> set[str]:
+    # lm-eval takes seconds to import (and ~10 s to index its tasks): only when a name needs it
     from lm_eval.tasks import TaskManager
 
     return set(TaskManager().all_tasks)
@@ -262,7 +264,6 @@ def item_frame(name: str, task: Any, samples: list[dict[str, Any]]) -> pl.DataFr
     """One row per item: its id, language, target and lm-eval's per-item metrics; for multiple
     choice also the choices, each choice's log-likelihood (and the unconditional one for
     acc_mutual_info) and the choice each metric picked, enough to recompute every accuracy."""
-    import polars as pl
 
     lang = split_task(name)[1]
     rows = []
@@ -318,6 +319,7 @@ def run_tasks(
     configs = task_configs(names, data_dir)
     for noisy in ("lm-eval", "lm_eval", "datasets"):  # per-task chatter about custom datasets
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # lm-eval takes seconds to import: only when tasks run, not for listing or checking them
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager, get_task_dict
 

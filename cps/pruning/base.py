@@ -7,12 +7,16 @@ see layers, hooks or the tracking store.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cache
 from typing import ClassVar
 
 import torch
 
+import cps.pruning
 from cps.errors import CpsError
 from cps.pruning.masks import SparsityTarget
 from cps.registry import Registry
@@ -71,12 +75,18 @@ register = METHODS.register
 
 
 def method_class(name: str) -> type[PruningMethod]:
-    # The methods register themselves when imported; they import this module, so not at its top.
-    from cps.pruning import magnitude, sparsegpt, wanda  # noqa: F401
-
+    _discover_methods()
     if name not in METHODS:
         raise CpsError(f"unknown method {name!r}; use one of {', '.join(sorted(METHODS))} or dense")
     return METHODS[name]
+
+
+@cache
+def _discover_methods() -> None:
+    """Import every module of `cps.pruning` once: each method registers itself (a new method is one
+    new file). Not at import time: the method modules import this one."""
+    for module in pkgutil.iter_modules(cps.pruning.__path__):
+        importlib.import_module(f"cps.pruning.{module.name}")
 
 
 def get_method(name: str, options: MethodOptions | None = None) -> PruningMethod:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from cps.hooks import layer_output
 from cps.models import decoder_layers
@@ -284,7 +285,6 @@ def prune_model(
     config: EngineConfig | None = None,
 ) -> EngineResult:
     """Prune every linear inside the decoder layers of `model` in place, layer by layer."""
-    from tqdm.auto import tqdm
 
     config = config or EngineConfig()
     started = time.perf_counter()

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from cps.errors import CpsError
 
@@ -127,7 +129,6 @@ def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def save_masks(masks: dict[str, torch.Tensor], path: str) -> None:
-    from safetensors.torch import save_file
 
     shapes = {name: list(mask.shape) for name, mask in masks.items()}
     packed = {name: pack_mask(mask.cpu()) for name, mask in masks.items()}
@@ -135,7 +136,6 @@ def save_masks(masks: dict[str, torch.Tensor], path: str) -> None:
 
 
 def load_masks(path: str) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
 
     with safe_open(path, framework="pt") as handle:
         shapes = json.loads(handle.metadata()["shapes"])

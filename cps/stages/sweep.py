@@ -20,7 +20,10 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+
+import polars as pl
+import torch
+from tqdm.auto import tqdm
 
 from cps import tracking
 from cps.analysis.groups import comparison_groups
@@ -32,10 +35,6 @@ from cps.stages.analyze import analysis_params, analyze_group
 from cps.stages.evaluate import run_eval
 from cps.stages.prune import run_prune
 from cps.study import Cell, Study, check_inputs
-
-if TYPE_CHECKING:
-    import polars as pl
-
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +148,6 @@ def local_executor(
 def _ray_cell(
     plan: CellPlan, store: tracking.Store, tags: dict[str, str], threads: int, keep: bool
 ) -> tuple[str, float]:
-    import torch
 
     torch.set_num_threads(max(1, threads))
     started = time.perf_counter()
@@ -168,7 +166,7 @@ def ray_executor(address: str | None = None, cpus_per_cell: int = 1) -> Callable
         plans: list[CellPlan], store: tracking.Store, tags: dict[str, str], keep: bool = False
     ) -> Iterator[CellOutcome]:
         try:
-            import ray
+            import ray  # optional: pip install 'cps[ray]'
         except ImportError:
             raise CpsError("the ray executor needs Ray: pip install 'cps[ray]'") from None
         env = {
@@ -246,7 +244,6 @@ def run_sweep(
     store: tracking.Store,
     executor: Callable[..., Iterable[CellOutcome]] = local_executor,
 ) -> SweepResult:
-    from tqdm.auto import tqdm
 
     started = time.perf_counter()
     tracking.client(store)
@@ -310,7 +307,6 @@ def _progress(plans: list[CellPlan], outcomes: list[CellOutcome]) -> dict[str, f
 
 
 def plan_frame(plans: list[CellPlan], outcomes: Iterable[CellOutcome] = ()) -> pl.DataFrame:
-    import polars as pl
 
     by_cell = {id(outcome.plan.cell): outcome for outcome in outcomes}
     rows = []
