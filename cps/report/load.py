@@ -32,12 +32,15 @@ def matches(record: tracking.RunRecord, filters: Mapping[str, str]) -> bool:
     return True
 
 
+def matching_runs(store: tracking.Store, stage: str, filters: Mapping[str, str]) -> list[tracking.RunRecord]:
+    """The finished runs of a stage that match the filters, newest first."""
+    return [record for record in tracking.find_runs(store, stage) if matches(record, filters)]
+
+
 def prune_runs(store: tracking.Store, filters: Mapping[str, str]) -> pl.DataFrame:
     """Finished prune runs matching the filters: params and metrics as columns (metrics prefixed m:)."""
     rows = []
-    for record in tracking.find_runs(store, "prune"):
-        if not matches(record, filters):
-            continue
+    for record in matching_runs(store, "prune", filters):
         row: dict[str, object] = {"run_id": record.run_id, **record.params}
         row |= {f"m:{name}": value for name, value in _normalised(record.metrics).items()}
         rows.append(row)
@@ -68,9 +71,7 @@ def _normalised(metrics: Mapping[str, float]) -> dict[str, float]:
 def analysis_runs(store: tracking.Store, filters: Mapping[str, str]) -> pl.DataFrame:
     """The headline numbers of the finished analysis runs, the newest per group."""
     rows = []
-    for record in tracking.find_runs(store, "analyze"):
-        if not matches(record, filters):
-            continue
+    for record in matching_runs(store, "analyze", filters):
         members = json.loads(record.params.get("runs", "{}"))
         row = {
             "model": record.params.get("model"),
