@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 CALIBRATION_ARTIFACT = "calibration.safetensors"
 # layer_stats.parquet columns before the in-sample figures were named for what they are
 _LEGACY_LAYER_STATS = {"error": "calib_error", "signal": "calib_signal", "snr_db": "calib_snr_db"}
+DENSE_METRICS = {"sparsity.actual": 0.0, "time.prune_s": 0.0}  # a dense baseline prunes nothing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,9 +70,6 @@ def dense_run(store: tracking.Store, model: str, dtype: str) -> str:
     with tracking.start_run(store, "prune", prune_params(config, None), f"dense-{model}") as run:
         run.log_metrics(DENSE_METRICS)
     return run.run_id
-
-
-DENSE_METRICS = {"sparsity.actual": 0.0, "time.prune_s": 0.0}  # a dense baseline prunes nothing
 
 
 # ---------------------------------------------------------------------------------------------
