@@ -344,9 +344,21 @@ def local_artifact_dir(store: Store, run_id: str, path: str) -> Path | None:
     uri = get_run(store, run_id).artifact_uri
     if not uri.startswith("file:"):
         return None
-
     local = Path(unquote(urlparse(uri).path)) / path
     return local if local.exists() else None
+
+
+def artifact_if_any(store: Store, run_id: str, path: str, scratch: str | Path) -> Path | None:
+    """The artifact (file or folder): in place when the store keeps artifacts on this machine, else
+    downloaded into `scratch`; None when the run has no such artifact."""
+    uri = get_run(store, run_id).artifact_uri
+    if uri.startswith("file:"):
+        local = Path(unquote(urlparse(uri).path)) / path
+        return local if local.exists() else None
+    try:
+        return download_artifact(store, run_id, path, Path(scratch) / run_id)
+    except CpsError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------

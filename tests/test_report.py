@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 
 import pytest
@@ -243,3 +244,49 @@ def test_the_html_report_renders_in_chromium(filled, tmp_path):
     assert len(images) == len(list((tmp_path / "out" / "plots").glob("*.png")))
     assert rows == [section.frame.height + 1 for section in report.sections]
     assert (tmp_path / "report.png").stat().st_size > 20_000
+
+
+def test_significance_from_per_item_results(store):
+    """Two calibration languages x two evaluation languages: on sw, calibrating on sw is right on
+    60 more of 200 items and has a lower perplexity on every document; on zh the models tie."""
+    import polars as pl
+
+    base = [float(i % 2) for i in range(200)]
+    for calib in ("sw", "zh"):
+        params = {**BASE, "method": "wanda", "sparsity": "0.5", "calib_lang": calib, "seed": 0}
+        with tracking.start_run(store, "prune", params) as run:
+            run.log_metrics({"ppl.sw": 10.0, "ppl.zh": 10.0})
+            items = {}
+            for lang in ("sw", "zh"):
+                correct = list(base)
+                if calib == lang == "sw":
+                    correct[0:120:2] = [1.0] * 60
+                items[f"items/xcopa_{lang}.parquet"] = pl.DataFrame(
+                    {"task": f"xcopa_{lang}", "item": range(200), "lang": lang, "acc": correct}
+                )
+                nll = [30.0 if calib == lang == "sw" else 40.0] * 50
+                items[f"items/ppl_{lang}.parquet"] = pl.DataFrame(
+                    {
+                        "document": [f"d{i}" for i in range(50)],
+                        "nll": nll,
+                        "tokens": [20] * 50,
+                        "bytes": [80] * 50,
+                    }
+                )
+            run.log_frames(items)
+    report = build_report(store, ReportConfig(pivot="eval_lang", metrics=("ppl",)))
+    detail = next(s for s in report.sections if s.title.startswith("Own-language"))
+    xcopa_sw = _row(detail, task="xcopa", eval_lang="sw")
+    assert xcopa_sw["other"] == "zh" and xcopa_sw["own - other"] == pytest.approx(0.3)
+    assert xcopa_sw["significant"] == "true" and 0 < xcopa_sw["own - other.ci_low"] < 0.3
+    assert _row(detail, task="xcopa", eval_lang="zh")["significant"] == "false"
+    ppl_sw = _row(detail, task="ppl", eval_lang="sw")
+    assert ppl_sw["own - other"] == pytest.approx(math.exp(1.5) - math.exp(2.0))
+    lines = next(s for s in report.sections if s.title.startswith("Does calibrating"))
+    assert _row(lines, task="xcopa")["line"] == (
+        "own-language calibration wins significantly in 1 of 2 languages, loses significantly in 0"
+    )
+    text = render(report, "markdown")
+    assert "| xcopa | sw | zh | 0.3 (" in text
+    without = build_report(store, ReportConfig(pivot="eval_lang", metrics=("ppl",), significance=False))
+    assert not any(s.title.startswith("Own-language") for s in without.sections)

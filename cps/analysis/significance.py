@@ -97,7 +97,11 @@ def own_language_comparisons(
     columns = ["nll", "tokens"] if value == "nll" else ["correct"]
     rows = []
     for (task, lang), cell in items.group_by("task", "eval_lang", maintain_order=True):
-        order = sorted(cell["item"].unique().to_list())
+        runs = cell.select("calib_lang", "seed").n_unique()
+        shared = cell.group_by("item").agg(pl.struct("calib_lang", "seed").n_unique().alias("runs"))
+        order = sorted(shared.filter(pl.col("runs") == runs)["item"].to_list())  # items every run scored
+        if not order:
+            continue
         sides = {}
         for calib, part in cell.group_by("calib_lang"):
             sides[calib[0]] = {

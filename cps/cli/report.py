@@ -26,6 +26,10 @@ def report_command(
         str | None, typer.Option(help="Also write report.md, report.html, CSVs and heatmap PNGs here.")
     ] = None,
     no_dense: Annotated[bool, typer.Option("--no-dense", help="Leave the dense baseline rows out.")] = False,
+    significance: Annotated[
+        bool,
+        typer.Option(help="Own- vs other-language calibration, paired bootstrap on the per-item results."),
+    ] = True,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = "cps",
 ) -> None:
@@ -40,6 +44,7 @@ def report_command(
         metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()),
         pivot=pivot,
         include_dense=not no_dense,
+        significance=significance,
     )
     report = build_report(Store(tracking_uri, experiment), config)
     typer.echo(render(report, fmt))

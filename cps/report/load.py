@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from collections.abc import Mapping
 
 import polars as pl
 
 from cps import tracking
-from cps.metrics import INTERVAL, companion, metric, task_family
+from cps.metrics import INTERVAL, companion, metric, split_task, task_family
 
 # Task families whose `acc` column shows acc_mutual_info (the task pack's metric to read for them).
 MUTUAL_INFO_TASKS = ("flores_next",)
@@ -86,3 +87,45 @@ def analysis_runs(store: tracking.Store, filters: Mapping[str, str]) -> pl.DataF
     if not rows:
         return pl.DataFrame()
     return pl.DataFrame(rows).unique(subset=["model", "method", "pattern", "vary", "members"], keep="first")
+
+
+def item_results(store: tracking.Store, run_ids: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The per-item results of evaluated runs, long: accuracy items (run_id, task, eval_lang, item,
+    correct: the correctness of the accuracy the report shows) and perplexity documents (run_id,
+    task='ppl', eval_lang, item, nll, tokens). Runs without `items/` contribute nothing."""
+    answers, documents = [], []
+    with tempfile.TemporaryDirectory() as scratch:
+        for run_id in run_ids:
+            folder = tracking.artifact_if_any(store, run_id, "items", scratch)
+            if folder is None:  # evaluated before per-item results existed, or not evaluated
+                continue
+            for path in sorted(folder.glob("*.parquet")):
+                frame = pl.read_parquet(path).with_columns(pl.lit(run_id).alias("run_id"))
+                if path.stem.startswith("ppl_"):
+                    documents.append(
+                        frame.with_row_index("item").select(
+                            "run_id",
+                            pl.lit("ppl").alias("task"),
+                            pl.lit(path.stem.removeprefix("ppl_")).alias("eval_lang"),
+                            pl.col("item").cast(pl.Int64),
+                            pl.col("nll").cast(pl.Float64),
+                            pl.col("tokens").cast(pl.Float64),
+                        )
+                    )
+                elif "lang" in frame.columns and frame["lang"].null_count() == 0:
+                    family = split_task(path.stem)[0]
+                    shown = "acc_mutual_info" if family in MUTUAL_INFO_TASKS else "acc"
+                    if shown in frame.columns:
+                        answers.append(
+                            frame.select(
+                                "run_id",
+                                pl.lit(family).alias("task"),
+                                pl.col("lang").alias("eval_lang"),
+                                pl.col("item").cast(pl.Int64),
+                                pl.col(shown).cast(pl.Float64).alias("correct"),
+                            )
+                        )
+    return (
+        pl.concat(answers) if answers else pl.DataFrame(),
+        pl.concat(documents) if documents else pl.DataFrame(),
+    )
