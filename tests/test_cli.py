@@ -87,9 +87,9 @@ def _store_args(store: tracking.Store) -> list[str]:
     return ["--tracking-uri", str(store.uri)]
 
 
-def test_calibrate_logs_a_run_that_reads_back(store, tmp_path, tiny_tokenizer):
+def test_calibrate_logs_a_run_that_reads_back(store, tmp_path, tiny_tokenizer, capsys):
     args = ["calibrate", "--model", "tiny-llama", "--lang", "sw", "--nsamples", "4", "--seqlen", "32"]
-    first = cps(*args, "--seed", "7", *_store_args(store))
+    first = cps_here([*args, "--seed", "7", *_store_args(store)], capsys)
     assert first.returncode == 0, first.stderr
     assert "(built)" in first.stdout and "new run" in first.stdout
     (run,) = tracking.find_runs(store, "calibrate")
@@ -114,7 +114,7 @@ def test_calibrate_logs_a_run_that_reads_back(store, tmp_path, tiny_tokenizer):
     logged = load_calibration_run(store, run.run_id)
     assert torch.equal(logged.input_ids, expected.input_ids)
 
-    second = cps(*args, "--seed", "7", *_store_args(store))
+    second = cps_here([*args, "--seed", "7", *_store_args(store)], capsys)
     assert second.returncode == 0 and "(cache hit)" in second.stdout and "existing run" in second.stdout
     assert len(tracking.find_runs(store, "calibrate", status=None)) == 1
 
@@ -271,39 +271,22 @@ def test_unreachable_tracking_store_is_one_line_and_exit_2():
     assert time.monotonic() - started < 30
 
 
-def test_prune_reuses_a_calibrate_run(store):
-    calibrated = cps(
-        "calibrate",
-        "--model",
-        "tiny-llama",
-        "--lang",
-        "zh",
-        "--nsamples",
-        "4",
-        "--seqlen",
-        "32",
-        *_store_args(store),
-    )
+def test_prune_reuses_a_calibrate_run(store, capsys):
+    calibrate = ["calibrate", "--model", "tiny-llama", "--lang", "zh", "--nsamples", "4", "--seqlen", "32"]
+    calibrated = cps_here([*calibrate, *_store_args(store)], capsys)
     assert calibrated.returncode == 0, calibrated.stderr
     (calib_run,) = tracking.find_runs(store, "calibrate")
-    pruned = cps(
-        "prune",
-        "--model",
-        "tiny-llama",
-        "--calib",
-        calib_run.run_id,
-        "--method",
-        "magnitude",
-        "--no-save-model",
-        *_store_args(store),
-    )
+    prune = ["prune", "--model", "tiny-llama", "--calib", calib_run.run_id, "--method", "magnitude"]
+    pruned = cps_here([*prune, "--no-save-model", *_store_args(store)], capsys)
     assert pruned.returncode == 0, pruned.stderr
     (run,) = tracking.find_runs(store, "prune")
     assert run.params["calib_hash"] == calib_run.params["calib_hash"]
     assert run.params["calib_lang"] == "zh" and run.tags["cps.calib_run_id"] == calib_run.run_id
     assert "actual sparsity 0.5000" in pruned.stdout
-    other_model = cps("prune", "--model", "tiny-qwen2", "--calib", calib_run.run_id, *_store_args(store))
-    assert other_model.returncode == 2 and "tokenized for 'tiny-llama'" in other_model.stderr
+    other = cps_here(
+        ["prune", "--model", "tiny-qwen2", "--calib", calib_run.run_id, *_store_args(store)], capsys
+    )
+    assert other.returncode == 2 and "tokenized for 'tiny-llama'" in other.stderr
 
 
 def test_sigterm_ends_a_prune_run_killed(store):
