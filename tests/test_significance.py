@@ -60,6 +60,12 @@ def test_seed_to_seed_variance_widens_the_interval():
     assert pooled.significant and not two_level.significant  # the seeds' spread swallows the gain
 
 
+def test_one_item_is_never_significant():
+    result = paired_bootstrap({"correct": np.ones((1, 1))}, {"correct": np.zeros((1, 1))}, resamples=100)
+    assert (result.difference, result.low, result.high, result.items) == (1, 1, 1, 1)  # degenerate
+    assert not result.significant
+
+
 def test_perplexity_is_compared_over_documents():
     tokens = np.full((1, 50), 20.0)
     nll = np.full((1, 50), 40.0)  # ppl e^2

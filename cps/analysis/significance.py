@@ -9,7 +9,8 @@ For two calibration languages A and B evaluated on the same n items, with k_A an
      perplexity = exp(sum NLL / sum tokens) over the drawn documents, averaged over the drawn seeds;
   3. the difference A - B is the observed one; its 95% interval the 2.5th and 97.5th percentiles of
      the replicates' differences (percentile bootstrap, 10,000 replicates, seeded); it is
-     significant when the interval excludes 0.
+     significant when the interval excludes 0 and there are at least MIN_ITEMS (5) shared items
+     (with one item every replicate is that item, and the interval collapses to a point).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import polars as pl
 
 RESAMPLES = 10_000
 CONFIDENCE = 0.95
+MIN_ITEMS = 5  # below this the resamples repeat a handful of items: never called significant
 
 
 @dataclass(frozen=True)
@@ -28,10 +30,11 @@ class Comparison:
     difference: float  # statistic(A) - statistic(B), observed
     low: float
     high: float
+    items: int
 
     @property
     def significant(self) -> bool:
-        return self.low > 0 or self.high < 0
+        return self.items >= MIN_ITEMS and (self.low > 0 or self.high < 0)
 
 
 def _counts(rng: np.random.Generator, size: int, resamples: int) -> np.ndarray:
@@ -83,7 +86,7 @@ def paired_bootstrap(
         )
     tail = (1 - CONFIDENCE) / 2 * 100
     low, high = np.percentile(replicates, [tail, 100 - tail])
-    return Comparison(float(observed[0]), float(low), float(high))
+    return Comparison(float(observed[0]), float(low), float(high), n)
 
 
 def own_language_comparisons(
@@ -92,8 +95,8 @@ def own_language_comparisons(
     """For every (task, eval_lang) whose own calibration language is present: own vs each other
     calibration language. `items`: long rows (calib_lang, seed, task, eval_lang, item, <value>),
     value `correct` (accuracy: own - other, higher is better) or `nll` with `tokens` (perplexity:
-    own - other, lower is better). Returns (task, eval_lang, other, difference, low, high,
-    significant, own_better)."""
+    own - other, lower is better). Returns (task, eval_lang, other, items, difference, low, high,
+    significant, own_better) with `items` the number of shared items."""
     columns = ["nll", "tokens"] if value == "nll" else ["correct"]
     rows = []
     for (task, lang), cell in items.group_by("task", "eval_lang", maintain_order=True):
@@ -116,10 +119,9 @@ def own_language_comparisons(
         for other in sorted(set(sides) - {lang}):
             result = paired_bootstrap(sides[lang], sides[other], resamples, seed)
             better = result.difference < 0 if value == "nll" else result.difference > 0
-            rows.append(
-                (task, lang, other, result.difference, result.low, result.high, result.significant, better)
-            )
-    schema = ["task", "eval_lang", "other", "difference", "low", "high", "significant", "own_better"]
+            interval = (result.difference, result.low, result.high)
+            rows.append((task, lang, other, result.items, *interval, result.significant, better))
+    schema = ["task", "eval_lang", "other", "items", "difference", "low", "high", "significant", "own_better"]
     return pl.DataFrame(rows, schema=schema, orient="row")
 
 

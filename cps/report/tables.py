@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from cps import tracking
-from cps.analysis.significance import RESAMPLES, own_language_comparisons, summary
+from cps.analysis.significance import MIN_ITEMS, RESAMPLES, own_language_comparisons, summary
 from cps.errors import CpsError
 from cps.metrics import INTERVAL, LANGUAGE_KINDS, LAYER, companion, kind_of, metric_lang, task_family
 from cps.report.load import MUTUAL_INFO_TASKS, analysis_runs, item_results, prune_runs
@@ -212,7 +212,8 @@ SIGNIFICANCE_NOTE = (
     f"own - other: accuracy (higher is better) or perplexity (ppl, lower is better) of the model "
     f"calibrated on the evaluation language minus the one calibrated on `other`, paired over the same "
     f"items (documents for ppl); (a–b) its 95% interval from {RESAMPLES:,} paired bootstrap resamples "
-    f"(seeded; seeds resampled too where cells have several); significant when it excludes 0"
+    f"(seeded; seeds resampled too where cells have several); significant when it excludes 0 and at "
+    f"least {MIN_ITEMS} items are shared"
 )
 
 
@@ -246,6 +247,7 @@ def significance_sections(store: tracking.Store, pruned: pl.DataFrame) -> list[S
         pl.col("low").alias("own - other.ci_low"),
         pl.col("high").alias("own - other.ci_high"),
         pl.col("significant").cast(pl.String),
+        pl.col("items"),
     ).sort(key)
     lines = pl.concat(
         [
