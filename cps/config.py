@@ -159,6 +159,7 @@ class EvalConfig:
     max_docs: int | None = None  # perplexity: the first N held-out documents per language
     limit: float | None = None  # tasks: items per task (or a fraction)
     task_limits: tuple[tuple[str, float], ...] = ()  # per family or task, overriding `limit`
+    skip_missing: bool = False  # leave out (family, language) pairs lm-eval has no task for
     batch_size: int = 8
     device: str = "cpu"
     dtype: str = "auto"

@@ -321,3 +321,48 @@ def test_eval_errors(store):
         run_eval(EvalConfig(), store, calibrate.run_id)
     with pytest.raises(CpsError, match="unknown task"):
         run_eval(EvalConfig(tasks=("nonsense_task",)), store, model="tiny-llama")
+
+
+def test_the_papers_task_families_expand_from_lm_evals_index():
+    """Without network: the names, the lm-eval tasks handed over, and the pairs lm-eval lacks."""
+    from cps.evaluation.tasks import suite_task, task_configs
+
+    langs = ["ar", "de", "en", "es", "ru", "sw", "zh"]
+    with pytest.raises(CpsError, match="no task for arc_sw, hellaswag_sw, hellaswag_zh; --skip-missing"):
+        expand_tasks(["belebele", "arc", "mmlu", "hellaswag"], langs, None)
+    names = expand_tasks(["belebele", "arc", "mmlu", "hellaswag"], langs, None, skip_missing=True)
+    assert [n for n in names if n.startswith("belebele")] == [f"belebele_{lang}" for lang in langs]
+    assert "arc_sw" not in names and "hellaswag_zh" not in names and "mmlu_ru" in names
+    assert (
+        suite_task("belebele_sw") == "belebele_swh_Latn" and suite_task("belebele_zh") == "belebele_zho_Hans"
+    )
+    assert suite_task("mmlu_sw") == "global_mmlu_full_sw" and suite_task("mmlu_ru") == "global_mmlu_full_ru"
+    assert suite_task("arc_en") == "arc_challenge" and suite_task("arc_de") == "arc_de"
+    assert suite_task("hellaswag_en") == "hellaswag" and suite_task("sib_sw") is None
+    assert task_configs(["belebele_sw", "arc_en", "hellaswag_es"], None) == [
+        "belebele_swh_Latn",
+        "arc_challenge",
+        "hellaswag_es",
+    ]
+
+
+def test_a_groups_items_and_accuracy_are_collected_under_its_name():
+    """lm-eval runs a group's subtasks; cps reports the group under <family>_<lang>: its items
+    numbered across subtasks, its accuracy the mean over all of them."""
+    from cps.evaluation.tasks import collect
+
+    def sample(doc_id: int, acc: float) -> dict:
+        return {"doc_id": doc_id, "target": 0, "filter": "none", "metrics": ["acc"], "acc": acc}
+
+    samples = {
+        "global_mmlu_full_sw_anatomy": [sample(0, 1.0), sample(1, 0.0), sample(2, 1.0)],
+        "global_mmlu_full_sw_astronomy": [sample(0, 0.0), sample(1, 0.0)],
+    }
+    leaves = {"mmlu_sw": {name: None for name in samples}}
+    results = collect(samples, leaves)
+    (score,) = results.scores
+    assert score.task == "mmlu_sw" and score.samples == 5 and score.value == pytest.approx(2 / 5)
+    assert score.stderr == pytest.approx(math.sqrt(0.3 / 5))  # sample variance 0.3 of 1,0,1,0,0
+    assert (score.ci_low, score.ci_high) == pytest.approx(wilson_interval(2, 5))
+    items = results.items["mmlu_sw"]
+    assert items["item"].to_list() == [0, 1, 2, 3, 4] and set(items["lang"]) == {"sw"}

@@ -19,7 +19,11 @@ def eval_command(
     ] = "ar,de,en,es,ru,sw,zh",
     tasks: Annotated[
         str,
-        typer.Option(help="Pack families (sib, flores_next, xcopa), tasks like sib_sw, or lm-eval names."),
+        typer.Option(
+            help="Families, one task per language: the offline pack (sib, flores_next, xcopa) and the "
+            "paper's suite from lm-eval (belebele, arc, mmlu, hellaswag); or task names (sib_sw, any "
+            "lm-eval task)."
+        ),
     ] = "",
     corpus: Annotated[str, typer.Option(help="Held-out text: flores, or textdir:<folder>.")] = "flores",
     seqlen: Annotated[
@@ -39,6 +43,9 @@ def eval_command(
     max_docs: Annotated[
         int | None, typer.Option(help="Perplexity on the first N held-out documents per language.")
     ] = None,
+    skip_missing: Annotated[
+        bool, typer.Option(help="Leave out task families' languages that lm-eval has no task for.")
+    ] = False,
     batch_size: Annotated[int, typer.Option(help="lm-eval batch size.")] = 8,
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16.")] = "auto",
@@ -61,6 +68,7 @@ def eval_command(
         limit=limit,
         max_docs=max_docs,
         task_limits=_task_limits(task_limit),
+        skip_missing=skip_missing,
         batch_size=batch_size,
         device=device,
         dtype=dtype,

@@ -26,6 +26,7 @@ from cps.data import get_corpus
 from cps.data.flores import EVAL_SPLITS, FloresCorpus
 from cps.data.xcopa import XcopaCorpus
 from cps.errors import CpsError, first_line
+from cps.languages import Language, get_language
 from cps.metrics import ACCURACIES, split_task
 
 if TYPE_CHECKING:
@@ -156,17 +157,55 @@ def pack_family(name: str) -> str | None:
     return family if lang is not None and family in families() else None
 
 
-def expand_tasks(specs: list[str], langs: list[str], data_dir: str | None) -> list[str]:
-    """Family names become one task per requested language with data; other names stay."""
+# The paper's task suite (arXiv 2408.14398): per family, the lm-eval tasks that may hold a language,
+# in order of preference. Which exist is read from the installed lm-eval's index, never assumed.
+SUITE: dict[str, Callable[[Language], list[str]]] = {
+    "belebele": lambda lang: [f"belebele_{lang.flores}"],
+    "mmlu": lambda lang: (
+        [f"global_mmlu_full_{lang.code}", f"global_mmlu_{lang.code}"]
+        + (["mmlu"] if lang.code == "en" else [])
+    ),
+    "arc": lambda lang: ["arc_challenge"] if lang.code == "en" else [f"arc_{lang.code}"],  # okapi
+    "hellaswag": lambda lang: ["hellaswag"] if lang.code == "en" else [f"hellaswag_{lang.code}"],  # okapi
+}
+
+
+def expand_tasks(
+    specs: list[str], langs: list[str], data_dir: str | None, skip_missing: bool = False
+) -> list[str]:
+    """Family names become one task `<family>_<lang>` per requested language that has one: a pack
+    family where the data dir holds the language, a suite family where lm-eval has a task for it.
+    Suite pairs without a task fail in one line naming them, or are left out with `skip_missing`.
+    Other names stay as they are (any lm-eval task)."""
     names: list[str] = []
+    missing: list[str] = []
     for spec in specs:
         if spec in families():
             builder = BUILDERS[families()[spec]["builder"]]
             present = set(builder.languages(data_dir))
             names += [f"{spec}_{lang}" for lang in langs if lang in present]
+        elif spec in SUITE:
+            for lang in langs:
+                name = f"{spec}_{lang}"
+                (names if suite_task(name) else missing).append(name)
         else:
             names.append(spec)
+    if missing:
+        pairs = ", ".join(missing)
+        if not skip_missing:
+            raise CpsError(f"lm-eval has no task for {pairs}; --skip-missing evaluates the rest")
+        log.warning("lm-eval has no task for %s: left out", pairs)
     return list(dict.fromkeys(names))
+
+
+def suite_task(name: str) -> str | None:
+    """The installed lm-eval task (or group) that holds a suite pair ('belebele_sw' ->
+    'belebele_swh_Latn'); None when there is none, or `name` is no suite pair."""
+    family, lang = split_task(name)
+    if family not in SUITE or lang is None:
+        return None
+    index = _standard_task_names()
+    return next((task for task in SUITE[family](get_language(lang)) if task in index), None)
 
 
 def _dataset(items: Callable[[], dict[str, list[dict]]], **_: Any) -> Any:
@@ -223,19 +262,24 @@ def wilson_interval(successes: float, trials: int, z: float = 1.959963984540054)
     return low, high
 
 
-def _standard_task_names() -> set[str]:
+@lru_cache(maxsize=1)
+def _standard_task_names() -> frozenset[str]:
     # lm-eval takes seconds to import (and ~10 s to index its tasks): only when a name needs it
     from lm_eval.tasks import TaskManager
 
-    return set(TaskManager().all_tasks)
+    return frozenset(TaskManager().all_tasks)
 
 
 def task_configs(names: list[str], data_dir: str | None) -> list[str | dict[str, Any]]:
     configs: list[str | dict[str, Any]] = []
-    standard: set[str] | None = None
+    standard: frozenset[str] | None = None
     for name in names:
         if pack_family(name) is not None:
             configs.append(pack_task_config(name, data_dir))
+            continue
+        resolved = suite_task(name)
+        if resolved is not None:
+            configs.append(resolved)
             continue
         standard = _standard_task_names() if standard is None else standard
         if name not in standard:
@@ -300,7 +344,7 @@ def check_eval_inputs(config: EvalConfig) -> tuple[list[str], list[str]]:
     (held-out text present) and its task names, expanded (task data present)."""
     corpus = get_corpus(config.corpus, config.data_dir)
     langs = [corpus.require(lang) for lang in config.langs]
-    task_names = expand_tasks(list(config.tasks), langs, config.data_dir)
+    task_names = expand_tasks(list(config.tasks), langs, config.data_dir, config.skip_missing)
     task_configs(task_names, config.data_dir)
     return langs, task_names
 
@@ -316,7 +360,7 @@ def run_tasks(
     """Evaluate `names` with lm-eval on the model as it is in memory (no save and reload)."""
     if not names:
         return TaskResults([], {})
-    configs = task_configs(names, data_dir)
+    configs = dict(zip(names, task_configs(names, data_dir), strict=True))
     for noisy in ("lm-eval", "lm_eval", "datasets"):  # per-task chatter about custom datasets
         logging.getLogger(noisy).setLevel(logging.ERROR)
     # lm-eval takes seconds to import: only when tasks run, not for listing or checking them
@@ -328,40 +372,50 @@ def run_tasks(
     lm = ContinuationLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
         # Indexing lm-eval's whole task library takes ~10 s: only when a task comes from it.
-        manager = TaskManager(include_defaults=any(isinstance(c, str) for c in configs))
-        tasks = _leaf_tasks(get_task_dict(configs, manager))  # kept: items need each task's choices
+        manager = TaskManager(include_defaults=any(isinstance(c, str) for c in configs.values()))
+        # each name's leaf tasks (a group such as global_mmlu_full_sw has many), kept: items need
+        # each task's choices
+        leaves = {name: _leaf_tasks(get_task_dict([config], manager)) for name, config in configs.items()}
         output = simple_evaluate(
             model=lm,
-            tasks=list(tasks.values()),
+            tasks=[task for tasks in leaves.values() for task in tasks.values()],
             limit=limit,
             log_samples=True,
-            bootstrap_iters=1000,
+            bootstrap_iters=0,
             verbosity="WARNING",
             task_manager=manager,
         )
     except (ConnectionError, OSError, FileNotFoundError) as error:
         raise CpsError(f"lm-eval could not load its task data: {first_line(error)[:200]}") from None
-    items = {
-        task: item_frame(task, tasks.get(task), samples)
-        for task, samples in output.get("samples", {}).items()
-        if samples
-    }
+    return collect(output.get("samples", {}), leaves)
+
+
+def collect(
+    samples: Mapping[str, list[dict[str, Any]]], leaves: Mapping[str, Mapping[str, Any]]
+) -> TaskResults:
+    """Per cps task name: its items (the samples of all its leaf tasks, numbered one after another
+    in leaf-name order) and its accuracies computed from them: the mean over items (a group's
+    accuracy weighted by its tasks' sizes), lm-eval's standard error of a mean, Wilson intervals."""
+    items: dict[str, pl.DataFrame] = {}
+    for name, tasks in leaves.items():
+        frames, offset = [], 0
+        for leaf in sorted(tasks):
+            if samples.get(leaf):
+                frame = item_frame(name, tasks[leaf], samples[leaf])
+                frames.append(frame.with_columns(pl.col("item") + offset))
+                offset += int(frame["item"].max()) + 1
+        if frames:
+            items[name] = pl.concat(frames, how="diagonal_relaxed")
     scores = []
-    for task, metrics in output["results"].items():
-        samples = output.get("n-samples", {}).get(task, {}).get("effective", 0)
+    for name, frame in items.items():
         for metric in ACCURACIES:
-            if f"{metric},none" in metrics:
-                stderr = metrics.get(f"{metric}_stderr,none")
-                stderr = float(stderr) if isinstance(stderr, int | float) else None
-                value = float(metrics[f"{metric},none"])
-                per_item = items.get(task)
-                successes = (
-                    float(per_item[metric].sum())
-                    if per_item is not None and metric in per_item.columns
-                    else round(value * samples)
-                )
-                low, high = wilson_interval(successes, samples)
-                scores.append(TaskScore(task, metric, value, stderr, samples, low, high))
+            if metric in frame.columns:
+                values = frame[metric].to_list()
+                n = len(values)
+                value = sum(values) / n
+                stderr = math.sqrt(sum((v - value) ** 2 for v in values) / (n - 1) / n) if n > 1 else None
+                low, high = wilson_interval(sum(values), n)
+                scores.append(TaskScore(name, metric, value, stderr, n, low, high))
     return TaskResults(scores, items)
 
 
