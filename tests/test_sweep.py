@@ -125,6 +125,20 @@ def test_shipped_studies_parse():
     assert set(paper.grid.models) == {"llama3", "aya23"} and paper.grid.seeds == (0, 42, 1234)
     assert set(paper.grid.patterns) == {"unstructured", "2:4"}
     assert len(paper.cells) == 2 * (1 + 2 * 2 * 7 * 3)
+    assert {c.prune.calibration.nsamples for c in paper.cells if c.prune.calibration} == {512}
+
+
+def test_the_paper_study_dry_run_lists_its_tasks_and_cost():
+    from cps.study import check_inputs, estimate_gpu_hours
+
+    paper = load_study(REPO / "studies" / "paper.toml")
+    tasks = check_inputs(paper)  # offline: names from lm-eval's index, no data loaded
+    families = ("belebele", "mmlu", "arc", "hellaswag")
+    expected = {f"{f}_{lang}" for f in families for lang in paper.evaluate.langs}
+    assert set(tasks) == expected - {"arc_sw", "hellaswag_sw", "hellaswag_zh"}
+    estimate = estimate_gpu_hours(paper, tasks)
+    # by hand: per cell ~93M evaluation tokens (MMLU dominates) at 2 x 8.03e9 FLOPs / 400 TFLOP/s
+    assert estimate.cells == 170 and 150 < estimate.gpu_hours < 220
 
 
 def test_sweep_skips_done_cells_and_reruns_a_crashed_one(tmp_path, store, monkeypatch):

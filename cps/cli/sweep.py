@@ -37,7 +37,7 @@ def sweep_command(
     store = Store(tracking_uri, experiment)
     client(store)
     if dry_run:
-        check_inputs(study)
+        tasks = check_inputs(study)
         plans = plan_cells(study, store)
         _print_plan(study.name, [(p.cell.label, ACTIONS[p.action], p.run_id or "") for p in plans])
         pending = sum(1 for plan in plans if plan.pending)
@@ -45,6 +45,7 @@ def sweep_command(
         typer.echo(
             f"{pending} of {len(plans)} cells to run; then analyses by {', '.join(analyses) or 'none'}"
         )
+        _print_tasks(study, tasks)
         return
     run = local_executor if executor == "local" else ray_executor(address, cpus_per_cell)
     result = run_sweep(study, store, run)
@@ -76,3 +77,36 @@ def _print_plan(name: str, rows: list[tuple[str, str, str]]) -> None:
     for row in rows:
         table.add_row(*row)
     Console(width=140).print(table)
+
+
+def _print_tasks(study, tasks: list[str]) -> None:
+    """The tasks per evaluation language, the suite pairs lm-eval lacks, and the derived GPU cost."""
+    from cps.evaluation.tasks import SUITE
+    from cps.metrics import split_task
+    from cps.study import estimate_gpu_hours
+
+    by_lang: dict[str, list[str]] = {}
+    for name in tasks:
+        by_lang.setdefault(split_task(name)[1] or "-", []).append(name)
+    typer.echo("tasks per evaluation language (plus perplexity and held-out SNR in each):")
+    for lang in study.evaluate.langs:
+        typer.echo(f"  {lang}: {', '.join(by_lang.get(lang, [])) or '(none)'}")
+    missing = [
+        f"{family}_{lang}"
+        for family in study.evaluate.tasks
+        if family in SUITE
+        for lang in study.evaluate.langs
+        if f"{family}_{lang}" not in tasks
+    ]
+    if missing:
+        typer.echo(f"  lm-eval has no task for {', '.join(missing)} (left out: skip_missing)")
+    estimate = estimate_gpu_hours(study, tasks)
+    if estimate.gpu_hours is None:
+        typer.echo("GPU time: unknown (a model's size is unknown)")
+    else:
+        typer.echo(
+            f"GPU time, derived: ~{estimate.gpu_hours:,.0f} GPU hours for {estimate.cells} cells "
+            f"(2 x parameters FLOPs per token at {estimate.tflops:.0f} TFLOP/s effective; pruning = "
+            "2.3x (Wanda) or 3.0x (SparseGPT) a dense pass over the calibration tokens, as measured "
+            "on the CPU; see cps.study)"
+        )
