@@ -15,6 +15,8 @@ from __future__ import annotations
 from cps.languages import LANGUAGES
 
 ACCURACIES = ("acc", "acc_norm", "acc_mutual_info")
+SCORES = (*ACCURACIES, "exact_match", "f1")  # what task evaluations log per task
+BINARY = (*ACCURACIES, "exact_match")  # per-item 0/1 scores, which carry Wilson intervals
 INTERVAL = ("ci_low", "ci_high")
 LAYER = "layer"
 # Report families whose metrics go by another kind (`--metrics snr` reads snr_db.<lang>).

@@ -253,6 +253,7 @@ TASK_TOKENS = {  # per (family, language): items x choices x tokens per request,
     "sib": 303 * 7 * 60,
     "flores_next": 70 * 8 * 60,
     "xcopa": 600 * 2 * 30,
+    "mkqa": 10_000 * 60,  # one greedy answer: ~20 prompt + up to 32 generated tokens
 }
 
 

@@ -128,14 +128,24 @@ def test_shipped_studies_parse():
     assert {c.prune.calibration.nsamples for c in paper.cells if c.prune.calibration} == {512}
 
 
-def test_the_paper_study_dry_run_lists_its_tasks_and_cost():
+def test_the_paper_study_dry_run_lists_its_tasks_and_cost(tmp_path, corpora):
     from cps.study import check_inputs, estimate_gpu_hours
 
-    paper = load_study(REPO / "studies" / "paper.toml")
-    tasks = check_inputs(paper)  # offline: names from lm-eval's index, no data loaded
-    families = ("belebele", "mmlu", "arc", "hellaswag")
+    for corpus in ("flores", "ntrex", "xcopa"):  # the shared corpora, plus an MKQA file
+        (tmp_path / corpus).symlink_to(corpora / corpus)
+    (tmp_path / "mkqa").mkdir()
+    codes = ("ar", "de", "en", "es", "ru", "zh_cn")
+    example = {
+        "example_id": 1,
+        "queries": dict.fromkeys(codes, "q"),
+        "answers": {c: [{"type": "entity", "text": "a"}] for c in codes},
+    }
+    (tmp_path / "mkqa" / "mkqa.jsonl").write_text(json.dumps(example), encoding="utf-8")
+    paper = load_study(REPO / "studies" / "paper.toml", str(tmp_path))
+    tasks = check_inputs(paper)  # offline: lm-eval task names from its index, no hub data loaded
+    families = ("belebele", "mmlu", "arc", "hellaswag", "mkqa")
     expected = {f"{f}_{lang}" for f in families for lang in paper.evaluate.langs}
-    assert set(tasks) == expected - {"arc_sw", "hellaswag_sw", "hellaswag_zh"}
+    assert set(tasks) == expected - {"arc_sw", "hellaswag_sw", "hellaswag_zh", "mkqa_sw"}
     estimate = estimate_gpu_hours(paper, tasks)
     # by hand: per cell ~93M evaluation tokens (MMLU dominates) at 2 x 8.03e9 FLOPs / 400 TFLOP/s
     assert estimate.cells == 170 and 150 < estimate.gpu_hours < 220

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cps.data import flores, mc4, ntrex, textdir, xcopa  # noqa: F401  (registers the readers)
+from cps.data import flores, mc4, mkqa, ntrex, textdir, xcopa  # noqa: F401  (registers the readers)
 from cps.data.corpus import CORPORA, Corpus, CorpusSize, Document
 from cps.errors import CpsError
 from cps.paths import data_dir
@@ -30,6 +30,11 @@ def get_corpus(spec: str, data_dir_override: str | Path | None = None) -> Corpus
         raise CpsError(f"corpus {name!r} takes no argument (got {spec!r})")
     if not cls.needs_data_dir:
         return cls(Path("."))
+    if cls.optional_folder:  # the data dir's copy when there is one (MKQA: else the hub)
+        try:
+            return cls(data_dir(data_dir_override) / name)
+        except CpsError:
+            return cls(Path(name))
     root = data_dir(data_dir_override) / name
     if not root.is_dir():
         raise CpsError(f"corpus {name!r} not found: {root} does not exist")

@@ -41,6 +41,7 @@ class Corpus(ABC):
     name: ClassVar[str]
     has_text: ClassVar[bool] = True
     needs_data_dir: ClassVar[bool] = True
+    optional_folder: ClassVar[bool] = False  # read from the data dir when there, else elsewhere
     streamed: ClassVar[bool] = False
 
     def __init__(self, root: Path) -> None:

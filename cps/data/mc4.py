@@ -35,7 +35,7 @@ class Mc4Corpus(Corpus):
         config = get_language(self.require(lang)).mc4
         budget = max_chars or 2_000_000
         try:
-            _probe_hub()  # fail in seconds offline, instead of after minutes of retries
+            probe_hub()  # fail in seconds offline, instead of after minutes of retries
             import datasets  # ~2 s to import: only for this corpus, which only some users read
 
             stream = datasets.load_dataset(DATASET, config, split="train", streaming=True)
@@ -60,7 +60,7 @@ class Mc4Corpus(Corpus):
         raise CpsError("mC4 is streamed; its size is not known without downloading it")
 
 
-def _probe_hub(timeout: float = 5.0) -> None:
+def probe_hub(timeout: float = 5.0) -> None:
     from huggingface_hub import constants  # with `datasets`: only for this corpus
 
     if constants.HF_HUB_OFFLINE:

@@ -24,10 +24,12 @@ import yaml
 from cps.config import EvalConfig
 from cps.data import get_corpus
 from cps.data.flores import EVAL_SPLITS, FloresCorpus
+from cps.data.mkqa import MKQA_CODES, MkqaCorpus
 from cps.data.xcopa import XcopaCorpus
 from cps.errors import CpsError, first_line
+from cps.evaluation import mkqa
 from cps.languages import Language, get_language
-from cps.metrics import ACCURACIES, split_task
+from cps.metrics import BINARY, SCORES, split_task
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -120,6 +122,19 @@ def _flores_next_items(lang: str, data_dir: str | None) -> dict[str, list[dict]]
     return {"test": items}
 
 
+def _mkqa_items(lang: str, data_dir: str | None) -> dict[str, list[dict]]:
+    corpus: MkqaCorpus = get_corpus("mkqa", data_dir)  # type: ignore[assignment]
+    return {"test": corpus.items(lang)}
+
+
+def _mkqa_results(doc: dict[str, Any], results: list[str], lang: str) -> dict[str, float]:
+    """lm-eval's per-item hook: the greedy answer scored MKQA's way."""
+    return mkqa.scores(results[0].strip(), doc["answers"], MKQA_CODES[lang])
+
+
+SCORERS: dict[str, Callable[..., dict[str, float]]] = {"mkqa": _mkqa_results}
+
+
 @dataclass(frozen=True)
 class Builder:
     items: Callable[[str, str | None], dict[str, list[dict]]]
@@ -135,6 +150,7 @@ BUILDERS = {
     "xcopa": Builder(_xcopa_items, "xcopa", frozenset(XCOPA_CONNECTORS)),
     "sib": Builder(_sib_items, "flores"),
     "flores_next": Builder(_flores_next_items, "flores"),
+    "mkqa": Builder(_mkqa_items, "mkqa"),
 }
 
 
@@ -170,6 +186,9 @@ SUITE: dict[str, Callable[[Language], list[str]]] = {
 }
 
 
+PAPER_FAMILIES = (*SUITE, "mkqa")  # the paper's five task families
+
+
 def expand_tasks(
     specs: list[str], langs: list[str], data_dir: str | None, skip_missing: bool = False
 ) -> list[str]:
@@ -184,6 +203,8 @@ def expand_tasks(
             builder = BUILDERS[families()[spec]["builder"]]
             present = set(builder.languages(data_dir))
             names += [f"{spec}_{lang}" for lang in langs if lang in present]
+            if spec in PAPER_FAMILIES:  # the paper's suite: a language without the task is reported
+                missing += [f"{spec}_{lang}" for lang in langs if lang not in present]
         elif spec in SUITE:
             for lang in langs:
                 name = f"{spec}_{lang}"
@@ -225,7 +246,10 @@ def pack_task_config(name: str, data_dir: str | None) -> dict[str, Any]:
         raise CpsError(f"task {name}: no {family} data for language {lang!r} in the data dir")
     items = partial(builder.items, lang, data_dir)
     items()  # read and validate now: missing or broken data is a user error before lm-eval runs
-    return {**spec["lm_eval"], "task": name, "custom_dataset": partial(_dataset, items)}
+    config = {**spec["lm_eval"], "task": name, "custom_dataset": partial(_dataset, items)}
+    if "scorer" in spec:  # a family scored by cps's own per-item function (MKQA's metrics)
+        config["process_results"] = partial(SCORERS[spec["scorer"]], lang=lang)
+    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,12 +259,12 @@ def pack_task_config(name: str, data_dir: str | None) -> dict[str, Any]:
 @dataclass(frozen=True)
 class TaskScore:
     task: str
-    metric: str  # acc | acc_norm | acc_mutual_info
+    metric: str  # acc | acc_norm | acc_mutual_info | exact_match | f1
     value: float
     stderr: float | None
     samples: int
-    ci_low: float  # Wilson 95% interval over the items
-    ci_high: float
+    ci_low: float | None  # Wilson 95% interval over the items (0/1 scores only)
+    ci_high: float | None
 
 
 @dataclass
@@ -330,11 +354,16 @@ def item_frame(name: str, task: Any, samples: list[dict[str, Any]]) -> pl.DataFr
                 row["chosen_mutual_info"] = _argmax(
                     [c - u for c, u in zip(conditional, unconditional, strict=True)]
                 )
+        elif getattr(task, "OUTPUT_TYPE", None) == "generate_until":
+            response = (sample.get("filtered_resps") or [""])[0]
+            row["response"] = response if isinstance(response, str) else str(response)
+            if isinstance(sample.get("doc"), dict) and "answers" in sample["doc"]:
+                row["answers"] = [str(answer) for answer in sample["doc"]["answers"]]
         for metric in sample.get("metrics", []):
             value = sample.get(metric)
             if isinstance(value, int | float):
                 row[metric] = float(value)
-        row["correct"] = bool(row.get("acc", 0.0))
+        row["correct"] = bool(row.get("acc", row.get("exact_match", 0.0)))
         rows.append(row)
     return pl.DataFrame(rows, infer_schema_length=None)
 
@@ -408,13 +437,13 @@ def collect(
             items[name] = pl.concat(frames, how="diagonal_relaxed")
     scores = []
     for name, frame in items.items():
-        for metric in ACCURACIES:
+        for metric in SCORES:
             if metric in frame.columns:
                 values = frame[metric].to_list()
                 n = len(values)
                 value = sum(values) / n
                 stderr = math.sqrt(sum((v - value) ** 2 for v in values) / (n - 1) / n) if n > 1 else None
-                low, high = wilson_interval(sum(values), n)
+                low, high = wilson_interval(sum(values), n) if metric in BINARY else (None, None)
                 scores.append(TaskScore(name, metric, value, stderr, n, low, high))
     return TaskResults(scores, items)
 

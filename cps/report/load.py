@@ -17,8 +17,9 @@ import polars as pl
 from cps import tracking
 from cps.metrics import INTERVAL, companion, metric, split_task, task_family
 
-# Task families whose `acc` column shows acc_mutual_info (the task pack's metric to read for them).
-MUTUAL_INFO_TASKS = ("flores_next",)
+# Task families whose `acc` column shows another score: the one to read for them (flores_next:
+# acc_mutual_info, as plain acc rewards short candidates; mkqa, a generative task: token F1).
+SHOWN_SCORE = {"flores_next": "acc_mutual_info", "mkqa": "f1"}
 # Prune metrics logged before the in-sample figures were named for what they are.
 LEGACY_METRICS = {"snr_db.mean": "calib_snr_db.mean", "prune_error.total": "calib_error.total"}
 ANALYSIS_HEADLINES = ("iou.mean", "lape.overlap.mean", "lsar.specific_share.mean", "cross_snr.own_lang_best")
@@ -61,7 +62,7 @@ def _normalised(metrics: Mapping[str, float]) -> dict[str, float]:
             normalised[new] = metrics[old]
     for name, value in metrics.items():
         kind, _, task = name.partition(".")
-        if kind == "acc_mutual_info" and task_family(name) in MUTUAL_INFO_TASKS:
+        if SHOWN_SCORE.get(task_family(name)) == kind:
             normalised[metric("acc", task)] = value
             for bound in INTERVAL:
                 if companion(name, bound) in metrics:
@@ -114,7 +115,7 @@ def item_results(store: tracking.Store, run_ids: list[str]) -> tuple[pl.DataFram
                     )
                 elif "lang" in frame.columns and frame["lang"].null_count() == 0:
                     family = split_task(path.stem)[0]
-                    shown = "acc_mutual_info" if family in MUTUAL_INFO_TASKS else "acc"
+                    shown = SHOWN_SCORE.get(family, "acc")
                     if shown in frame.columns:
                         answers.append(
                             frame.select(

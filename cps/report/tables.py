@@ -18,7 +18,7 @@ from cps import tracking
 from cps.analysis.significance import MIN_ITEMS, RESAMPLES, own_language_comparisons, summary
 from cps.errors import CpsError
 from cps.metrics import INTERVAL, LANGUAGE_KINDS, LAYER, companion, kind_of, metric_lang, task_family
-from cps.report.load import MUTUAL_INFO_TASKS, analysis_runs, item_results, prune_runs
+from cps.report.load import SHOWN_SCORE, analysis_runs, item_results, prune_runs
 
 SETTING_PARAMS = ("model", "method", "pattern", "sparsity")
 EVAL_LANG = "eval_lang"
@@ -399,7 +399,9 @@ def _task_section(body: pl.DataFrame, columns: list[str]) -> Section:
         f"Task accuracy by {' x '.join(task_key)} and language (mean ± std over all runs of the row)",
         _wide(long, task_key, EVAL_LANG),
         task_key,
-        note=f"acc; for {', '.join(MUTUAL_INFO_TASKS)} acc_mutual_info (plain acc rewards short candidates). "
+        note="acc; "
+        + "; ".join(f"for {family} {score}" for family, score in SHOWN_SCORE.items())
+        + " (plain acc rewards short candidates; mkqa generates). "
         + INTERVAL_NOTE,
         best="max",
         heatmap=True,
