@@ -81,10 +81,16 @@ def _print_plan(name: str, rows: list[tuple[str, str, str]]) -> None:
 
 def _print_tasks(study, tasks: list[str]) -> None:
     """The tasks per evaluation language, the suite pairs lm-eval lacks, and the derived GPU cost."""
-    from cps.evaluation.tasks import SUITE
+    from cps.evaluation.tasks import PAPER_FAMILIES
     from cps.metrics import split_task
     from cps.study import estimate_gpu_hours
 
+    calibrations = {
+        f"{c.nsamples} x {c.seqlen} tokens of {c.corpus}"
+        for c in (cell.prune.calibration for cell in study.cells)
+        if c is not None
+    }
+    typer.echo(f"calibration per pruned cell: {', '.join(sorted(calibrations)) or '-'}")
     by_lang: dict[str, list[str]] = {}
     for name in tasks:
         by_lang.setdefault(split_task(name)[1] or "-", []).append(name)
@@ -94,12 +100,12 @@ def _print_tasks(study, tasks: list[str]) -> None:
     missing = [
         f"{family}_{lang}"
         for family in study.evaluate.tasks
-        if family in SUITE
+        if family in PAPER_FAMILIES
         for lang in study.evaluate.langs
         if f"{family}_{lang}" not in tasks
     ]
     if missing:
-        typer.echo(f"  lm-eval has no task for {', '.join(missing)} (left out: skip_missing)")
+        typer.echo(f"  no task for {', '.join(missing)} (left out: skip_missing)")
     estimate = estimate_gpu_hours(study, tasks)
     if estimate.gpu_hours is None:
         typer.echo("GPU time: unknown (a model's size is unknown)")
