@@ -12,15 +12,14 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_model
 from torch import nn
 from transformers import (
@@ -33,7 +32,7 @@ from transformers import (
 )
 
 from cps.errors import CpsError, first_line
-from cps.paths import cache_dir
+from cps.paths import cache_dir, discard, publish, staging
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -178,16 +177,27 @@ def _gguf_path(spec: ModelSpec, workdir: Path) -> Path:
 def embedded_model_dir(spec: ModelSpec) -> Path:
     """The converted safetensors folder of an embedded model, converting it on first use."""
     target = cache_dir() / "models" / f"{spec.name}-{_package_version(spec.package)}"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    log.warning("converting %s from its PyPI package once into %s (about a minute)", spec.name, target)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as work:
-        staging = Path(work) / "model"
-        gguf = _gguf_path(spec, Path(work))
-        _convert_gguf(gguf, staging, with_model=True)
+
+    def build(staging: Path, work: Path) -> None:
+        log.warning("converting %s from its PyPI package once into %s (about a minute)", spec.name, target)
+        _convert_gguf(_gguf_path(spec, work), staging, with_model=True)
         (staging / "cps_source.json").write_text(json.dumps({"model_id": model_id(spec)}))
-        _publish(staging, target)
+
+    return _cached_folder(target, "config.json", build)
+
+
+def _cached_folder(target: Path, marker: str, build: Callable[[Path, Path], None]) -> Path:
+    """`target`, built by `build(staging, workdir)` unless it exists; concurrent builders race to
+    publish and every one of them ends up using the winner's folder."""
+    if (target / marker).is_file():
+        return target
+    work = staging(target)
+    try:
+        work.mkdir()
+        build(work / "entry", work)
+        publish(work / "entry", target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return target
 
 
@@ -205,16 +215,6 @@ def _convert_gguf(gguf: Path, out: Path, with_model: bool) -> None:
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
     save_model(model, str(out / "model.safetensors"))  # handles tied embeddings
-
-
-def _publish(staging: Path, target: Path) -> None:
-    """Atomic rename into place; if another process finished first, keep theirs."""
-    try:
-        os.rename(staging, target)
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,14 +260,11 @@ def tiny_tokenizer_dir() -> Path:
     """SmolLM2's tokenizer (49,152 tokens), extracted from its GGUF once; serves all tiny models."""
     spec = MODELS["smollm2-135m"]
     target = cache_dir() / "tokenizers" / f"smollm2-{_package_version(spec.package)}"
-    if (target / "tokenizer_config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as work:
-        staging = Path(work) / "tokenizer"
-        _convert_gguf(_gguf_path(spec, Path(work)), staging, with_model=False)
-        _publish(staging, target)
-    return target
+
+    def build(staging: Path, work: Path) -> None:
+        _convert_gguf(_gguf_path(spec, work), staging, with_model=False)
+
+    return _cached_folder(target, "tokenizer_config.json", build)
 
 
 def _build_tiny(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -291,16 +288,31 @@ def model_location(spec: ModelSpec) -> str:
     return str(spec.hf_id)
 
 
+def _load_from_cache(spec: ModelSpec, what: str, loader: Callable[[str], Any]) -> Any:
+    """`loader(location)`; a folder of cps's own cache that turns out unreadable (truncated,
+    emptied by hand) is dropped with one warning line and built once more."""
+    for attempt in (1, 2):
+        location = model_location(spec)
+        try:
+            return loader(location)
+        except (OSError, ValueError, SafetensorError) as error:
+            if attempt == 1 and spec.source in ("embedded", "tiny"):
+                discard(Path(location), first_line(error))
+                continue
+            raise CpsError(
+                f"cannot load {what} of {spec.name!r} from {location}: {first_line(error)}"
+            ) from None
+    raise AssertionError("unreachable")
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
 
     spec = resolve_model(name)
-    location = model_location(spec)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise CpsError(
-            f"cannot load the tokenizer of {name!r} from {location}: {first_line(error)}"
-        ) from None
+    tokenizer = _load_from_cache(
+        spec,
+        "the tokenizer",
+        lambda location: AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code),
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -333,13 +345,13 @@ def load_model(name: str, options: LoadOptions | None = None) -> LoadedModel:
     if spec.source == "tiny":
         model = _build_tiny(spec, tokenizer).to(dtype)
     else:
-        location = model_location(spec)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
+        model = _load_from_cache(
+            spec,
+            "model",
+            lambda location: AutoModelForCausalLM.from_pretrained(
                 location, dtype=dtype, trust_remote_code=options.trust_remote_code
-            )
-        except (OSError, ValueError) as error:
-            raise CpsError(f"cannot load model {name!r} from {location}: {first_line(error)}") from None
+            ),
+        )
     model.eval()
     model.to(device)
     return LoadedModel(spec, model, tokenizer)

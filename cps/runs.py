@@ -35,7 +35,7 @@ from cps.models import (
     resolve_dtype,
     resolve_model,
 )
-from cps.paths import cache_dir
+from cps.paths import cache_dir, publish, staging
 from cps.pruning.base import MethodOptions, get_method, method_class
 from cps.pruning.engine import prune_model
 from cps.pruning.masks import load_masks
@@ -122,12 +122,9 @@ def keep_weights(run_id: str, model: torch.nn.Module) -> Path:
         for inner, module in layer.named_modules()
         if isinstance(module, torch.nn.Linear)
     }
-    path = kept_weights_path(run_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    save_file(state, str(partial))
-    partial.replace(path)
-    return path
+    built = staging(kept_weights_path(run_id))
+    save_file(state, str(built))
+    return publish(built, kept_weights_path(run_id))
 
 
 def drop_kept_weights(run_ids: list[str]) -> None:

@@ -30,6 +30,7 @@ from mlflow.exceptions import MlflowException
 
 import cps
 from cps.errors import CpsError, first_line
+from cps.paths import file_lock
 
 if TYPE_CHECKING:
     import polars as pl
@@ -122,11 +123,24 @@ def _client_for(uri: str) -> MlflowClient:
     _quiet_mlflow()  # after the import: mlflow configures its loggers when imported
 
     try:
-        client = MlflowClient(tracking_uri=uri)
-        client.search_experiments(max_results=1)  # touches the store: migrations, connection
+        with _creation_lock(uri):
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)  # touches the store: migrations, connection
     except MlflowException as error:
         raise CpsError(f"tracking store {uri} is unusable: {first_line(error)}") from None
     return client
+
+
+@contextmanager
+def _creation_lock(uri: str) -> Iterator[None]:
+    """For a SQLite store, a lock file beside the database: processes started at once on a new
+    store would otherwise all run MLflow's schema migration and all but one die in it."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    with file_lock(database.with_name(database.name + ".lock")):
+        yield
 
 
 def client(store: Store) -> MlflowClient:
@@ -140,9 +154,15 @@ def experiment_id(store: Store, create: bool = True) -> str | None:
         return experiment.experiment_id
     if not create:
         return None
-    return mlflow_client.create_experiment(
-        store.experiment, artifact_location=artifact_root(store.resolved_uri)
-    )
+    try:
+        return mlflow_client.create_experiment(
+            store.experiment, artifact_location=artifact_root(store.resolved_uri)
+        )
+    except MlflowException:  # created meanwhile by another process
+        experiment = mlflow_client.get_experiment_by_name(store.experiment)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 # ---------------------------------------------------------------------------------------------

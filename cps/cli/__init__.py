@@ -40,10 +40,18 @@ def _terminate(signum: int, frame: object) -> NoReturn:
 
 
 def _setup_logging() -> None:
-    from rich.logging import RichHandler
+    """Log lines go to stderr (stdout is the command's result): coloured on a terminal, one plain
+    line per record otherwise (CI logs, a worker's captured output)."""
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.logging import RichHandler
 
-    handler = RichHandler(show_path=False, show_time=False, markup=False)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler])
+        handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=False, markup=False)
+        layout = "%(message)s"
+    else:
+        handler, layout = logging.StreamHandler(sys.stderr), "%(levelname)s %(message)s"
+    logging.basicConfig(level=logging.INFO, format=layout, handlers=[handler])
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "mlflow", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -20,15 +20,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from cps.config import CalibrationConfig
 from cps.data import get_corpus
 from cps.data.corpus import Document, file_sha256
-from cps.errors import CpsError
+from cps.errors import CpsError, first_line
 from cps.languages import mixture_label
-from cps.paths import cache_dir
+from cps.paths import cache_dir, discard, publish, staging
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -249,14 +249,9 @@ def save_calibration(calib: CalibrationSet, path: Path) -> None:
         "stats": json.dumps({code: asdict(s) for code, s in calib.stats.items()}),
         "calib_hash": calib.calib_hash,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_suffix(f".tmp{id(calib)}")
-    save_file(
-        {"input_ids": calib.input_ids.contiguous(), "window_lang": lang_index},
-        str(staging),
-        metadata,
-    )
-    staging.replace(path)
+    built = staging(path)
+    save_file({"input_ids": calib.input_ids.contiguous(), "window_lang": lang_index}, str(built), metadata)
+    publish(built, path)
 
 
 def load_calibration(path: Path) -> CalibrationSet:
@@ -275,13 +270,24 @@ def load_calibration(path: Path) -> CalibrationSet:
     )
 
 
+def _load_cached(path: Path) -> CalibrationSet | None:
+    """The cached set at `path`; None when absent, or unreadable (then dropped, one warning)."""
+    if not path.is_file():
+        return None
+    try:
+        return load_calibration(path)
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as error:
+        discard(path, first_line(error))
+        return None
+
+
 def build_calibration(config: CalibrationConfig, tokenizer: PreTrainedTokenizerBase) -> CalibrationSet:
     """The calibration set for `config`, from the cache when an identical one was built before."""
 
     calib_hash = calibration_hash(config, tokenizer)
     path = _cache_path(calib_hash)
-    if path.is_file():
-        cached = load_calibration(path)
+    cached = _load_cached(path)
+    if cached is not None:
         # The windows depend on the tokenizer, not the model: another model with the same
         # tokenizer hits this entry, and the set must then carry the caller's config.
         cached.config, cached.cache_hit = config, True

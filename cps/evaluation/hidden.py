@@ -17,6 +17,7 @@ logged as `snr_positions.<lang>`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -30,10 +31,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from cps.errors import first_line
 from cps.evaluation.perplexity import LayerObserver, score_windows
 from cps.evaluation.windows import Batch, HeldOutText
 from cps.models import decoder_layers
-from cps.paths import cache_dir
+from cps.paths import cache_dir, discard, publish, staging
 
 log = logging.getLogger(__name__)
 
@@ -177,10 +179,10 @@ def load_reference(key: ReferenceKey) -> torch.Tensor | None:
     try:
         states = load_file(str(path))["states"]
     except (SafetensorError, OSError, KeyError) as error:
-        log.warning("dense-state cache entry %s is unreadable (%s); computing it again", path.name, error)
-        path.unlink(missing_ok=True)
+        discard(path, first_line(error))
         return None
-    os.utime(path)  # recently used
+    with contextlib.suppress(OSError):  # recently used (unless another process evicted it)
+        os.utime(path)
     return states
 
 
@@ -188,14 +190,17 @@ def save_reference(key: ReferenceKey, states: torch.Tensor) -> None:
     """Publish atomically, then drop the least recently used entries beyond the bound."""
 
     path = key.path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".partial{os.getpid()}")
-    save_file({"states": states.contiguous()}, str(partial), {"key": json.dumps(key.__dict__)})
-    partial.replace(path)
-    entries = sorted(path.parent.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
+    built = staging(path)
+    save_file({"states": states.contiguous()}, str(built), {"key": json.dumps(key.__dict__)})
+    publish(built, path)
+    entries = []
+    for entry in path.parent.glob("*.safetensors"):
+        with contextlib.suppress(OSError):  # another process may be evicting too
+            stat = entry.stat()
+            entries.append((stat.st_mtime, stat.st_size, entry))
     total = 0
-    for entry in entries:
-        total += entry.stat().st_size
+    for _, size, entry in sorted(entries, key=lambda e: e[0], reverse=True):
+        total += size
         if total > cache_bound_bytes() and entry != path:
             entry.unlink(missing_ok=True)
 
