@@ -98,10 +98,6 @@ def load_calibration_run(store: tracking.Store, run_id: str) -> CalibrationSet:
     return calib
 
 
-def _has_artifact(store: tracking.Store, run_id: str, path: str) -> bool:
-    return any(item.path == path for item in tracking.client(store).list_artifacts(run_id))
-
-
 # ---------------------------------------------------------------------------------------------
 # Weights kept by a sweep: a sweep that analyses activations keeps the weights of methods that
 # update them (SparseGPT) in the local cache until its analyses are done, so they need not be
@@ -141,22 +137,21 @@ def load_run_model(store: tracking.Store, record: tracking.RunRecord, options: L
     params = record.params
     if params.get("method") == DENSE:
         return load_model(params["model"], options)
-    local = tracking.local_artifact_dir(store, record.run_id, "model")
-    if local is not None or _has_artifact(store, record.run_id, "model"):
-        return _load_saved(store, record, options, local)
+    with tempfile.TemporaryDirectory() as scratch:
+        saved = tracking.logged_model_folder(store, record.run_id, scratch)
+        if saved is None:  # runs of earlier cps versions kept it as a plain `model/` artifact
+            saved = tracking.artifact_if_any(store, record.run_id, "model", scratch)
+        if saved is not None:
+            return _load_saved(record, options, saved)
     if kept_weights_path(record.run_id).is_file():
         return _load_kept(store, record, options)
     return _rebuild(store, record, options)
 
 
-def _load_saved(
-    store: tracking.Store, record: tracking.RunRecord, options: LoadOptions, local: Path | None
-) -> LoadedModel:
+def _load_saved(record: tracking.RunRecord, options: LoadOptions, folder: Path) -> LoadedModel:
 
     device = resolve_device(options.device)
-    with tempfile.TemporaryDirectory() as folder:
-        path = local or tracking.download_artifact(store, record.run_id, "model", folder)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(options.dtype, device))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(options.dtype, device))
     # The tokenizer of the source model, exactly as pruning used it: a copy reloaded beside another
     # architecture's config can come back as that architecture's tokenizer class.
     tokenizer = load_tokenizer(record.params["model"], options.trust_remote_code)

@@ -8,6 +8,7 @@ success, FAILED on an error, KILLED on Ctrl-C or SIGTERM — never left RUNNING.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import os
 import socket
@@ -16,6 +17,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,8 +27,12 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from sqlalchemy.exc import SQLAlchemyError
 
 import cps
 from cps.errors import CpsError, first_line
@@ -86,6 +92,7 @@ def _quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout is the result
 
 
 def _check_reachable(uri: str) -> None:
@@ -97,6 +104,17 @@ def _check_reachable(uri: str) -> None:
         except (urllib.error.URLError, OSError, ValueError) as error:
             reason = getattr(error, "reason", error)
             raise CpsError(f"tracking store {uri} is unreachable: {reason}") from None
+    elif uri.startswith(("postgresql", "mysql", "mssql")):
+        # A database server: MLflow would retry for minutes; one TCP connect says it at once.
+        parsed = urlparse(uri)
+        default_port = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+        port = parsed.port or default_port[parsed.scheme.split("+")[0]]
+        try:
+            socket.create_connection((parsed.hostname or "localhost", port), timeout=5).close()
+        except OSError as error:
+            raise CpsError(
+                f"tracking store {_redacted(uri)} is unreachable: {error.strerror or error}"
+            ) from None
     elif uri.startswith("sqlite:///"):
         db_path = Path(uri.removeprefix("sqlite:///"))
         try:
@@ -126,9 +144,17 @@ def _client_for(uri: str) -> MlflowClient:
         with _creation_lock(uri):
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)  # touches the store: migrations, connection
-    except MlflowException as error:
-        raise CpsError(f"tracking store {uri} is unusable: {first_line(error)}") from None
+    except (MlflowException, SQLAlchemyError) as error:
+        raise CpsError(f"tracking store {_redacted(uri)} is unusable: {first_line(error)}") from None
     return client
+
+
+def _redacted(uri: str) -> str:
+    """A database URI without its password (it may be printed or logged)."""
+    parsed = urlparse(uri)
+    if parsed.password:
+        return uri.replace(f":{parsed.password}@", ":***@")
+    return uri
 
 
 @contextmanager
@@ -269,6 +295,95 @@ class TrackedRun:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 frame.write_parquet(path)
             self._client.log_artifacts(self.run_id, folder)
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """Text a run used, as an MLflow dataset input (the UI's Dataset column): `context` is
+    calibration or evaluation; `digest` identifies exactly the tokens used."""
+
+    name: str  # <corpus>:<language or mixture>
+    digest: str
+    source: str  # the corpus folder (or the hub / a description when it is not on this machine)
+    context: str
+    profile: Mapping[str, Any] = field(default_factory=dict)
+
+
+def log_datasets(run: TrackedRun, datasets: list[DatasetRecord]) -> None:
+
+    entries = []
+    for record in datasets:
+        source: Any
+        if Path(record.source).is_absolute() and Path(record.source).exists():
+            with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local folder
+                warnings.simplefilter("ignore")
+                source = resolve_dataset_source(record.source)
+        else:
+            source = CodeDatasetSource({"cps.source": record.source})
+        meta = MetaDataset(source, name=record.name, digest=record.digest)._to_mlflow_entity()
+        dataset = Dataset(
+            record.name,
+            record.digest,
+            meta.source_type,
+            meta.source,
+            profile=json.dumps(dict(record.profile)),
+        )
+        entries.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", record.context)]))
+    if entries:
+        run._client.log_inputs(run.run_id, datasets=entries)
+
+
+def log_transformers_model(run: TrackedRun, model: Any, tokenizer: Any, name: str = "model") -> str:
+    """The model as an MLflow model of the run (transformers flavor, the UI's Models column):
+    `mlflow.transformers.load_model("runs:/<run>/model")` loads it, `mlflow.register_model`
+    registers it; its `model/` folder loads with `from_pretrained`. Returns the model id."""
+    import mlflow
+    import mlflow.transformers  # imports transformers pipelines: only runs that save a model pay
+
+    versions = library_tags()
+    requirements = [
+        f"{package}=={versions[f'cps.version.{package}']}" for package in ("torch", "transformers")
+    ]
+    mlflow.set_tracking_uri(run.store.resolved_uri)
+    mlflow.set_experiment(experiment_id=experiment_id(run.store))
+    logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)  # no hub model card offline
+    info = mlflow.transformers.log_model(
+        transformers_model={"model": model, "tokenizer": tokenizer},
+        name=name,
+        task="text-generation",
+        run_id=run.run_id,
+        pip_requirements=requirements,
+    )
+    return str(info.model_id)
+
+
+def logged_model_folder(store: Store, run_id: str, scratch: str | Path, name: str = "model") -> Path | None:
+    """The `from_pretrained` folder of the run's logged model `name` (in place when the store
+    keeps artifacts on this machine, else downloaded into `scratch`); None when it has none."""
+    record = get_run(store, run_id)
+    found = client(store).search_logged_models(
+        experiment_ids=[record.experiment_id],
+        filter_string=f"source_run_id = '{_quote(run_id)}' AND name = '{_quote(name)}'",
+        max_results=1,
+    )
+    if not found:
+        return None
+    location = found[0].artifact_location
+    if location.startswith("file:"):
+        local = Path(unquote(urlparse(location).path)) / "model"
+        return local if local.is_dir() else None
+    import mlflow.artifacts
+
+    try:
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{location.rstrip('/')}/model",
+                dst_path=str(scratch),
+                tracking_uri=store.resolved_uri,
+            )
+        )
+    except (MlflowException, OSError):
+        return None
 
 
 @contextmanager

@@ -144,9 +144,7 @@ def test_tiny_architectures_prune_end_to_end(name, store, tmp_path):
     record = tracking.get_run(store, result.run_id)
     assert record.status == "FINISHED" and record.params["pattern"] == "2:4"
     assert float(record.metrics["sparsity.actual"]) == 0.5
-    saved = AutoModelForCausalLM.from_pretrained(
-        tracking.download_artifact(store, result.run_id, "model", tmp_path)
-    )
+    saved = AutoModelForCausalLM.from_pretrained(tracking.logged_model_folder(store, result.run_id, tmp_path))
     masks = load_masks(str(tracking.download_artifact(store, result.run_id, "masks.safetensors", tmp_path)))
     rebuilt = load_model(name).model
     layer_count = len(decoder_layers(rebuilt))

@@ -170,6 +170,9 @@ def test_sweep_skips_done_cells_and_reruns_a_crashed_one(tmp_path, store, monkey
     parent = tracking.get_run(store, first.parent_run_id)
     assert parent.stage == "sweep" and parent.metrics["cells.failed"] == 1
     assert all(r.tags["mlflow.parentRunId"] == first.parent_run_id for r in runs)
+    calibrations = tracking.find_runs(store, "calibrate")  # nested under the sweep too (MLflow UI)
+    assert len(calibrations) == 3
+    assert all(r.tags["mlflow.parentRunId"] == first.parent_run_id for r in calibrations)
 
     monkeypatch.setattr(sweep_stage, "run_eval", real_eval)
     actions = {p.cell.key["calib_lang"]: p.action for p in plan_cells(study, store)}
@@ -309,3 +312,15 @@ def test_kept_weights_load_exactly_and_serve_the_sweeps_analyses(tmp_path, store
     result = run_sweep(study, store)
     assert not result.failed and len(result.analysis_run_ids) == 1 and not result.analysis_errors
     assert len(kept_paths) == 2 and not any(p.exists() for p in kept_paths)
+
+
+def test_a_sqlite_store_is_refused_for_a_cluster_of_several_nodes(tmp_path):
+    from cps.stages.sweep import check_store_reach
+
+    local = tracking.Store(f"sqlite:///{tmp_path}/mlflow.db")
+    check_store_reach(local, nodes=1)  # one machine: fine
+    with pytest.raises(CpsError, match=r"one machine's file.*MLflow server"):
+        check_store_reach(local, nodes=3)
+    with pytest.raises(CpsError, match="one machine's file"):
+        check_store_reach(tracking.Store(str(tmp_path / "mlruns")), nodes=2)
+    check_store_reach(tracking.Store("http://10.0.0.5:5000"), nodes=8)

@@ -70,6 +70,14 @@ def test_unreachable_server_fails_fast():
     assert time.monotonic() - started < 10
 
 
+def test_unreachable_database_fails_fast_without_printing_its_password():
+    started = time.monotonic()
+    with pytest.raises(CpsError, match="unreachable") as caught:
+        tracking.client(tracking.Store("postgresql://team:s3cret@127.0.0.1:9/mlflow"))
+    assert time.monotonic() - started < 10  # MLflow alone retries for minutes
+    assert "s3cret" not in str(caught.value) and "team:***@" in str(caught.value)
+
+
 def test_default_store_is_sqlite_under_mlruns(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -77,3 +85,39 @@ def test_default_store_is_sqlite_under_mlruns(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example:5000")
     assert tracking.Store().resolved_uri == "http://example:5000"
     assert tracking.Store("sqlite:////x/db").resolved_uri == "sqlite:////x/db"
+
+
+def test_runs_follow_mlflow_conventions_datasets_and_a_transformers_model(store, tmp_path):
+    """What the MLflow UI shows in its Dataset and Models columns, and what its loaders read."""
+    import mlflow
+    import mlflow.transformers
+    import torch
+
+    from cps.config import CalibrationConfig, EvalConfig, PruneConfig
+    from cps.stages.evaluate import run_eval
+    from cps.stages.prune import run_prune
+
+    calibration = CalibrationConfig("tiny-llama", "sw", nsamples=4, seqlen=32)
+    result = run_prune(PruneConfig("tiny-llama", "wanda", calibration), store, keep_model=True)
+    run_eval(EvalConfig(langs=("sw", "zh"), tasks=(), seqlen=32, max_docs=2), store, result.run_id)
+    mlflow_client = tracking.client(store)
+    run = mlflow_client.get_run(result.run_id)
+    inputs = {
+        (i.dataset.name, i.dataset.digest, {t.key: t.value for t in i.tags}["mlflow.data.context"])
+        for i in run.inputs.dataset_inputs
+    }
+    held_out = {name for name, _, context in inputs if context == "evaluation"}
+    assert ("ntrex:sw", result.calib.calib_hash, "calibration") in inputs
+    assert held_out == {"flores:sw", "flores:zh"}
+    (calibrate,) = tracking.find_runs(store, "calibrate")
+    (calib_input,) = mlflow_client.get_run(calibrate.run_id).inputs.dataset_inputs
+    assert calib_input.dataset.digest == result.calib.calib_hash
+    (output,) = run.outputs.model_outputs
+    (logged,) = mlflow_client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert logged.model_id == output.model_id and logged.source_run_id == result.run_id
+    pipeline = mlflow.transformers.load_model(f"runs:/{result.run_id}/model")
+    ids = result.calib.input_ids[:2]
+    with torch.no_grad():
+        assert torch.equal(pipeline.model(ids).logits, result.model.model(ids).logits)
+    folder = tracking.logged_model_folder(store, result.run_id, tmp_path)
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()

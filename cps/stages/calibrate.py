@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cps import tracking
 from cps.config import CalibrationConfig
+from cps.data import get_corpus
 from cps.data.calibration import CalibrationSet, build_calibration
+from cps.errors import CpsError
 from cps.models import load_tokenizer, model_id, resolve_model
 from cps.runs import CALIBRATION_ARTIFACT
 
@@ -36,15 +39,35 @@ def calibration_params(config: CalibrationConfig, calib: CalibrationSet) -> dict
     }
 
 
-def run_calibrate(config: CalibrationConfig, store: tracking.Store) -> CalibrateResult:
+def calibration_dataset(calib: CalibrationSet) -> tracking.DatasetRecord:
+    """The calibration windows as an MLflow dataset input (digest: the calibration hash)."""
+    config = calib.config
+    try:
+        source = str(get_corpus(config.corpus, config.data_dir).root)
+    except CpsError:  # a calibrate run's set read back where its corpus is absent
+        source = config.corpus
+    return tracking.DatasetRecord(
+        name=f"{config.corpus}:{calib.calib_lang}",
+        digest=calib.calib_hash,
+        source=source,
+        context="calibration",
+        profile={"windows": config.nsamples, "seqlen": config.seqlen, "seed": config.seed},
+    )
+
+
+def run_calibrate(
+    config: CalibrationConfig, store: tracking.Store, tags: Mapping[str, str] | None = None
+) -> CalibrateResult:
+    """Build (or reuse) the set; a new calibrate run carries `tags` (a sweep's: nested under it)."""
     tracking.client(store)  # an unreachable store fails before any work
     calib = build_calibration(config, load_tokenizer(config.model))
     previous = tracking.find_runs(store, "calibrate", {"calib_hash": calib.calib_hash, "model": config.model})
     if previous:
         return CalibrateResult(calib, previous[0].run_id, reused_run=True)
     run_name = f"calib-{config.model}-{calib.calib_lang}-{config.nsamples}x{config.seqlen}"
-    with tracking.start_run(store, "calibrate", calibration_params(config, calib), run_name) as run:
+    with tracking.start_run(store, "calibrate", calibration_params(config, calib), run_name, tags) as run:
         run.log_metrics(calib.summary_metrics())
+        tracking.log_datasets(run, [calibration_dataset(calib)])
         run.set_tags({"cps.calib_cache_hit": calib.cache_hit})
         with tempfile.TemporaryDirectory() as folder:
             shutil.copyfile(calib.cache_path, Path(folder) / CALIBRATION_ARTIFACT)

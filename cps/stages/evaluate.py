@@ -108,6 +108,19 @@ def run_eval(
         }
     )
     run.log_frames({"eval_scores.parquet": scores, **items})
+    tracking.log_datasets(
+        run,
+        [
+            tracking.DatasetRecord(
+                name=f"{config.corpus}:{lang}",
+                digest=text.fingerprint(),
+                source=str(corpus.root),
+                context="evaluation",
+                profile={"documents": len(text.documents), "scored_tokens": sum(text.tokens)},
+            )
+            for lang, text in texts.items()
+        ],
+    )
     return EvalResult(run_id, scores, metrics, items)
 
 

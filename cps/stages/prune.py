@@ -25,7 +25,7 @@ from cps.pruning.base import get_method
 from cps.pruning.engine import EngineResult, prune_model
 from cps.pruning.masks import save_masks
 from cps.runs import DENSE_METRICS, load_calibration_run, prune_params
-from cps.stages.calibrate import run_calibrate
+from cps.stages.calibrate import calibration_dataset, run_calibrate
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,9 @@ def summary_metrics(stats: pl.DataFrame, seconds: float) -> dict[str, float]:
     }
 
 
-def _calibration(config: PruneConfig, store: tracking.Store) -> tuple[CalibrationSet, str]:
+def _calibration(
+    config: PruneConfig, store: tracking.Store, tags: Mapping[str, str] | None
+) -> tuple[CalibrationSet, str]:
     if config.calib_run:
         record = tracking.get_run(store, config.calib_run)
         if record.stage != "calibrate":
@@ -92,7 +94,7 @@ def _calibration(config: PruneConfig, store: tracking.Store) -> tuple[Calibratio
             )
         return load_calibration_run(store, config.calib_run), config.calib_run
     assert config.calibration is not None  # PruneConfig: a calibration or a calibrate run
-    result = run_calibrate(config.calibration, store)
+    result = run_calibrate(config.calibration, store, tags)
     return result.calib, result.run_id
 
 
@@ -110,13 +112,15 @@ def run_prune(
     """
     tracking.client(store)  # an unreachable store fails before any work
     device = resolve_device(config.device)
-    calib, calib_run = (None, None) if config.dense else _calibration(config, store)
+    calib, calib_run = (None, None) if config.dense else _calibration(config, store, tags)
     torch.manual_seed(calib.config.seed if calib else 0)
     params = prune_params(config, calib)
     run_name = f"{config.method_name}-{config.model}-{params['calib_lang']}-{params['pattern']}"
     with tracking.start_run(store, "prune", params, run_name, tags) as run:
         if calib_run:
             run.set_tags({"cps.calib_run_id": calib_run})
+        if calib is not None:
+            tracking.log_datasets(run, [calibration_dataset(calib)])
         if calib is None:  # the dense baseline prunes nothing: a model only for whoever asks for one
             metrics = {**DENSE_METRICS, "mem.peak_rss_gb": peak_rss_gb()}
             run.log_metrics(metrics)
@@ -168,8 +172,5 @@ def _log_outputs(
         figure.savefig(Path(folder) / "plots" / "calib_snr_per_layer.png", dpi=120)
         run.log_artifact(Path(folder) / "plots", "plots")
         if config.save_model:
-            model_dir = Path(folder) / "model"
-            loaded.model.save_pretrained(model_dir)
-            loaded.tokenizer.save_pretrained(model_dir)
-            run.log_artifact(model_dir, "model")
+            tracking.log_transformers_model(run, loaded.model, loaded.tokenizer)
     return stats, metrics

@@ -192,6 +192,8 @@ def ray_executor(address: str | None = None, cpus_per_cell: int = 1) -> Callable
                     f"cannot reach the Ray cluster {address or '(local)'}: {first_line(error)}"
                 ) from None
         try:
+            nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+            check_store_reach(store, nodes)
             gpus = ray.cluster_resources().get("GPU", 0)
             resources = {"num_gpus": 1} if gpus else {"num_cpus": cpus_per_cell}
             remote = ray.remote(**resources, max_retries=0)(_ray_cell)
@@ -214,6 +216,17 @@ def ray_executor(address: str | None = None, cpus_per_cell: int = 1) -> Callable
                 ray.shutdown()
 
     return execute
+
+
+def check_store_reach(store: tracking.Store, nodes: int) -> None:
+    """A SQLite store (or a plain folder) is one machine's file: workers on other nodes would each
+    write a store of their own, or corrupt a shared one over a network file system."""
+    uri = store.resolved_uri
+    if nodes > 1 and not uri.startswith(("http://", "https://", "postgresql", "mysql", "mssql")):
+        raise CpsError(
+            f"the Ray cluster has {nodes} nodes but the tracking store {uri} is one machine's file; "
+            "run an MLflow server (README: 'Many machines') and pass --tracking-uri http://HOST:PORT"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
