@@ -25,11 +25,11 @@ def dense_forward_seconds(model, input_ids, batch_tokens: int) -> float:
 
     from cps.hooks import layer_output
     from cps.models import decoder_layers
-    from cps.pruning.engine import capture_layer_calls
+    from cps.pruning.engine import calibration_batches
+    from cps.streaming import capture_layer_calls
 
-    batch_size = max(1, batch_tokens // input_ids.shape[1])
     with torch.inference_mode():
-        calls = capture_layer_calls(model, input_ids, batch_size, "cpu")
+        calls = capture_layer_calls(model, calibration_batches(input_ids, batch_tokens), "cpu")
         started = time.perf_counter()
         for index, layer in enumerate(decoder_layers(model)):
             for position, batch in enumerate(calls.hidden):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import transformers
 from safetensors import SafetensorError
 from safetensors.torch import save_model
 from torch import nn
@@ -273,6 +274,32 @@ def _build_tiny(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrain
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def tiny_model_dir(spec: ModelSpec) -> Path:
+    """A tiny model's seeded weights saved as safetensors once (what streaming reads)."""
+    # The folder's name carries the transformers version whose initialisation made the weights.
+    target = cache_dir() / "models" / f"{spec.name}-seed{TINY_SEED}-tf{transformers.__version__}"
+
+    def build(staging: Path, work: Path) -> None:
+        _build_tiny(spec, load_tokenizer(spec.name)).save_pretrained(staging)
+
+    return _cached_folder(target, "config.json", build)
+
+
+def weights_folder(spec: ModelSpec) -> Path:
+    """The local folder holding the model's config and safetensors shards (streaming reads them
+    from there); a hub model's are downloaded first (config and safetensors only)."""
+    if spec.source == "tiny":
+        return tiny_model_dir(spec)
+    if spec.source == "hub":
+        from huggingface_hub import snapshot_download  # only hub models need it
+
+        try:
+            return Path(snapshot_download(str(spec.hf_id), allow_patterns=["*.json", "*.safetensors"]))
+        except Exception as error:  # offline, gated, missing: all reach the user as one line
+            raise CpsError(f"cannot download {spec.hf_id}: {first_line(error)}") from None
+    return Path(model_location(spec))
 
 
 # ---------------------------------------------------------------------------------------------

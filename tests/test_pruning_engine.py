@@ -13,9 +13,10 @@ from cps.config import CalibrationConfig, PruneConfig
 from cps.data.calibration import build_calibration
 from cps.models import decoder_layers, load_model
 from cps.pruning.base import get_method
-from cps.pruning.engine import EngineConfig, capture_layer_calls, prune_model
+from cps.pruning.engine import EngineConfig, calibration_batches, prune_model
 from cps.pruning.masks import SparsityTarget, load_masks
 from cps.stages.prune import run_prune
+from cps.streaming import capture_layer_calls
 
 ARCHITECTURES = ["tiny-llama", "tiny-gemma3", "tiny-cohere", "tiny-qwen2"]
 
@@ -49,7 +50,7 @@ def test_each_layer_gets_its_own_call_arguments(name):
     layers = decoder_layers(loaded.model)
     with torch.no_grad():
         expected = loaded.model(ids, output_hidden_states=True).hidden_states
-        calls = capture_layer_calls(loaded.model, ids, batch_size=2, device="cpu")
+        calls = capture_layer_calls(loaded.model, calibration_batches(ids, 2 * 48), device="cpu")
         for index, layer in enumerate(layers[:-1]):  # the last entry is after the final norm
             outputs = []
             for batch in calls.hidden:

@@ -91,9 +91,10 @@ class ActivationCounter(LayerObserver):
 
     def begin(self, batch: Batch) -> None:
         self._scored = batch.scored
-        self.tokens += int(batch.scored.sum())
 
     def layer(self, index: int, states: torch.Tensor) -> None:
+        if index == 0:  # (a streamed pass calls `begin` before every layer of a batch)
+            self.tokens += states.shape[0]
         _add(self.hidden, index, states.double().sum(0).cpu())
 
     def fired(self, index: int, output: torch.Tensor) -> None:

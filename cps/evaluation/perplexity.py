@@ -8,10 +8,12 @@ window starting with the tokenizer's BOS, every document token scored exactly on
 Bits per byte are comparable across tokenizers and languages; perplexity is not. The result keeps
 each document's NLL, tokens and bytes, from which both are recomputed exactly.
 
-The LM head and its log-softmax run on the scored positions only, in chunks of at most
-`HEAD_BUDGET_BYTES` of fp32 logits: never a [batch, seqlen, vocab] tensor (Gemma-3's vocabulary
-has 262k entries). A `LayerObserver` sees every decoder layer's hidden states at the scored
-positions of the same forward pass (the held-out SNR against the dense model needs no extra pass).
+The LM head and its log-softmax run on the scored positions only, over the vocabulary in chunks
+(an online log-sum-exp) with at most `HEAD_BUDGET_BYTES` of fp32 logits at once: never a
+[batch, seqlen, vocab] tensor (Gemma-3's vocabulary has 262k entries). A streamed model
+(`cps.streaming`) runs the same arithmetic one decoder layer at a time over every window. A
+`LayerObserver` sees every decoder layer's hidden states at the scored positions of the same
+forward pass (the held-out SNR against the dense model needs no extra pass).
 """
 
 from __future__ import annotations
@@ -26,14 +28,17 @@ import polars as pl
 import torch
 
 from cps.data.corpus import Document
+from cps.errors import CpsError
 from cps.evaluation.windows import Batch, HeldOutText, Window, batches, held_out_windows
-from cps.hooks import output_hooks
+from cps.hooks import layer_output, output_hooks
 from cps.models import decoder_layers
+from cps.streaming import StreamedModel, capture_layer_calls, move, streamed
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-HEAD_BUDGET_BYTES = 256 << 20  # fp32 logits held at once
+HEAD_BUDGET_BYTES = 64 << 20  # fp32 logits held at once
+VOCAB_CHUNK = 16384  # rows of the LM head per step of the online log-sum-exp
 BATCH_TOKENS = 8192  # window tokens (b x L) per forward
 
 
@@ -73,7 +78,8 @@ class LayerObserver:
     """Sees each decoder layer's hidden states at the scored positions of every batch."""
 
     def begin(self, batch: Batch) -> None:
-        """A new batch starts (its `scored` mask orders the states `layer` receives)."""
+        """States of `batch` follow (its `scored` mask orders them). An in-memory pass calls it once
+        per batch before all its layers; a streamed pass before each (layer, batch): layer-major."""
 
     def layer(self, index: int, states: torch.Tensor) -> None:
         """(n, d) states of layer `index` at the batch's scored positions, row by row."""
@@ -81,18 +87,34 @@ class LayerObserver:
 
 class OutputHead:
     """The model's LM head applied to chosen positions, as its own forward applies it: the output
-    projection, then Gemma's final logit soft-capping or Cohere's logit scale where configured."""
+    projection, then Gemma's final logit soft-capping or Cohere's logit scale where configured.
+
+    The log-softmax runs over the vocabulary in chunks of `VOCAB_CHUNK` rows (an online
+    log-sum-exp), on at most `HEAD_BUDGET_BYTES` of fp32 logits at once: a streamed model reads
+    its head weights one chunk at a time, and an in-memory model runs exactly the same arithmetic,
+    so both give the same bits."""
 
     def __init__(self, model: PreTrainedModel) -> None:
-        self.linear = model.get_output_embeddings()
         config = model.config.get_text_config()
         self.softcap = getattr(config, "final_logit_softcapping", None)
         scale = getattr(model, "logit_scale", None)
         self.scale = float(scale) if isinstance(scale, int | float) else None
-        self.vocab = int(self.linear.weight.shape[0])
+        self.source = streamed(model)
+        linear = model.get_output_embeddings()
+        self.bias = None if self.source is not None else linear.bias
+        self.weight = None if self.source is not None else linear.weight
+        self.vocab = int(linear.weight.shape[0])
 
-    def logits(self, states: torch.Tensor) -> torch.Tensor:
-        logits = self.linear(states)
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        if self.source is None:
+            assert self.weight is not None
+            return self.weight[start:stop]
+        name = self.source.source_name(self.source.head_name)
+        return self.source.reader.rows(name, start, stop).to(self.source.dtype).to(self.source.device)
+
+    def logits(self, states: torch.Tensor, weight: torch.Tensor, start: int = 0) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias[start : start + weight.shape[0]]
+        logits = torch.nn.functional.linear(states, weight, bias)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         if self.scale is not None:
@@ -100,17 +122,23 @@ class OutputHead:
         return logits
 
     def nll(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """(n,) fp32 NLL of each target given the state before it, in chunks of positions."""
-        chunk = max(1, HEAD_BUDGET_BYTES // (4 * self.vocab))
-        parts = [
-            torch.nn.functional.cross_entropy(
-                self.logits(states[start : start + chunk]).float(),
-                targets[start : start + chunk],
-                reduction="none",
-            )
-            for start in range(0, len(states), chunk)
-        ]
-        return torch.cat(parts)
+        """(n,) fp32 NLL of each target given the state before it."""
+        count = len(states)
+        lse = torch.full((count,), -math.inf, device=states.device)
+        target_logit = torch.zeros(count, device=states.device)
+        step = max(1, HEAD_BUDGET_BYTES // (4 * VOCAB_CHUNK))
+        for first in range(0, self.vocab, VOCAB_CHUNK):
+            last = min(first + VOCAB_CHUNK, self.vocab)
+            weight = self.rows(first, last)
+            for begin in range(0, count, step):
+                end = min(begin + step, count)
+                logits = self.logits(states[begin:end], weight, first).float()
+                lse[begin:end] = torch.logaddexp(lse[begin:end], torch.logsumexp(logits, dim=1))
+                wanted = targets[begin:end]
+                inside = ((wanted >= first) & (wanted < last)).nonzero()[:, 0]
+                target_logit[begin + inside] = logits[inside, wanted[inside] - first]
+            del weight
+        return lse - target_logit
 
 
 _HEAD_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -118,7 +146,10 @@ _HEAD_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _output_head(model: PreTrainedModel, sample: torch.Tensor) -> OutputHead | None:
     """The chunked head when it reproduces the model's own logits (checked once per model on a few
-    tokens), else None: the model's full forward is used instead."""
+    tokens), else None: the model's full forward is used instead. A streamed model's head is not
+    checked (it cannot run whole): streaming takes the architectures whose heads cps knows."""
+    if streamed(model) is not None:
+        return OutputHead(model)
     if model not in _HEAD_CHECKED:
         head = None
         if model.base_model is not model and model.get_output_embeddings() is not None:
@@ -129,11 +160,72 @@ def _output_head(model: PreTrainedModel, sample: torch.Tensor) -> OutputHead | N
             except TypeError:
                 reference = model(input_ids=ids, use_cache=False).logits[0, -1].float()
             hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0, -1:]
-            mine = candidate.logits(hidden)[0].float()
+            assert candidate.weight is not None
+            mine = candidate.logits(hidden, candidate.weight)[0].float()
             tolerance = 1e-4 * float(reference.abs().max()) + 1e-5
             head = candidate if torch.allclose(mine, reference, rtol=1e-3, atol=tolerance) else None
         _HEAD_CHECKED[model] = head
     return _HEAD_CHECKED[model]
+
+
+def _final_states_in_memory(
+    model: PreTrainedModel, work: list[Batch], observer: LayerObserver | None, keep: bool
+) -> list[torch.Tensor]:
+    """Per batch: the base model's output at the predicting positions (after the final norm)."""
+    device = next(model.parameters()).device
+    current: list[Batch] = []
+
+    def on_layer(index: int, output: torch.Tensor) -> None:
+        assert observer is not None
+        observer.layer(index, output[current[0].scored.to(output.device)])
+
+    states = []
+    hooks = output_hooks(decoder_layers(model), on_layer) if observer else nullcontext()
+    with hooks:
+        for batch in work:
+            current[:] = [batch]
+            if observer:
+                observer.begin(batch)
+            hidden = model.base_model(input_ids=batch.input_ids.to(device), use_cache=False).last_hidden_state
+            if keep:
+                states.append(hidden[batch.predicting.to(device)])
+    return states
+
+
+def _final_states_streamed(
+    source: StreamedModel, work: list[Batch], observer: LayerObserver | None, keep: bool
+) -> list[torch.Tensor]:
+    """The same states, one decoder layer at a time over every batch (the layer read from its
+    shards, run, released); observers see each (layer, batch) after `begin(batch)`."""
+    model = source.model
+    layers = decoder_layers(model)
+    calls = capture_layer_calls(model, [batch.input_ids for batch in work], source.device, source.offload)
+    current: list[Batch] = []
+
+    def on_layer(index: int, output: torch.Tensor) -> None:
+        assert observer is not None
+        observer.layer(index, output[current[0].scored.to(output.device)])
+
+    hooks = output_hooks(layers, on_layer) if observer else nullcontext()
+    with hooks:
+        for index, layer in enumerate(layers):
+            source.materialize(layer)
+            for position, (batch, hidden) in enumerate(zip(work, calls.hidden, strict=True)):
+                current[:] = [batch]
+                if observer:
+                    observer.begin(batch)
+                kwargs = move(calls.kwargs_for(index, hidden), source.device, {})
+                calls.hidden[position] = layer_output(layer(hidden, **kwargs))
+            source.release(layer)
+    states = []
+    if keep:
+        norm = getattr(model.base_model, "norm", None)
+        if norm is None:
+            raise CpsError(f"cannot stream {type(model).__name__}: its base model has no final `norm`")
+        for batch, hidden in zip(work, calls.hidden, strict=True):
+            states.append(norm(hidden)[batch.predicting.to(hidden.device)])
+    calls.hidden.close()
+    return states
 
 
 @torch.inference_mode()
@@ -144,11 +236,40 @@ def score_windows(
     head: bool = True,
 ) -> torch.Tensor:
     """Summed NLL of each window's scored tokens (float64, in window order); with `head=False` only
-    the decoder runs (for observers) and the NLLs are zero."""
-    device = next(model.parameters()).device
+    the decoder runs (for observers) and the NLLs are zero. The LM head runs once, after the
+    decoder, over the predicting positions of every batch."""
     nll = torch.zeros(len(windows), dtype=torch.float64)
     work = batches(windows, BATCH_TOKENS)
+    source = streamed(model)
+    device = source.device if source is not None else next(model.parameters()).device
     output_head = _output_head(model, work[0].input_ids.to(device)) if head else None
+    if head and output_head is None:  # a head cps cannot reproduce: the model's own full logits
+        return _score_full_logits(model, work, observer, nll)
+    if source is not None:
+        states = _final_states_streamed(source, work, observer, head)
+    else:
+        states = _final_states_in_memory(model, work, observer, head)
+    if not head:
+        return nll
+    assert output_head is not None
+    targets = torch.cat([batch.input_ids[batch.scored] for batch in work]).to(device)
+    token_nll = output_head.nll(torch.cat(states), targets).double().cpu()
+    offset = 0
+    for batch in work:
+        count = int(batch.scored.sum())
+        rows = batch.scored.nonzero()[:, 0]
+        per_row = torch.zeros(len(batch.rows), dtype=torch.float64)
+        per_row.index_add_(0, rows, token_nll[offset : offset + count])
+        nll[batch.rows] = per_row
+        offset += count
+    return nll
+
+
+def _score_full_logits(
+    model: PreTrainedModel, work: list[Batch], observer: LayerObserver | None, nll: torch.Tensor
+) -> torch.Tensor:
+    """Exact for any in-memory model: its own forward's full logits, batch by batch."""
+    device = next(model.parameters()).device
     current: list[Batch] = []
 
     def on_layer(index: int, output: torch.Tensor) -> None:
@@ -161,21 +282,13 @@ def score_windows(
             current[:] = [batch]
             if observer:
                 observer.begin(batch)
-            ids = batch.input_ids.to(device)
-            if not head:
-                model.base_model(input_ids=ids, use_cache=False)
-                continue
+            logits = model(input_ids=batch.input_ids.to(device), use_cache=False).logits
             targets = batch.input_ids[batch.scored].to(device)
-            predicting = batch.predicting.to(device)
-            if output_head is not None:
-                hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
-                token_nll = output_head.nll(hidden[predicting], targets)
-            else:  # a head cps cannot reproduce: the model's own full logits, exact for any model
-                logits = model(input_ids=ids, use_cache=False).logits[predicting].float()
-                token_nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-            rows = batch.scored.nonzero()[:, 0]
+            token_nll = torch.nn.functional.cross_entropy(
+                logits[batch.predicting.to(device)].float(), targets, reduction="none"
+            )
             per_row = torch.zeros(len(batch.rows), dtype=torch.float64)
-            per_row.index_add_(0, rows, token_nll.double().cpu())
+            per_row.index_add_(0, batch.scored.nonzero()[:, 0], token_nll.double().cpu())
             nll[batch.rows] = per_row
     return nll
 

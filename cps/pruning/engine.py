@@ -19,8 +19,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ from cps.hooks import layer_output
 from cps.models import decoder_layers
 from cps.pruning.base import InputStats, PruningMethod
 from cps.pruning.masks import SparsityTarget
+from cps.streaming import LayerCalls, capture_layer_calls, move, streamed
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 class EngineConfig:
     device: str = "cpu"  # where each layer and its activations are computed
     true_sequential: bool = False
-    offload_activations: bool = False  # keep activations on CPU between layers
+    offload_activations: bool = False  # every window's activations in files between layers
     batch_tokens: int = 8192  # calibration tokens per forward batch
 
 
@@ -50,7 +51,9 @@ class LinearStats:
     module: str  # name inside the decoder layer, e.g. self_attn.q_proj
     error: float  # ||WX - W'X||_F^2 over the calibration tokens
     signal: float  # ||WX||_F^2
-    sparsity: float  # share of pruned weights
+    sparsity: float  # share of pruned weights (the mask)
+    stored_sparsity: float = 0.0  # share of zeros in the stored weights after pruning
+    shape: tuple[int, int] = (0, 0)  # (out, in)
 
     @property
     def snr_db(self) -> float:
@@ -68,84 +71,6 @@ class EngineResult:
 
 class _StopForward(Exception):
     """Raised from a hook once a pass has seen everything it needs."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Capturing each layer's call
-
-
-@dataclass
-class LayerCalls:
-    """Layer-0 hidden states per batch, and each layer's own keyword arguments per batch size."""
-
-    hidden: list[torch.Tensor]  # per batch: (b, seqlen, d)
-    kwargs: list[dict[int, dict[str, Any]]]  # per layer: batch size -> call kwargs
-
-    def kwargs_for(self, layer: int, batch: torch.Tensor) -> dict[str, Any]:
-        return self.kwargs[layer][batch.shape[0]]
-
-
-def _move(value: Any, device: torch.device | str, memo: dict[int, Any]) -> Any:
-    """Tensors (also inside tuples, lists, dicts) to `device`; shared objects are moved once."""
-    if id(value) in memo:
-        return memo[id(value)]
-    if isinstance(value, torch.Tensor):
-        moved = value.to(device)
-    elif isinstance(value, tuple | list):
-        moved = type(value)(_move(item, device, memo) for item in value)
-    elif isinstance(value, dict):
-        moved = {key: _move(item, device, memo) for key, item in value.items()}
-    else:
-        moved = value
-    memo[id(value)] = moved
-    return moved
-
-
-@contextmanager
-def _recording(layers: nn.ModuleList, sink: Callable[[int, tuple, dict], None]) -> Iterator[None]:
-    """Replace each layer's forward by a recorder that passes hidden states through untouched."""
-
-    def recorder(index: int) -> Callable[..., Any]:
-        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            sink(index, (hidden_states, *args), kwargs)
-            return hidden_states
-
-        return forward
-
-    for index, layer in enumerate(layers):
-        layer.forward = recorder(index)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward  # back to the class's forward
-
-
-def capture_layer_calls(
-    model: nn.Module, input_ids: torch.Tensor, batch_size: int, device: torch.device | str
-) -> LayerCalls:
-    """Run the base model with recording layers: the embeddings, masks and rotary embeddings are
-    computed by the model's own code, so every layer gets exactly what it would in a real forward."""
-    layers = decoder_layers(model)
-    base = model.base_model
-    embed_device = base.get_input_embeddings().weight.device
-    calls = LayerCalls(hidden=[], kwargs=[{} for _ in layers])
-    for start in range(0, input_ids.shape[0], batch_size):
-        batch = input_ids[start : start + batch_size]
-        size = batch.shape[0]
-
-        def sink(index: int, args: tuple, kwargs: dict, size: int = size) -> None:
-            if index == 0:
-                calls.hidden.append(args[0].detach().to(device))
-            if size not in calls.kwargs[index]:
-                kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
-                calls.kwargs[index][size] = kwargs
-
-        with _recording(layers, sink):
-            base(input_ids=batch.to(embed_device), use_cache=False)
-    memo: dict[int, Any] = {}
-    calls.kwargs = [_move(per_size, device, memo) for per_size in calls.kwargs]
-    return calls
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +178,7 @@ class _StatsHooks:
 
 def _prune_group(
     group: _Group, layer: nn.Module, method: PruningMethod, target: SparsityTarget
-) -> dict[str, tuple[torch.Tensor, float, float]]:
+) -> dict[str, tuple[torch.Tensor, float, float, float]]:
     """Prune every linear of a group; returns name -> (mask, error, signal)."""
     linears = _linears(layer)
     gram = symmetrize(group.gram)
@@ -269,12 +194,18 @@ def _prune_group(
         delta = W - linear.weight.data.float()  # what the stored weights really changed by
         error = torch.sum((delta @ gram) * delta).item()
         signal = torch.sum((W @ gram) * W).item()
-        results[name] = (pruned.mask.cpu(), error, signal)
+        stored = float((linear.weight == 0).float().mean())
+        results[name] = (pruned.mask.cpu(), error, signal, stored)
     return results
 
 
 # ---------------------------------------------------------------------------------------------
 # The loop
+
+
+def calibration_batches(input_ids: torch.Tensor, batch_tokens: int) -> list[torch.Tensor]:
+    size = max(1, batch_tokens // input_ids.shape[1])
+    return [input_ids[start : start + size] for start in range(0, input_ids.shape[0], size)]
 
 
 def prune_model(
@@ -283,32 +214,49 @@ def prune_model(
     method: PruningMethod,
     target: SparsityTarget,
     config: EngineConfig | None = None,
+    on_layer: Callable[[int, nn.Module], None] | None = None,
 ) -> EngineResult:
-    """Prune every linear inside the decoder layers of `model` in place, layer by layer."""
+    """Prune every linear inside the decoder layers of `model` in place, layer by layer.
+
+    A streamed model (`cps.streaming`) has each layer read from its shards before it is pruned and
+    dropped after `on_layer(index, layer)` has seen it (the shard writer); an in-memory model has
+    each layer moved to the device and back."""
 
     config = config or EngineConfig()
     started = time.perf_counter()
     device = torch.device(config.device)
-    batch_size = max(1, config.batch_tokens // input_ids.shape[1])
     layers = decoder_layers(model)
     prefix = {id(layer): name for name, layer in model.named_modules()}
-    activation_device = torch.device("cpu") if config.offload_activations else device
+    source = streamed(model)
     result = EngineResult(masks={})
     layouts: dict[tuple[str, ...], list[list[str]]] = {}  # linear names -> input groups
     with torch.inference_mode():
-        calls = capture_layer_calls(model, input_ids, batch_size, activation_device)
+        batches = calibration_batches(input_ids, config.batch_tokens)
+        calls = capture_layer_calls(model, batches, device, config.offload_activations)
         progress = tqdm(list(enumerate(layers)), desc=f"{method.name} {target.pattern}", unit="layer")
         for index, layer in progress:
-            home = next(layer.parameters()).device
-            layer.to(device)
+            home = None
+            if source is not None:
+                source.materialize(layer)
+            else:
+                home = next(layer.parameters()).device
+                layer.to(device)
             layer_stats = _prune_layer(index, layer, calls, method, target, config, layouts)
-            layer.to(home)
-            for name, (mask, error, signal) in layer_stats.items():
+            if on_layer is not None:
+                on_layer(index, layer)
+            if source is not None:
+                source.release(layer)
+            else:
+                layer.to(home)
+            for name, (mask, error, signal, stored) in layer_stats.items():
                 result.masks[f"{prefix[id(layer)]}.{name}"] = mask
-                result.stats.append(LinearStats(index, name, error, signal, mask.float().mean().item()))
+                shape = (mask.shape[0], mask.shape[1])
+                sparsity = mask.float().mean().item()
+                result.stats.append(LinearStats(index, name, error, signal, sparsity, stored, shape))
             finite = [s.snr_db for s in result.stats[-len(layer_stats) :] if math.isfinite(s.snr_db)]
             if finite:
                 progress.set_postfix(snr_db=f"{sum(finite) / len(finite):.1f}")
+        calls.hidden.close()
     result.seconds = time.perf_counter() - started
     return result
 
@@ -321,18 +269,18 @@ def _prune_layer(
     target: SparsityTarget,
     config: EngineConfig,
     layouts: dict[tuple[str, ...], list[list[str]]],
-) -> dict[str, tuple[torch.Tensor, float, float]]:
+) -> dict[str, tuple[torch.Tensor, float, float, float]]:
     """Statistics, masks and the pruned pass for one layer. Layers of one structure share their
     input-group layout, found on the first of them."""
     device = torch.device(config.device)
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
         hidden = batch.to(device)
-        return layer_output(layer(hidden, **_move(calls.kwargs_for(index, batch), device, {})))
+        return layer_output(layer(hidden, **move(calls.kwargs_for(index, batch), device, {})))
 
     structure = tuple(_linears(layer))
     hooks = _StatsHooks(layer, layouts.get(structure))
-    results: dict[str, tuple[torch.Tensor, float, float]] = {}
+    results: dict[str, tuple[torch.Tensor, float, float, float]] = {}
     try:
         # The first pass also finds the groups: it accumulates all of them, or only the first
         # when later groups must see the earlier ones pruned (true-sequential).

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import polars as pl
 import torch
-from torch import nn
 
 from cps import tracking
 from cps.analysis.plots import calib_snr_per_layer
@@ -45,13 +44,10 @@ def peak_rss_gb() -> float:
     return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
-def stats_frame(result: EngineResult, model: nn.Module) -> pl.DataFrame:
+def stats_frame(result: EngineResult) -> pl.DataFrame:
     """layer_stats.parquet: one row per pruned linear; sparsity measured on the stored weights."""
-    modules = dict(model.named_modules())
-    names = list(result.masks)
     rows = []
-    for name, stat in zip(names, result.stats, strict=True):
-        weight = modules[name].weight
+    for stat in result.stats:
         rows.append(
             {
                 "layer": stat.layer,
@@ -59,10 +55,10 @@ def stats_frame(result: EngineResult, model: nn.Module) -> pl.DataFrame:
                 "calib_error": stat.error,
                 "calib_signal": stat.signal,
                 "calib_snr_db": stat.snr_db,
-                "sparsity": (weight == 0).float().mean().item(),
+                "sparsity": stat.stored_sparsity,
                 "mask_sparsity": stat.sparsity,
-                "rows": weight.shape[0],
-                "columns": weight.shape[1],
+                "rows": stat.shape[0],
+                "columns": stat.shape[1],
             }
         )
     return pl.DataFrame(rows)
@@ -145,7 +141,7 @@ def run_prune(
 def _log_outputs(
     run: tracking.TrackedRun, config: PruneConfig, loaded: LoadedModel, result: EngineResult
 ) -> tuple[pl.DataFrame, dict[str, float]]:
-    stats = stats_frame(result, loaded.model)
+    stats = stats_frame(result)
     metrics = summary_metrics(stats, result.seconds)
     run.log_metrics(metrics)
     per_layer = (

@@ -1,0 +1,508 @@
+"""Models larger than memory: weights read from their safetensors shards one module at a time.
+
+A `StreamedModel` is the model's skeleton (parameters on the meta device, buffers real) and a
+`WeightReader` over its shards. The pruning engine and the evaluation walk the decoder layers in
+order: `materialize(layer)` reads one layer's parameters (in the run's dtype, on its device), the
+layer runs over every window, `release(layer)` drops them. The input embedding is never read
+whole: only the rows of the tokens at hand (`gather_rows`); the LM head is read in row chunks by
+the evaluation. Peak memory is one layer + the activations of every window + the method's
+per-layer statistics (see `peak_bytes`), not the model.
+
+Also here, because both the engine and the evaluation use them: `capture_layer_calls` (each
+layer's own call arguments, from the model's own forward) and `ActivationBuffer` (every window's
+hidden states between layers, in memory or in files).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from cps.errors import CpsError
+from cps.models import decoder_layers
+
+log = logging.getLogger(__name__)
+
+STREAM_SHARE = 0.6  # stream when the weights would take more than this share of free memory
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and writing safetensors without holding a file
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    path: Path
+    start: int  # absolute byte offset of the data in the file
+    stop: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def row_bytes(self) -> int:
+        rows = self.shape[0] if self.shape else 1
+        return (self.stop - self.start) // max(rows, 1)
+
+
+def _header(path: Path) -> tuple[dict[str, Any], int]:
+    with open(path, "rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(size))
+    return header, 8 + size
+
+
+class WeightReader:
+    """Every tensor of a folder's `*.safetensors` files, read on demand with `os.pread`: nothing is
+    mapped, so what was read is freed with the tensor."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise CpsError(f"no safetensors weights in {self.folder}: cannot stream this model")
+        self.entries: dict[str, TensorEntry] = {}
+        for path in files:
+            header, base = _header(path)
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                begin, end = info["data_offsets"]
+                dtype = _DTYPES[info["dtype"]]
+                self.entries[name] = TensorEntry(path, base + begin, base + end, dtype, tuple(info["shape"]))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(entry.stop - entry.start for entry in self.entries.values())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def _read(self, entry: TensorEntry, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
+        buffer = bytearray(stop - start)
+        with open(entry.path, "rb", buffering=0) as handle:
+            view, done = memoryview(buffer), 0
+            while done < len(buffer):
+                got = os.preadv(handle.fileno(), [view[done:]], start + done)
+                if got <= 0:
+                    raise CpsError(f"{entry.path} is truncated: cannot stream it")
+                done += got
+        if not buffer:
+            return torch.empty(shape, dtype=entry.dtype)
+        return torch.frombuffer(buffer, dtype=entry.dtype).reshape(shape)
+
+    def entry(self, name: str) -> TensorEntry:
+        if name not in self.entries:
+            raise CpsError(f"{self.folder} has no tensor {name!r}: cannot stream this model")
+        return self.entries[name]
+
+    def read(self, name: str) -> torch.Tensor:
+        entry = self.entry(name)
+        return self._read(entry, entry.start, entry.stop, entry.shape)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a 2-D tensor."""
+        entry = self.entry(name)
+        width = entry.row_bytes
+        return self._read(
+            entry, entry.start + start * width, entry.start + stop * width, (stop - start, *entry.shape[1:])
+        )
+
+    def gather_rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        """The rows `ids` (sorted, unique) of a 2-D tensor, reading each run of consecutive ids once."""
+        parts, begin = [], 0
+        values = ids.tolist()
+        for position in range(1, len(values) + 1):
+            if position == len(values) or values[position] != values[position - 1] + 1:
+                parts.append(self.rows(name, values[begin], values[position - 1] + 1))
+                begin = position
+        return torch.cat(parts) if parts else torch.empty(0)
+
+    def copy_raw(self, name: str, handle: Any, chunk: int = 64 << 20) -> None:
+        """Append the tensor's bytes to an open file, `chunk` bytes at a time."""
+        entry = self.entry(name)
+        with open(entry.path, "rb", buffering=0) as source:
+            position = entry.start
+            while position < entry.stop:
+                data = os.pread(source.fileno(), min(chunk, entry.stop - position), position)
+                handle.write(data)
+                position += len(data)
+
+
+class ShardWriter:
+    """Writes a model folder shard by shard as tensors are produced, the way `save_pretrained`
+    lays it out (`model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`), so that
+    `from_pretrained` loads it."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        path = self.folder / f".shard-{len(self.shards):05d}.safetensors"
+        save_file({name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}, str(path))
+        self.shards.append((path, list(tensors)))
+        self.total += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def copy(self, reader: WeightReader, names: dict[str, str]) -> None:
+        """Tensors copied byte for byte from `reader` (target name -> source name), never held."""
+        header: dict[str, Any] = {}
+        offset = 0
+        for target, source in names.items():
+            entry = reader.entry(source)
+            size = entry.stop - entry.start
+            header[target] = {
+                "dtype": _NAMES[entry.dtype],
+                "shape": list(entry.shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        path = self.folder / f".shard-{len(self.shards):05d}.safetensors"
+        with open(path, "wb") as handle:
+            handle.write(struct.pack("<Q", len(encoded)))
+            handle.write(encoded)
+            for source in names.values():
+                reader.copy_raw(source, handle)
+        self.shards.append((path, list(names)))
+        self.total += offset
+
+    def close(self) -> None:
+        count = len(self.shards)
+        weight_map = {}
+        for index, (path, names) in enumerate(self.shards):
+            final = self.folder / f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+            path.rename(final)
+            weight_map |= {name: final.name for name in names}
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------
+# The streamed model
+
+
+@dataclass
+class StreamedModel:
+    """A model whose parameters live in `reader` until a module is materialized."""
+
+    model: nn.Module  # the skeleton: parameters on the meta device
+    reader: WeightReader
+    dtype: torch.dtype
+    device: torch.device
+    names: dict[int, str] = field(default_factory=dict)  # id(module) -> its name in the model
+    offload: bool = False  # activations between layers in files (--offload-activations)
+    # Pruned weights over the dense ones: tensors of `overlay` replace the reader's (kept or
+    # re-pruned layers), `overrides` transform what is read (dense x mask).
+    overlay: WeightReader | None = None
+    overrides: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+
+    def source_name(self, name: str) -> str:
+        """The checkpoint's name for a parameter (a tied LM head reads the input embedding)."""
+        if name in self.reader:
+            return name
+        if name == self.head_name and self.tied:
+            return self.embed_name
+        raise CpsError(f"{self.reader.folder} has no tensor {name!r}: cannot stream this model")
+
+    @property
+    def embed_name(self) -> str:
+        return f"{self.names[id(self.model.get_input_embeddings())]}.weight"
+
+    @property
+    def head_name(self) -> str:
+        head = self.model.get_output_embeddings()
+        return f"{self.names[id(head)]}.weight" if head is not None else ""
+
+    @property
+    def tied(self) -> bool:
+        head = self.model.get_output_embeddings()
+        return head is not None and head.weight is self.model.get_input_embeddings().weight
+
+    def read(self, name: str) -> torch.Tensor:
+        """A parameter as the in-memory model would hold it: in the run's dtype (floating point)."""
+        if self.overlay is not None and name in self.overlay:
+            tensor = self.overlay.read(name)
+        else:
+            tensor = self.reader.read(self.source_name(name))
+        if tensor.is_floating_point():
+            tensor = tensor.to(self.dtype)
+        if name in self.overrides:
+            tensor = self.overrides[name](tensor)
+        return tensor
+
+    def materialize(self, module: nn.Module) -> None:
+        prefix = self.names[id(module)]
+        for name, parameter in list(module.named_parameters()):
+            owner, leaf = _owner(module, name)
+            tensor = self.read(f"{prefix}.{name}" if prefix else name).to(self.device)
+            owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=parameter.requires_grad)
+
+    def release(self, module: nn.Module) -> None:
+        for name, parameter in list(module.named_parameters()):
+            owner, leaf = _owner(module, name)
+            empty = torch.empty(parameter.shape, dtype=parameter.dtype, device="meta")
+            owner._parameters[leaf] = nn.Parameter(empty, requires_grad=parameter.requires_grad)
+
+    def layer_state(self, layer: nn.Module) -> dict[str, torch.Tensor]:
+        """A materialized layer's parameters under their full names (for the shard writer)."""
+        prefix = self.names[id(layer)]
+        return {f"{prefix}.{name}": p.detach() for name, p in layer.named_parameters()}
+
+    def outside_layers(self) -> list[str]:
+        """Parameter names outside the decoder layers, the input embedding and the LM head: the
+        final norm and the like, small enough to stay materialized throughout."""
+        layers = decoder_layers(self.model)
+        inside = {id(p) for layer in layers for p in layer.parameters()}
+        skip = {self.embed_name, self.head_name}
+        return [name for name, p in self.model.named_parameters() if id(p) not in inside and name not in skip]
+
+    def materialize_outside(self) -> None:
+        for name in self.outside_layers():
+            owner, leaf = _owner(self.model, name)
+            parameter = owner._parameters[leaf]
+            tensor = self.read(name).to(self.device)
+            owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=parameter.requires_grad)
+
+    @contextmanager
+    def embedding_rows(self, input_ids: torch.Tensor) -> Iterator[torch.Tensor]:
+        """While inside, the input embedding holds only the rows of `input_ids`' tokens; yields the
+        ids renumbered to index them. The model's own embedding code (Gemma's scaling included)
+        then computes exactly what the full table would."""
+        embedding = self.model.get_input_embeddings()
+        vocabulary, local = torch.unique(input_ids, return_inverse=True)
+        rows = self.reader.gather_rows(self.source_name(self.embed_name), vocabulary)
+        saved = embedding._parameters["weight"]
+        embedding._parameters["weight"] = nn.Parameter(
+            rows.to(self.dtype).to(self.device), requires_grad=False
+        )
+        try:
+            yield local
+        finally:
+            embedding._parameters["weight"] = saved
+
+
+def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, leaf = name.rpartition(".")
+    return (module.get_submodule(path) if path else module), leaf
+
+
+def open_streamed(
+    folder: str | Path, dtype: torch.dtype, device: str, trust_remote_code: bool = False
+) -> StreamedModel:
+    """The skeleton of the model in `folder` (nothing of its weights read yet) and its reader."""
+    reader = WeightReader(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.eval()
+    target = torch.device(device)
+    for module in model.modules():  # buffers (rotary frequencies, Gemma's embedding scale) are real
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None:
+                module._buffers[name] = buffer.to(target)
+    streamed = StreamedModel(model, reader, dtype, target, {id(m): n for n, m in model.named_modules()})
+    streamed.materialize_outside()
+    model._cps_streamed = streamed  # how the engine and the evaluation recognise a streamed model
+    return streamed
+
+
+def streamed(model: nn.Module) -> StreamedModel | None:
+    return getattr(model, "_cps_streamed", None)
+
+
+def weights_bytes(folder: str | Path) -> int:
+    return sum(path.stat().st_size for path in Path(folder).glob("*.safetensors"))
+
+
+def stream_by_default(size: int, name: str) -> bool:
+    """True (with one line saying so) when weights of `size` bytes would take more than 60% of
+    the memory free now."""
+    free = psutil.virtual_memory().available
+    if size <= STREAM_SHARE * free:
+        return False
+    log.warning(
+        "streaming %s layer by layer: its weights (%.1f GB) exceed %d%% of free memory (%.1f GB); "
+        "--no-stream loads it whole",
+        name,
+        size / 1e9,
+        int(STREAM_SHARE * 100),
+        free / 1e9,
+    )
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Each layer's call, and the activations between layers
+
+
+@dataclass
+class LayerCalls:
+    """Layer-0 hidden states per batch, and each layer's own keyword arguments per batch shape."""
+
+    hidden: ActivationBuffer
+    kwargs: list[dict[tuple[int, ...], dict[str, Any]]]  # per layer: (b, seqlen) -> call kwargs
+
+    def kwargs_for(self, layer: int, batch: torch.Tensor) -> dict[str, Any]:
+        return self.kwargs[layer][tuple(batch.shape[:2])]
+
+
+def move(value: Any, device: torch.device | str, memo: dict[int, Any]) -> Any:
+    """Tensors (also inside tuples, lists, dicts) to `device`; shared objects are moved once."""
+    if id(value) in memo:
+        return memo[id(value)]
+    if isinstance(value, torch.Tensor):
+        moved = value.to(device)
+    elif isinstance(value, tuple | list):
+        moved = type(value)(move(item, device, memo) for item in value)
+    elif isinstance(value, dict):
+        moved = {key: move(item, device, memo) for key, item in value.items()}
+    else:
+        moved = value
+    memo[id(value)] = moved
+    return moved
+
+
+@contextmanager
+def _recording(layers: nn.ModuleList, sink: Callable[[int, tuple, dict], None]) -> Iterator[None]:
+    """Replace each layer's forward by a recorder that passes hidden states through untouched."""
+
+    def recorder(index: int) -> Callable[..., Any]:
+        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            sink(index, (hidden_states, *args), kwargs)
+            return hidden_states
+
+        return forward
+
+    for index, layer in enumerate(layers):
+        layer.forward = recorder(index)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # back to the class's forward
+
+
+def capture_layer_calls(
+    model: nn.Module, batches: list[torch.Tensor], device: torch.device | str, offload: bool = False
+) -> LayerCalls:
+    """Run the base model with recording layers over each batch of token ids: the embeddings,
+    masks and rotary embeddings are computed by the model's own code, so every layer gets exactly
+    what it would in a real forward. A streamed model reads only the embedding rows it needs."""
+    layers = decoder_layers(model)
+    base = model.base_model
+    source = streamed(model)
+    calls = LayerCalls(hidden=ActivationBuffer(offload), kwargs=[{} for _ in layers])
+    for batch in batches:
+        shape = tuple(batch.shape[:2])
+
+        def sink(index: int, args: tuple, kwargs: dict, shape: tuple = shape) -> None:
+            if index == 0:
+                calls.hidden.append(args[0].detach().to(device))
+            if shape not in calls.kwargs[index]:
+                kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
+                calls.kwargs[index][shape] = kwargs
+
+        with _recording(layers, sink):
+            if source is None:
+                embed_device = base.get_input_embeddings().weight.device
+                base(input_ids=batch.to(embed_device), use_cache=False)
+            else:
+                with source.embedding_rows(batch) as local:
+                    base(input_ids=local.to(source.device), use_cache=False)
+    memo: dict[int, Any] = {}
+    calls.kwargs = [move(per_shape, device, memo) for per_shape in calls.kwargs]
+    return calls
+
+
+class ActivationBuffer:
+    """Every batch's hidden states between two layers: in memory, or (`offload`) each batch in a
+    file of a temporary folder, so that only the batch being computed is in memory."""
+
+    def __init__(self, offload: bool = False) -> None:
+        self.offload = offload
+        self._items: list[torch.Tensor | None] = []
+        self._folder = Path(tempfile.mkdtemp(prefix="cps-activations-")) if offload else None
+        self._devices: list[torch.device] = []
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _path(self, index: int) -> Path:
+        assert self._folder is not None
+        return self._folder / f"{index}.safetensors"
+
+    def append(self, tensor: torch.Tensor) -> None:
+        self._items.append(None)
+        self._devices.append(tensor.device)
+        self[len(self._items) - 1] = tensor
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not self.offload:
+            item = self._items[index]
+            assert item is not None
+            return item
+        return load_file(str(self._path(index)))["h"].to(self._devices[index])
+
+    def __setitem__(self, index: int, tensor: torch.Tensor) -> None:
+        if not self.offload:
+            self._items[index] = tensor
+            return
+        self._devices[index] = tensor.device
+        save_file({"h": tensor.detach().cpu().contiguous()}, str(self._path(index)))
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for index in range(len(self)):
+            yield self[index]
+
+    def close(self) -> None:
+        self._items.clear()
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+
+    def __del__(self) -> None:
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+
+
+def peak_bytes(
+    layer_params: int, windows: int, seqlen: int, hidden: int, inputs: list[int], dtype_bytes: int
+) -> dict[str, int]:
+    """What streamed pruning holds at its peak: one layer's weights, the hidden states of every
+    window (inputs and outputs of the layer: 2x, unless offloaded), and the fp32 Gram / Hessian
+    matrices X^T X of the layer's distinct inputs (`inputs`: their widths) plus one fp32 copy of
+    the widest weight the method works on."""
+    activations = 2 * windows * seqlen * hidden * dtype_bytes
+    gram = sum(4 * width * width for width in inputs)
+    return {"layer": layer_params * dtype_bytes, "activations": activations, "gram": gram}
