@@ -77,6 +77,7 @@ class PruneConfig:
     batch_tokens: int = 8192
     calib_run: str | None = None
     save_model: bool = True
+    stream: bool | None = None  # layer streaming from the shards; None: when the model would not fit
 
     def __post_init__(self) -> None:
         resolve_model(self.model)
@@ -164,6 +165,14 @@ class EvalConfig:
     device: str = "cpu"
     dtype: str = "auto"
     data_dir: str | None = None
+    stream: bool | None = None  # layer streaming from the shards; None: when the model would not fit
+    offload_activations: bool = False  # streamed: activations between layers in files
+
+    @property
+    def load_options(self) -> LoadOptions:
+        return LoadOptions(
+            self.dtype, self.device, stream=self.stream, offload_activations=self.offload_activations
+        )
 
     def __post_init__(self) -> None:
         for lang in self.langs:

@@ -62,6 +62,10 @@ class LoadOptions:
     dtype: str = "auto"
     device: str = "cpu"
     trust_remote_code: bool = False
+    # Layer streaming (`cps.streaming.load`): None decides by free memory; activations between
+    # layers in files with `offload_activations`.
+    stream: bool | None = None
+    offload_activations: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

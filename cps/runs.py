@@ -11,8 +11,11 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import polars as pl
@@ -34,11 +37,22 @@ from cps.models import (
     resolve_device,
     resolve_dtype,
     resolve_model,
+    weights_folder,
 )
 from cps.paths import cache_dir, publish, staging
 from cps.pruning.base import MethodOptions, get_method, method_class
 from cps.pruning.engine import prune_model
 from cps.pruning.masks import load_masks
+from cps.streaming import (
+    ShardWriter,
+    WeightReader,
+    copy_tensors,
+    load,
+    model_device,
+    open_loaded,
+    streamed,
+    wants_stream,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +123,13 @@ def kept_weights_path(run_id: str) -> Path:
 
 
 def keep_weights(run_id: str, model: torch.nn.Module) -> Path:
-    """Save the decoder layers' linear weights of a pruned model to the local cache (atomically)."""
+    """Save the decoder layers' linear weights of a pruned model to the local cache (atomically);
+    a streamed model's pruned layers are copied from its shards, never held at once."""
+    source = streamed(model)
+    if source is not None and source.overlay is not None:
+        built = staging(kept_weights_path(run_id))
+        copy_tensors(source.overlay, {name: name for name in source.overlay.entries}, built)
+        return publish(built, kept_weights_path(run_id))
     layers = {id(layer) for layer in decoder_layers(model)}
     state = {
         f"{name}.{inner}": module.weight.detach().to("cpu").contiguous()
@@ -126,6 +146,7 @@ def keep_weights(run_id: str, model: torch.nn.Module) -> Path:
 def drop_kept_weights(run_ids: list[str]) -> None:
     for run_id in run_ids:
         kept_weights_path(run_id).unlink(missing_ok=True)
+        shutil.rmtree(kept_weights_path(run_id).with_suffix(".layers"), ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,16 +157,56 @@ def load_run_model(store: tracking.Store, record: tracking.RunRecord, options: L
     """The weights a prune run produced, as a model in memory."""
     params = record.params
     if params.get("method") == DENSE:
-        return load_model(params["model"], options)
+        return load(params["model"], options)
+    stream = wants_stream(params["model"], options)
     with tempfile.TemporaryDirectory() as scratch:
-        saved = tracking.logged_model_folder(store, record.run_id, scratch)
+        # A streamed model reads its shards while it lives: a downloaded copy goes to the cache.
+        where = cache_dir() / "downloads" / record.run_id if stream else Path(scratch)
+        saved = tracking.logged_model_folder(store, record.run_id, where)
         if saved is None:  # runs of earlier cps versions kept it as a plain `model/` artifact
-            saved = tracking.artifact_if_any(store, record.run_id, "model", scratch)
+            saved = tracking.artifact_if_any(store, record.run_id, "model", where)
+        if saved is not None and stream:
+            return open_loaded(params["model"], saved, options)
         if saved is not None:
             return _load_saved(record, options, saved)
+    if stream:
+        return _streamed_run_model(store, record, options)
     if kept_weights_path(record.run_id).is_file():
         return _load_kept(store, record, options)
     return _rebuild(store, record, options)
+
+
+def _streamed_run_model(
+    store: tracking.Store, record: tracking.RunRecord, options: LoadOptions
+) -> LoadedModel:
+    """The run's weights streamed: the dense shards with the kept weights over them, or with the
+    masks applied as each weight is read, or (a method that updates the weights) pruned again
+    layer by layer into shards of the cache."""
+    params = record.params
+    loaded = open_loaded(params["model"], weights_folder(resolve_model(params["model"])), options)
+    source = streamed(loaded.model)
+    assert source is not None
+    if kept_weights_path(record.run_id).is_file():
+        source.overlay = WeightReader(kept_weights_path(record.run_id))
+        return loaded
+    masks = run_masks(store, record.run_id)
+    if not method_class(params["method"]).updates_weights:
+        source.overrides = {f"{name}.weight": partial(_masked, mask=mask) for name, mask in masks.items()}
+        return loaded
+    folder = cache_dir() / "pruned" / f"{record.run_id}.layers"
+    if not (folder / "model.safetensors.index.json").is_file():
+        writer = ShardWriter(staging(folder))
+        _prune_again(
+            store, record, loaded, masks, lambda index, layer: writer.write(source.layer_state(layer))
+        )
+        writer.close()
+        publish(writer.folder, folder)
+    source.overlay = WeightReader(folder)
+    return loaded
+
+
+def _masked(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return weight.mul_(~mask.to(weight.device))
 
 
 def _load_saved(record: tracking.RunRecord, options: LoadOptions, folder: Path) -> LoadedModel:
@@ -184,7 +245,11 @@ def _rebuild(store: tracking.Store, record: tracking.RunRecord, options: LoadOpt
 
 
 def _prune_again(
-    store: tracking.Store, record: tracking.RunRecord, loaded: LoadedModel, masks: dict[str, torch.Tensor]
+    store: tracking.Store,
+    record: tracking.RunRecord,
+    loaded: LoadedModel,
+    masks: dict[str, torch.Tensor],
+    on_layer: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> LoadedModel:
     """A method that updates the weights: prune again (deterministic), check the masks agree."""
     params = record.params
@@ -205,12 +270,12 @@ def _prune_again(
         calibration=replace(calib.config, model=params["model"]),
         pattern=params["pattern"],
         sparsity=None if ":" in params["pattern"] else float(params["sparsity"]),
-        device=str(loaded.model.device),
+        device=str(model_device(loaded.model)),
         true_sequential=params.get("true_sequential") == "True",
         **options,
     )
     method = get_method(config.method_name, config.options)
-    result = prune_model(loaded.model, calib.input_ids, method, config.target, config.engine)
+    result = prune_model(loaded.model, calib.input_ids, method, config.target, config.engine, on_layer)
     if result.masks.keys() != masks.keys() or any(not torch.equal(result.masks[k], masks[k]) for k in masks):
         raise CpsError(f"rebuilding run {record.run_id} gave different masks; cannot evaluate it faithfully")
     return loaded

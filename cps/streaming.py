@@ -35,7 +35,17 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from cps.errors import CpsError
-from cps.models import decoder_layers
+from cps.models import (
+    LoadedModel,
+    LoadOptions,
+    decoder_layers,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    resolve_model,
+    weights_folder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +96,7 @@ class WeightReader:
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        files = sorted(self.folder.glob("*.safetensors"))
+        files = [self.folder] if self.folder.is_file() else sorted(self.folder.glob("*.safetensors"))
         if not files:
             raise CpsError(f"no safetensors weights in {self.folder}: cannot stream this model")
         self.entries: dict[str, TensorEntry] = {}
@@ -157,6 +167,30 @@ class WeightReader:
                 position += len(data)
 
 
+def copy_tensors(reader: WeightReader, names: dict[str, str], path: Path) -> int:
+    """One safetensors file of tensors copied byte for byte from `reader` (target name -> source
+    name), never held in memory; returns the bytes of tensor data written."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for target, source in names.items():
+        entry = reader.entry(source)
+        size = entry.stop - entry.start
+        header[target] = {
+            "dtype": _NAMES[entry.dtype],
+            "shape": list(entry.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for source in names.values():
+            reader.copy_raw(source, handle)
+    return offset
+
+
 class ShardWriter:
     """Writes a model folder shard by shard as tensors are produced, the way `save_pretrained`
     lays it out (`model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`), so that
@@ -176,27 +210,9 @@ class ShardWriter:
 
     def copy(self, reader: WeightReader, names: dict[str, str]) -> None:
         """Tensors copied byte for byte from `reader` (target name -> source name), never held."""
-        header: dict[str, Any] = {}
-        offset = 0
-        for target, source in names.items():
-            entry = reader.entry(source)
-            size = entry.stop - entry.start
-            header[target] = {
-                "dtype": _NAMES[entry.dtype],
-                "shape": list(entry.shape),
-                "data_offsets": [offset, offset + size],
-            }
-            offset += size
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)
         path = self.folder / f".shard-{len(self.shards):05d}.safetensors"
-        with open(path, "wb") as handle:
-            handle.write(struct.pack("<Q", len(encoded)))
-            handle.write(encoded)
-            for source in names.values():
-                reader.copy_raw(source, handle)
+        self.total += copy_tensors(reader, names, path)
         self.shards.append((path, list(names)))
-        self.total += offset
 
     def close(self) -> None:
         count = len(self.shards)
@@ -229,11 +245,14 @@ class StreamedModel:
     overrides: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
 
     def source_name(self, name: str) -> str:
-        """The checkpoint's name for a parameter (a tied LM head reads the input embedding)."""
+        """The checkpoint's name for a parameter: tied embeddings are stored once, under either name
+        (`save_pretrained` keeps the input embedding, safetensors' `save_model` the LM head)."""
         if name in self.reader:
             return name
-        if name == self.head_name and self.tied:
-            return self.embed_name
+        if self.tied and name in (self.head_name, self.embed_name):
+            other = self.embed_name if name == self.head_name else self.head_name
+            if other in self.reader:
+                return other
         raise CpsError(f"{self.reader.folder} has no tensor {name!r}: cannot stream this model")
 
     @property
@@ -248,7 +267,13 @@ class StreamedModel:
     @property
     def tied(self) -> bool:
         head = self.model.get_output_embeddings()
-        return head is not None and head.weight is self.model.get_input_embeddings().weight
+        if head is None:
+            return False
+        config = self.model.config
+        return head.weight is self.model.get_input_embeddings().weight or bool(
+            getattr(config, "tie_word_embeddings", False)
+            or getattr(config.get_text_config(), "tie_word_embeddings", False)
+        )
 
     def read(self, name: str) -> torch.Tensor:
         """A parameter as the in-memory model would hold it: in the run's dtype (floating point)."""
@@ -344,6 +369,41 @@ def streamed(model: nn.Module) -> StreamedModel | None:
 
 def weights_bytes(folder: str | Path) -> int:
     return sum(path.stat().st_size for path in Path(folder).glob("*.safetensors"))
+
+
+def wants_stream(name: str, options: LoadOptions) -> bool:
+    """`options.stream`, or when unset: stream when the weights would not fit in 60% of the free
+    memory (tiny test models never do)."""
+    if options.stream is not None:
+        return options.stream
+    spec = resolve_model(name)
+    if spec.source == "tiny":
+        return False
+    return stream_by_default(weights_bytes(weights_folder(spec)), name)
+
+
+def load(name: str, options: LoadOptions) -> LoadedModel:
+    """The model in memory (`cps.models.load_model`), or streamed when `wants_stream`."""
+    if not wants_stream(name, options):
+        return load_model(name, options)
+    return open_loaded(name, weights_folder(resolve_model(name)), options)
+
+
+def open_loaded(name: str, folder: str | Path, options: LoadOptions) -> LoadedModel:
+    """A streamed model of the weights in `folder`, with the tokenizer of model `name`."""
+    device = resolve_device(options.device)
+    streamed_model = open_streamed(
+        folder, resolve_dtype(options.dtype, device), device, options.trust_remote_code
+    )
+    streamed_model.offload = options.offload_activations
+    tokenizer = load_tokenizer(name, options.trust_remote_code)
+    return LoadedModel(resolve_model(name), streamed_model.model, tokenizer)  # type: ignore[arg-type]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model computes (a streamed model's parameters sit on the meta device)."""
+    source = streamed(model)
+    return source.device if source is not None else next(model.parameters()).device
 
 
 def stream_by_default(size: int, name: str) -> bool:

@@ -58,6 +58,7 @@ PRUNE_KEYS = (
     "dampening",
     "offload_activations",
     "batch_tokens",
+    "stream",
 )
 PRUNE_DEFAULTS = {"device": "auto", "save_model": False}  # a sweep: any GPU, no 1 GB copies
 EVAL_KEYS = tuple(f.name for f in fields(EvalConfig) if f.name not in ("device", "dtype", "data_dir"))

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from cps.cli.options import DataDir, Experiment, TrackingUri
+from cps.cli.options import DataDir, Experiment, OffloadActivations, Stream, TrackingUri
 
 
 def eval_command(
@@ -49,6 +49,8 @@ def eval_command(
     batch_size: Annotated[int, typer.Option(help="lm-eval batch size.")] = 8,
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16.")] = "auto",
+    stream: Stream = None,
+    offload_activations: OffloadActivations = False,
     data_dir: DataDir = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = "cps",
@@ -73,6 +75,8 @@ def eval_command(
         device=device,
         dtype=dtype,
         data_dir=data_dir,
+        stream=stream,
+        offload_activations=offload_activations,
     )
     result = run_eval(config, Store(tracking_uri, experiment), run_id, model=model)
     _print_table(result.scores)

@@ -39,3 +39,17 @@ def parse_filters(items: list[str] | None, option: str = "--filter") -> tuple[tu
             raise CpsError(f"bad {option} {item!r}; use key=value, e.g. {example}")
         filters.append((key.strip(), value.strip()))
     return tuple(filters)
+
+
+Stream = Annotated[
+    bool | None,
+    typer.Option(
+        "--stream/--no-stream",
+        help="Read the model layer by layer from its shards (default: when it would not fit in 60% "
+        "of free memory).",
+        show_default=False,
+    ),
+]
+OffloadActivations = Annotated[
+    bool, typer.Option(help="Streamed: keep every window's activations in files between layers.")
+]

@@ -6,7 +6,18 @@ from typing import Annotated
 
 import typer
 
-from cps.cli.options import Corpus, DataDir, Experiment, Model, NSamples, Seed, SeqLen, TrackingUri
+from cps.cli.options import (
+    Corpus,
+    DataDir,
+    Experiment,
+    Model,
+    NSamples,
+    OffloadActivations,
+    Seed,
+    SeqLen,
+    Stream,
+    TrackingUri,
+)
 
 
 def prune_command(
@@ -38,9 +49,8 @@ def prune_command(
     dtype: Annotated[
         str, typer.Option(help="auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16.")
     ] = "auto",
-    offload_activations: Annotated[
-        bool, typer.Option(help="Keep calibration activations on the CPU between layers.")
-    ] = False,
+    offload_activations: OffloadActivations = False,
+    stream: Stream = None,
     batch_tokens: Annotated[int, typer.Option(help="Calibration tokens per forward batch.")] = 8192,
     save_model: Annotated[bool, typer.Option(help="Log the pruned weights as model/.")] = True,
     data_dir: DataDir = None,
@@ -71,6 +81,7 @@ def prune_command(
         batch_tokens=batch_tokens,
         calib_run=calib,
         save_model=save_model,
+        stream=stream,
     )
     store = Store(tracking_uri, experiment)
     result = run_prune(config, store)

@@ -36,6 +36,7 @@ from cps.evaluation.perplexity import LayerObserver, score_windows
 from cps.evaluation.windows import Batch, HeldOutText
 from cps.models import decoder_layers
 from cps.paths import cache_dir, discard, publish, staging
+from cps.streaming import model_device
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ def reference_plan(
     width = int(model.config.get_text_config().hidden_size)
     sample = sampling_for(text, len(decoder_layers(model)), width, parameter.element_size())
     key = ReferenceKey(
-        model_id, str(parameter.dtype), parameter.device.type, text.fingerprint(), sample.every
+        model_id, str(parameter.dtype), model_device(model).type, text.fingerprint(), sample.every
     )
     return key, sample
 

@@ -26,12 +26,12 @@ from cps.models import (
     LoadedModel,
     LoadOptions,
     decoder_layers,
-    load_model,
     model_id,
     resolve_device,
     resolve_model,
 )
 from cps.runs import dense_run, load_run_model
+from cps.streaming import load, model_device, streamed
 
 
 @dataclass
@@ -60,10 +60,10 @@ def run_eval(
     record = tracking.get_run(store, run_id)
     if record.stage != "prune":
         raise CpsError(f"run {run_id} is a {record.stage} run; evaluate prune runs (or --model)")
-    options = LoadOptions(config.dtype, config.device)
+    options = config.load_options
     if loaded is None:
         loaded = load_run_model(store, record, options)
-    else:
+    elif streamed(loaded.model) is None:
         loaded.model.to(resolve_device(config.device))
     texts = {
         lang: held_out_windows(
@@ -148,8 +148,9 @@ def held_out_scores(
     # The dense states in exactly the arithmetic of the model compared with them (a sweep evaluates
     # the model it pruned, which may sit in another dtype than `options` would load).
     parameter = next(loaded.model.parameters())
-    same = replace(options, dtype=str(parameter.dtype).removeprefix("torch."), device=str(parameter.device))
-    states = DenseStates(lambda: load_model(params["model"], same).model)
+    dtype = str(parameter.dtype).removeprefix("torch.")
+    same = replace(options, dtype=dtype, device=str(model_device(loaded.model)))
+    states = DenseStates(lambda: load(params["model"], same).model)
     if not dense:  # every dense reference computed (once, cached) before this model's passes
         for lang, text in texts.items():
             states.ensure(*plans[lang], text)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import resource
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
@@ -13,18 +14,20 @@ from pathlib import Path
 
 import polars as pl
 import torch
+from torch import nn
 
 from cps import tracking
 from cps.analysis.plots import calib_snr_per_layer
 from cps.config import PruneConfig
 from cps.data.calibration import CalibrationSet
 from cps.errors import CpsError
-from cps.models import LoadedModel, LoadOptions, load_model, resolve_device
+from cps.models import LoadedModel, LoadOptions, load_model, resolve_device, resolve_model, weights_folder
 from cps.pruning.base import get_method
 from cps.pruning.engine import EngineResult, prune_model
 from cps.pruning.masks import save_masks
 from cps.runs import DENSE_METRICS, load_calibration_run, prune_params
 from cps.stages.calibrate import calibration_dataset, run_calibrate
+from cps.streaming import ShardWriter, WeightReader, load, open_loaded, streamed, wants_stream
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,45 @@ def _calibration(
     return result.calib, result.run_id
 
 
+def _prune_streamed(
+    run: tracking.TrackedRun,
+    config: PruneConfig,
+    calib: CalibrationSet,
+    options: LoadOptions,
+    work: Path,
+) -> tuple[LoadedModel, pl.DataFrame, dict[str, float]]:
+    """Prune layer by layer from the shards: each pruned layer is written to a shard as soon as it
+    is done (`work/model`, a `from_pretrained` folder once closed). Returns the pruned model,
+    streamed from the dense shards with the pruned layers over them."""
+    spec = resolve_model(config.model)
+    folder = weights_folder(spec)
+    loaded = open_loaded(config.model, folder, options)
+    source = streamed(loaded.model)
+    assert source is not None
+    writer = ShardWriter(work / "model")
+    method = get_method(config.method_name, config.options)
+    engine = replace(config.engine, device=options.device)
+
+    def write_layer(index: int, layer: nn.Module) -> None:
+        writer.write(source.layer_state(layer))
+
+    result = prune_model(loaded.model, calib.input_ids, method, config.target, engine, write_layer)
+    if config.save_model:  # the rest (embeddings, final norm, head) copied byte for byte
+        inside = {name for _, names in writer.shards for name in names}
+        rest = [name for name, _ in loaded.model.named_parameters() if name not in inside]
+        writer.copy(source.reader, {name: source.source_name(name) for name in rest})
+    writer.close()
+    for extra in ("config.json", "generation_config.json"):
+        if (folder / extra).is_file():
+            shutil.copyfile(folder / extra, work / "model" / extra)
+    pruned = open_loaded(config.model, folder, options)
+    pruned_source = streamed(pruned.model)
+    assert pruned_source is not None
+    pruned_source.overlay = WeightReader(work / "model")
+    stats, metrics = _log_outputs(run, config, loaded, result, saved=work / "model")
+    return pruned, stats, metrics
+
+
 def run_prune(
     config: PruneConfig,
     store: tracking.Store,
@@ -112,7 +154,16 @@ def run_prune(
     torch.manual_seed(calib.config.seed if calib else 0)
     params = prune_params(config, calib)
     run_name = f"{config.method_name}-{config.model}-{params['calib_lang']}-{params['pattern']}"
-    with tracking.start_run(store, "prune", params, run_name, tags) as run:
+    stream_options = LoadOptions(
+        config.dtype, device, stream=config.stream, offload_activations=config.offload_activations
+    )
+    stream = not config.dense and wants_stream(config.model, stream_options)
+    if stream and keep_model:
+        raise CpsError("a streamed model is never whole in memory: keep_model needs --no-stream")
+    with (
+        tracking.start_run(store, "prune", params, run_name, tags) as run,
+        tempfile.TemporaryDirectory() as work,
+    ):
         if calib_run:
             run.set_tags({"cps.calib_run_id": calib_run})
         if calib is not None:
@@ -122,7 +173,10 @@ def run_prune(
             run.log_metrics(metrics)
             stats, loaded = pl.DataFrame(), None
             if then is not None or keep_model:
-                loaded = load_model(config.model, LoadOptions(config.dtype, "cpu"))
+                loaded = load(config.model, replace(stream_options, device="cpu"))
+        elif stream:
+            run.set_tags({"cps.streamed": True})
+            loaded, stats, metrics = _prune_streamed(run, config, calib, stream_options, Path(work))
         else:
             # The model stays on the CPU; the engine moves one layer at a time to the device.
             loaded = load_model(config.model, LoadOptions(config.dtype, "cpu"))
@@ -139,8 +193,14 @@ def run_prune(
 
 
 def _log_outputs(
-    run: tracking.TrackedRun, config: PruneConfig, loaded: LoadedModel, result: EngineResult
+    run: tracking.TrackedRun,
+    config: PruneConfig,
+    loaded: LoadedModel,
+    result: EngineResult,
+    saved: Path | None = None,
 ) -> tuple[pl.DataFrame, dict[str, float]]:
+    """Metrics, series, layer stats, masks, the plot and (`save_model`) the weights: as an MLflow
+    model from memory, or the folder a streamed prune wrote (`saved`) as the `model/` artifact."""
     stats = stats_frame(result)
     metrics = summary_metrics(stats, result.seconds)
     run.log_metrics(metrics)
@@ -167,6 +227,9 @@ def _log_outputs(
         (Path(folder) / "plots").mkdir()
         figure.savefig(Path(folder) / "plots" / "calib_snr_per_layer.png", dpi=120)
         run.log_artifact(Path(folder) / "plots", "plots")
-        if config.save_model:
+        if config.save_model and saved is not None:
+            loaded.tokenizer.save_pretrained(saved)
+            run.log_artifact(saved, "model")
+        elif config.save_model:
             tracking.log_transformers_model(run, loaded.model, loaded.tokenizer)
     return stats, metrics

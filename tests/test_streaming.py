@@ -1,0 +1,139 @@
+"""Layer streaming: the same masks, perplexities and hidden states as the in-memory path, bit for
+bit, on every architecture (tiny models saved as shards) and on Gemma-3 270M."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from cps import streaming, tracking
+from cps.config import CalibrationConfig, EvalConfig, PruneConfig
+from cps.data import get_corpus
+from cps.data.calibration import build_calibration
+from cps.evaluation.activations import activation_statistics
+from cps.evaluation.hidden import PositionSample, StateRecorder
+from cps.evaluation.perplexity import score_text
+from cps.evaluation.windows import held_out_windows
+from cps.models import LoadOptions, load_model, load_tokenizer, resolve_model, weights_folder
+from cps.pruning.base import get_method
+from cps.pruning.engine import EngineConfig, prune_model
+from cps.pruning.masks import SparsityTarget, load_masks
+from cps.stages.evaluate import run_eval
+from cps.stages.prune import run_prune
+from cps.streaming import WeightReader, open_streamed
+
+ARCHITECTURES = ["tiny-llama", "tiny-gemma3", "tiny-cohere", "tiny-qwen2"]
+
+
+def _streamed(name: str, offload: bool = False):
+    source = open_streamed(weights_folder(resolve_model(name)), torch.float32, "cpu")
+    source.offload = offload
+    return source
+
+
+def _inputs(name: str, seqlen: int = 48):
+    tokenizer = load_tokenizer(name)
+    ids = build_calibration(CalibrationConfig(name, "sw", nsamples=6, seqlen=seqlen), tokenizer).input_ids
+    documents = get_corpus("flores", None).documents("zh")[:5]
+    return ids, held_out_windows(documents, tokenizer, 32, 16)  # long documents: several windows
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_streamed_pruning_and_scoring_equal_the_in_memory_path(name):
+    ids, text = _inputs(name)
+    engine = EngineConfig(batch_tokens=2 * 48)  # three batches
+    for method in ("wanda", "sparsegpt"):
+        memory = prune_model(load_model(name).model, ids, get_method(method), SparsityTarget(0.5), engine)
+        source = _streamed(name, offload=method == "sparsegpt")
+        streamed = prune_model(source.model, ids, get_method(method), SparsityTarget(0.5), engine)
+        assert memory.masks.keys() == streamed.masks.keys()
+        assert all(torch.equal(memory.masks[k], streamed.masks[k]) for k in memory.masks), method
+        assert [s.error for s in memory.stats] == [s.error for s in streamed.stats]
+        assert all(p.device.type == "meta" for layer in source.model.model.layers for p in layer.parameters())
+    dense = load_model(name).model
+    in_memory, from_shards = score_text(dense, text), score_text(_streamed(name).model, text)
+    assert in_memory.nll == from_shards.nll and in_memory.ppl == from_shards.ppl
+    sample = PositionSample.of(text)
+    recorders = [StateRecorder(sample, len(dense.model.layers)) for _ in range(2)]
+    score_text(dense, text, recorders[0])
+    score_text(_streamed(name, offload=True).model, text, recorders[1])
+    assert torch.equal(recorders[0].states, recorders[1].states)
+    counts = [activation_statistics(model, text)[0] for model in (dense, _streamed(name).model)]
+    assert counts[0].tokens == counts[1].tokens == sample.total
+    assert torch.equal(counts[0].active, counts[1].active) and torch.equal(
+        counts[0].hidden_sum, counts[1].hidden_sum
+    )
+
+
+def test_reader_rows_and_gathered_rows_are_the_stored_tensor(tmp_path):
+    folder = weights_folder(resolve_model("tiny-llama"))
+    stored = load_file(str(next(folder.glob("*.safetensors"))))
+    reader = WeightReader(folder)
+    name = "model.embed_tokens.weight"
+    assert torch.equal(reader.read(name), stored[name])
+    assert torch.equal(reader.rows(name, 100, 164), stored[name][100:164])
+    ids = torch.tensor([3, 4, 5, 9, 200, 201, 49151])
+    assert torch.equal(reader.gather_rows(name, ids), stored[name][ids])
+
+
+def test_streamed_prune_run_writes_a_loadable_model_and_evaluates_the_same(store, tmp_path):
+    calibration = CalibrationConfig("tiny-gemma3", "sw", nsamples=4, seqlen=40)
+    streamed = run_prune(PruneConfig("tiny-gemma3", "sparsegpt", calibration, stream=True), store)
+    memory = run_prune(PruneConfig("tiny-gemma3", "sparsegpt", calibration), store, keep_model=True)
+    record = tracking.get_run(store, streamed.run_id)
+    assert record.tags["cps.streamed"] == "True"
+    assert streamed.metrics["calib_error.total"] == memory.metrics["calib_error.total"]
+    masks = [
+        load_masks(str(tracking.download_artifact(store, r.run_id, "masks.safetensors", tmp_path / r.run_id)))
+        for r in (streamed, memory)
+    ]
+    assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[1])
+    saved = AutoModelForCausalLM.from_pretrained(
+        tracking.download_artifact(store, streamed.run_id, "model", tmp_path)
+    )
+    ids = streamed.calib.input_ids
+    with torch.no_grad():
+        assert torch.equal(saved(ids).logits, memory.model.model(ids).logits)
+    config = EvalConfig(langs=("sw", "zh"), seqlen=32, max_docs=3)
+    results = [
+        run_eval(config, store, streamed.run_id),  # the saved shards, streamed (auto: tiny in memory)
+        run_eval(EvalConfig(**{**config.__dict__, "stream": True}), store, memory.run_id),  # re-pruned
+        run_eval(config, store, memory.run_id),
+    ]
+    for name in ("ppl.sw", "ppl.zh", "snr_db.zh", "bpb.sw"):
+        assert results[0].metrics[name] == results[1].metrics[name] == results[2].metrics[name], name
+
+
+def test_stream_turns_itself_on_when_the_model_would_not_fit(monkeypatch, caplog):
+    class Tight:
+        available = 1000  # bytes free
+
+    monkeypatch.setattr(streaming.psutil, "virtual_memory", lambda: Tight)
+    with caplog.at_level(logging.WARNING):
+        assert streaming.wants_stream("gemma3-270m", LoadOptions())
+    (line,) = [r.getMessage() for r in caplog.records if "streaming" in r.getMessage()]
+    assert "gemma3-270m" in line and "--no-stream" in line
+    assert not streaming.wants_stream("gemma3-270m", LoadOptions(stream=False))
+    assert not streaming.wants_stream("tiny-llama", LoadOptions())
+
+
+def test_gemma3_270m_streamed_equals_in_memory(gemma):
+    ids = build_calibration(
+        CalibrationConfig("gemma3-270m", "sw", nsamples=2, seqlen=64), gemma.tokenizer
+    ).input_ids
+    documents = get_corpus("flores", None).documents("sw")[:3]
+    text = held_out_windows(documents, gemma.tokenizer, 64)
+    memory = load_model("gemma3-270m")
+    source = open_streamed(weights_folder(resolve_model("gemma3-270m")), torch.float32, "cpu")
+    expected = score_text(memory.model, text)
+    assert score_text(source.model, text).nll == expected.nll
+    engine = EngineConfig()
+    masks = [
+        prune_model(model, ids, get_method("wanda"), SparsityTarget(0.5), engine).masks
+        for model in (memory.model, source.model)
+    ]
+    assert masks[0].keys() == masks[1].keys() and all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
