@@ -123,9 +123,9 @@ def test_dense_states_are_computed_once_then_read_from_the_cache(store, monkeypa
         run_prune(PruneConfig("tiny-llama", m, calibration), store).run_id for m in ("wanda", "magnitude")
     ]
     loads: list[str] = []
-    real_load = evaluate.load_model
+    real_load = evaluate.load
     monkeypatch.setattr(
-        evaluate, "load_model", lambda name, *a, **k: loads.append(name) or real_load(name, *a, **k)
+        evaluate, "load", lambda name, *a, **k: loads.append(name) or real_load(name, *a, **k)
     )
     langs = {"langs": ("sw", "zh", "de"), "seqlen": 64, "max_docs": 3}
     cache = Path(os.environ["CPS_CACHE_DIR"]) / "hidden"

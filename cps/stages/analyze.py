@@ -43,8 +43,9 @@ from cps.errors import CpsError
 from cps.evaluation.activations import ActivationStats, activation_statistics
 from cps.evaluation.hidden import DenseStates, PositionSample, ReferenceKey, reference_plan, save_reference
 from cps.evaluation.windows import HeldOutText, held_out_windows
-from cps.models import LoadOptions, load_model, model_id, resolve_model
+from cps.models import LoadOptions, model_id, resolve_model
 from cps.runs import load_run_model, run_layer_stats, run_masks
+from cps.streaming import load
 
 
 @dataclass
@@ -148,7 +149,7 @@ def activation_analyses(
     corpus = get_corpus(config.corpus, config.data_dir)
     langs = [corpus.require(lang) for lang in config.langs]
     options = LoadOptions(group.shared.get("dtype", "auto"), config.device)
-    dense = load_model(group.shared["model"], options)
+    dense = load(group.shared["model"], options)  # streamed when it would not fit
     texts = {
         lang: held_out_windows(
             corpus.documents(lang)[: config.max_docs], dense.tokenizer, config.seqlen, config.stride

@@ -71,6 +71,11 @@ def run_eval(
         )
         for lang in langs
     }
+    if task_names and streamed(loaded.model) is not None:
+        raise CpsError(
+            "zero-shot tasks run the whole model (lm-eval): evaluate them with --no-stream, "
+            "perplexity and SNR with --stream"
+        )
     held_out = held_out_scores(loaded, record, texts, options)
     rows, metrics, items = held_out.rows, held_out.metrics, held_out.items
     by_limit: dict[float | None, list[str]] = {}
