@@ -43,8 +43,19 @@ def baseline() -> dict:
     return {"peak_rss_gb": rss_gb()}
 
 
+def tokenizer_floor() -> dict:
+    """The imports plus loading Gemma-3's tokenizer (262k entries), the first thing a run does."""
+    baseline()
+    from cps.models import load_tokenizer
+
+    load_tokenizer("gemma3-270m")
+    return {"peak_rss_gb": rss_gb()}
+
+
 def prune(mode: str, nsamples: int, seqlen: int) -> dict:
     import hashlib
+
+    baseline()  # what `cps prune` imports (mlflow included), so the figure is the command's
 
     import torch
 
@@ -54,10 +65,12 @@ def prune(mode: str, nsamples: int, seqlen: int) -> dict:
     from cps.pruning.base import get_method
     from cps.pruning.engine import EngineConfig, prune_model
     from cps.pruning.masks import SparsityTarget
-    from cps.streaming import open_streamed
+    from cps.streaming import open_streamed, return_freed_memory
 
     tokenizer = load_tokenizer("gemma3-270m")
     calib = build_calibration(CalibrationConfig("gemma3-270m", "sw", "ntrex", nsamples, seqlen), tokenizer)
+    del tokenizer  # as `cps prune --stream` does: not needed while pruning
+    return_freed_memory()
     started = time.perf_counter()
     if mode == "stream":
         model = open_streamed(weights_folder(resolve_model("gemma3-270m")), torch.float32, "cpu").model
@@ -80,17 +93,21 @@ def prune(mode: str, nsamples: int, seqlen: int) -> dict:
 def evaluate(mode: str, langs: list[str], docs: int, seqlen: int) -> dict:
     import hashlib
 
+    baseline()  # what `cps eval` imports (mlflow included), so the figure is the command's
+
     import torch
 
     from cps.data import get_corpus
     from cps.evaluation.perplexity import score_text
     from cps.evaluation.windows import held_out_windows
     from cps.models import load_model, load_tokenizer, resolve_model, weights_folder
-    from cps.streaming import open_streamed
+    from cps.streaming import open_streamed, return_freed_memory
 
     tokenizer = load_tokenizer("gemma3-270m")
     corpus = get_corpus("flores", None)
     texts = {lang: held_out_windows(corpus.documents(lang)[:docs], tokenizer, seqlen) for lang in langs}
+    del tokenizer  # as `cps eval --stream` does: not needed once the text is windowed
+    return_freed_memory()
     started = time.perf_counter()
     if mode == "stream":
         model = open_streamed(weights_folder(resolve_model("gemma3-270m")), torch.float32, "cpu").model
@@ -155,6 +172,8 @@ def main() -> None:
         what, _, mode = args.one.partition(":")
         if what == "baseline":
             row = baseline()
+        elif what == "tokenizer":
+            row = tokenizer_floor()
         elif what == "prune":
             row = prune(mode, args.nsamples, args.seqlen)
         else:
@@ -164,6 +183,8 @@ def main() -> None:
 
     base = _child(args, "--one", "baseline")
     print(f"imports alone (torch, transformers, mlflow, cps): peak RSS {base['peak_rss_gb']:.2f} GB")
+    floor = _child(args, "--one", "tokenizer")
+    print(f"imports + loading Gemma-3's tokenizer (every run does): peak RSS {floor['peak_rss_gb']:.2f} GB")
     print(f"\nprune: gemma3-270m fp32, Wanda 50%, {args.nsamples} x {args.seqlen} sw NTREX tokens")
     rows = {mode: _child(args, "--one", f"prune:{mode}") for mode in ("memory", "stream")}
     for mode, row in rows.items():

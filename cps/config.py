@@ -74,7 +74,7 @@ class PruneConfig:
     dtype: str = "auto"
     true_sequential: bool = False
     offload_activations: bool = False
-    batch_tokens: int = 8192
+    batch_tokens: int = 2048
     calib_run: str | None = None
     save_model: bool = True
     stream: bool | None = None  # layer streaming from the shards; None: when the model would not fit

@@ -15,6 +15,7 @@ hidden states between layers, in memory or in files).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -299,6 +300,7 @@ class StreamedModel:
             owner, leaf = _owner(module, name)
             empty = torch.empty(parameter.shape, dtype=parameter.dtype, device="meta")
             owner._parameters[leaf] = nn.Parameter(empty, requires_grad=parameter.requires_grad)
+        return_freed_memory()
 
     def layer_state(self, layer: nn.Module) -> dict[str, torch.Tensor]:
         """A materialized layer's parameters under their full names (for the shard writer)."""
@@ -336,6 +338,25 @@ class StreamedModel:
             yield local
         finally:
             embedding._parameters["weight"] = saved
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed since the last call back to the system. glibc keeps freed blocks of the
+    per-layer work (a layer's weights, the MLP's intermediate activations) in its heap, where
+    fragmentation pins them: without this the resident size of a streamed run grows by tens of
+    MB with every layer."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _libc()
 
 
 def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:

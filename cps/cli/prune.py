@@ -51,7 +51,7 @@ def prune_command(
     ] = "auto",
     offload_activations: OffloadActivations = False,
     stream: Stream = None,
-    batch_tokens: Annotated[int, typer.Option(help="Calibration tokens per forward batch.")] = 8192,
+    batch_tokens: Annotated[int, typer.Option(help="Calibration tokens per forward batch.")] = 2048,
     save_model: Annotated[bool, typer.Option(help="Log the pruned weights as model/.")] = True,
     data_dir: DataDir = None,
     tracking_uri: TrackingUri = None,

@@ -42,7 +42,7 @@ class EngineConfig:
     device: str = "cpu"  # where each layer and its activations are computed
     true_sequential: bool = False
     offload_activations: bool = False  # every window's activations in files between layers
-    batch_tokens: int = 8192  # calibration tokens per forward batch
+    batch_tokens: int = 2048  # calibration tokens per forward batch (smaller: less transient memory)
 
 
 @dataclass

@@ -31,7 +31,7 @@ from cps.models import (
     resolve_model,
 )
 from cps.runs import dense_run, load_run_model
-from cps.streaming import load, model_device, streamed
+from cps.streaming import load, model_device, return_freed_memory, streamed
 
 
 @dataclass
@@ -71,11 +71,15 @@ def run_eval(
         )
         for lang in langs
     }
-    if task_names and streamed(loaded.model) is not None:
-        raise CpsError(
-            "zero-shot tasks run the whole model (lm-eval): evaluate them with --no-stream, "
-            "perplexity and SNR with --stream"
-        )
+    the_protocol = protocol(config.seqlen, config.stride, prefix_label(loaded.tokenizer))
+    if streamed(loaded.model) is not None:
+        if task_names:
+            raise CpsError(
+                "zero-shot tasks run the whole model (lm-eval): evaluate them with --no-stream, "
+                "perplexity and SNR with --stream"
+            )
+        loaded.tokenizer = None  # type: ignore[assignment]  # (Gemma-3's holds 0.3 GB) windowed already
+        return_freed_memory()
     held_out = held_out_scores(loaded, record, texts, options)
     rows, metrics, items = held_out.rows, held_out.metrics, held_out.items
     by_limit: dict[float | None, list[str]] = {}
@@ -96,7 +100,6 @@ def run_eval(
             metrics[companion(name, "stderr")] = stderr
         if low is not None:
             metrics |= {companion(name, "ci_low"): low, companion(name, "ci_high"): high}
-    the_protocol = protocol(config.seqlen, config.stride, prefix_label(loaded.tokenizer))
     run = tracking.open_run(store, run_id)
     run.log_metrics(metrics)
     for name, values in held_out.series.items():

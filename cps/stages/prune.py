@@ -27,7 +27,15 @@ from cps.pruning.engine import EngineResult, prune_model
 from cps.pruning.masks import save_masks
 from cps.runs import DENSE_METRICS, load_calibration_run, prune_params
 from cps.stages.calibrate import calibration_dataset, run_calibrate
-from cps.streaming import ShardWriter, WeightReader, load, open_loaded, streamed, wants_stream
+from cps.streaming import (
+    ShardWriter,
+    WeightReader,
+    load,
+    open_loaded,
+    return_freed_memory,
+    streamed,
+    wants_stream,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +117,7 @@ def _prune_streamed(
     streamed from the dense shards with the pruned layers over them."""
     spec = resolve_model(config.model)
     folder = weights_folder(spec)
+    return_freed_memory()  # what tokenizing the calibration text left behind
     loaded = open_loaded(config.model, folder, options)
     source = streamed(loaded.model)
     assert source is not None
