@@ -304,9 +304,9 @@ def test_sigterm_ends_a_prune_run_killed(store):
             "--lang",
             "sw",
             "--nsamples",
-            "8",
+            "64",  # a minute of pruning: SIGTERM always lands before the run could finish
             "--seqlen",
-            "128",
+            "256",
             "--no-save-model",
             *_store_args(store),
         ],

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 import weakref
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -168,24 +169,36 @@ def _output_head(model: PreTrainedModel, sample: torch.Tensor) -> OutputHead | N
     return _HEAD_CHECKED[model]
 
 
-def _final_states_in_memory(
-    model: PreTrainedModel, work: list[Batch], observer: LayerObserver | None, keep: bool
-) -> list[torch.Tensor]:
-    """Per batch: the base model's output at the predicting positions (after the final norm)."""
-    device = next(model.parameters()).device
+@contextmanager
+def _observing(
+    layers: torch.nn.ModuleList, observer: LayerObserver | None
+) -> Iterator[Callable[[Batch], None]]:
+    """While inside, `observer` sees each layer's output at the scored positions of the batch last
+    announced with the yielded function (which also calls `observer.begin`)."""
     current: list[Batch] = []
 
     def on_layer(index: int, output: torch.Tensor) -> None:
         assert observer is not None
         observer.layer(index, output[current[0].scored.to(output.device)])
 
+    def announce(batch: Batch) -> None:
+        current[:] = [batch]
+        if observer is not None:
+            observer.begin(batch)
+
+    with output_hooks(layers, on_layer) if observer else nullcontext():
+        yield announce
+
+
+def _final_states_in_memory(
+    model: PreTrainedModel, work: list[Batch], observer: LayerObserver | None, keep: bool
+) -> list[torch.Tensor]:
+    """Per batch: the base model's output at the predicting positions (after the final norm)."""
+    device = next(model.parameters()).device
     states = []
-    hooks = output_hooks(decoder_layers(model), on_layer) if observer else nullcontext()
-    with hooks:
+    with _observing(decoder_layers(model), observer) as announce:
         for batch in work:
-            current[:] = [batch]
-            if observer:
-                observer.begin(batch)
+            announce(batch)
             hidden = model.base_model(input_ids=batch.input_ids.to(device), use_cache=False).last_hidden_state
             if keep:
                 states.append(hidden[batch.predicting.to(device)])
@@ -200,20 +213,11 @@ def _final_states_streamed(
     model = source.model
     layers = decoder_layers(model)
     calls = capture_layer_calls(model, [batch.input_ids for batch in work], source.device, source.offload)
-    current: list[Batch] = []
-
-    def on_layer(index: int, output: torch.Tensor) -> None:
-        assert observer is not None
-        observer.layer(index, output[current[0].scored.to(output.device)])
-
-    hooks = output_hooks(layers, on_layer) if observer else nullcontext()
-    with hooks:
+    with _observing(layers, observer) as announce:
         for index, layer in enumerate(layers):
             source.materialize(layer)
             for position, (batch, hidden) in enumerate(zip(work, calls.hidden, strict=True)):
-                current[:] = [batch]
-                if observer:
-                    observer.begin(batch)
+                announce(batch)
                 kwargs = move(calls.kwargs_for(index, hidden), source.device, {})
                 calls.hidden[position] = layer_output(layer(hidden, **kwargs))
             source.release(layer)
@@ -270,18 +274,9 @@ def _score_full_logits(
 ) -> torch.Tensor:
     """Exact for any in-memory model: its own forward's full logits, batch by batch."""
     device = next(model.parameters()).device
-    current: list[Batch] = []
-
-    def on_layer(index: int, output: torch.Tensor) -> None:
-        assert observer is not None
-        observer.layer(index, output[current[0].scored.to(output.device)])
-
-    hooks = output_hooks(decoder_layers(model), on_layer) if observer else nullcontext()
-    with hooks:
+    with _observing(decoder_layers(model), observer) as announce:
         for batch in work:
-            current[:] = [batch]
-            if observer:
-                observer.begin(batch)
+            announce(batch)
             logits = model(input_ids=batch.input_ids.to(device), use_cache=False).logits
             targets = batch.input_ids[batch.scored].to(device)
             token_nll = torch.nn.functional.cross_entropy(
