@@ -16,6 +16,7 @@ hidden states between layers, in memory or in files).
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import logging
 import os
@@ -345,6 +346,7 @@ def return_freed_memory() -> None:
     per-layer work (a layer's weights, the MLP's intermediate activations) in its heap, where
     fragmentation pins them: without this the resident size of a streamed run grows by tens of
     MB with every layer."""
+    gc.collect()  # objects in reference cycles (a tokenizer's) are freed only by the collector
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 
@@ -410,15 +412,16 @@ def load(name: str, options: LoadOptions) -> LoadedModel:
     return open_loaded(name, weights_folder(resolve_model(name)), options)
 
 
-def open_loaded(name: str, folder: str | Path, options: LoadOptions) -> LoadedModel:
-    """A streamed model of the weights in `folder`, with the tokenizer of model `name`."""
+def open_loaded(name: str, folder: str | Path, options: LoadOptions, tokenizer: bool = True) -> LoadedModel:
+    """A streamed model of the weights in `folder`, with the tokenizer of model `name` (or None:
+    Gemma-3's takes 0.3 GB, and pruning does not need it)."""
     device = resolve_device(options.device)
     streamed_model = open_streamed(
         folder, resolve_dtype(options.dtype, device), device, options.trust_remote_code
     )
     streamed_model.offload = options.offload_activations
-    tokenizer = load_tokenizer(name, options.trust_remote_code)
-    return LoadedModel(resolve_model(name), streamed_model.model, tokenizer)  # type: ignore[arg-type]
+    loaded_tokenizer = load_tokenizer(name, options.trust_remote_code) if tokenizer else None
+    return LoadedModel(resolve_model(name), streamed_model.model, loaded_tokenizer)  # type: ignore[arg-type]
 
 
 def model_device(model: nn.Module) -> torch.device:

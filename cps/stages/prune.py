@@ -111,6 +111,7 @@ def _prune_streamed(
     calib: CalibrationSet,
     options: LoadOptions,
     work: Path,
+    tokenizer: bool,
 ) -> tuple[LoadedModel, pl.DataFrame, dict[str, float]]:
     """Prune layer by layer from the shards: each pruned layer is written to a shard as soon as it
     is done (`work/model`, a `from_pretrained` folder once closed). Returns the pruned model,
@@ -118,7 +119,7 @@ def _prune_streamed(
     spec = resolve_model(config.model)
     folder = weights_folder(spec)
     return_freed_memory()  # what tokenizing the calibration text left behind
-    loaded = open_loaded(config.model, folder, options)
+    loaded = open_loaded(config.model, folder, options, tokenizer=False)
     source = streamed(loaded.model)
     assert source is not None
     writer = ShardWriter(work / "model")
@@ -137,11 +138,12 @@ def _prune_streamed(
     for extra in ("config.json", "generation_config.json"):
         if (folder / extra).is_file():
             shutil.copyfile(folder / extra, work / "model" / extra)
-    pruned = open_loaded(config.model, folder, options)
+    # The tokenizer (0.3 GB for Gemma-3) only when the model is saved or evaluated next.
+    pruned = open_loaded(config.model, folder, options, tokenizer=tokenizer or config.save_model)
     pruned_source = streamed(pruned.model)
     assert pruned_source is not None
     pruned_source.overlay = WeightReader(work / "model")
-    stats, metrics = _log_outputs(run, config, loaded, result, saved=work / "model")
+    stats, metrics = _log_outputs(run, config, pruned, result, saved=work / "model")
     return pruned, stats, metrics
 
 
@@ -185,7 +187,9 @@ def run_prune(
                 loaded = load(config.model, replace(stream_options, device="cpu"))
         elif stream:
             run.set_tags({"cps.streamed": True})
-            loaded, stats, metrics = _prune_streamed(run, config, calib, stream_options, Path(work))
+            loaded, stats, metrics = _prune_streamed(
+                run, config, calib, stream_options, Path(work), tokenizer=then is not None
+            )
         else:
             # The model stays on the CPU; the engine moves one layer at a time to the device.
             loaded = load_model(config.model, LoadOptions(config.dtype, "cpu"))
