@@ -139,6 +139,7 @@ def predicted_peak_gb(
     widths: list[int],
     largest_linear: float,
     dtype_bytes: int,
+    layers: int,
 ) -> dict[str, float]:
     """peak = one layer's weights (run dtype)
     + every window's hidden states, into and out of the layer (run dtype, 2x)
@@ -149,12 +150,14 @@ def predicted_peak_gb(
     activations = 2 * windows * seqlen * hidden * dtype_bytes
     gram = sum(4 * width * width for width in widths) + 4 * max(widths) ** 2
     weight_work = 4 * 4 * largest_linear
-    total = layer + activations + gram + weight_work
+    masks = layers * layer_params / 8
+    total = layer + activations + gram + weight_work + masks
     return {
         "layer": layer / 1e9,
         "activations": activations / 1e9,
         "gram": gram / 1e9,
         "weight_work": weight_work / 1e9,
+        "masks": masks / 1e9,
         "total": total / 1e9,
     }
 
@@ -215,10 +218,12 @@ def main() -> None:
 
     print("\npeak memory of streamed pruning = layer + activations + Gram/Hessian (+ one fp32 weight copy):")
     # Gemma-3 270M: hidden 640, 4 heads x 256 (o_proj reads 1024), MLP 2048; 5.6M weights a layer.
-    gemma = predicted_peak_gb(5.6e6, args.nsamples, args.seqlen, 640, [640, 1024, 640, 2048], 2048 * 640, 4)
+    gemma = predicted_peak_gb(
+        5.6e6, args.nsamples, args.seqlen, 640, [640, 1024, 640, 2048], 2048 * 640, 4, 18
+    )
     print(f"  gemma3-270m fp32, {args.nsamples} x {args.seqlen}: " + _parts(gemma) + " + the imports")
     # Llama-3-70B: hidden 8192, 64 heads / 8 KV heads x 128, MLP 28672; 855.7M weights a layer.
-    llama = predicted_peak_gb(855.7e6, 128, 2048, 8192, [8192, 8192, 8192, 28672], 28672 * 8192, 2)
+    llama = predicted_peak_gb(855.7e6, 128, 2048, 8192, [8192, 8192, 8192, 28672], 28672 * 8192, 2, 80)
     print("  Llama-3-70B bf16, 128 x 2048: " + _parts(llama))
     offloaded = dict(llama, activations=2 * 4 * 2048 * 8192 * 2 / 1e9)  # one batch of 8192 tokens
     offloaded["total"] = sum(v for k, v in offloaded.items() if k != "total")

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from cps.hooks import layer_output
 from cps.models import decoder_layers
 from cps.pruning.base import InputStats, PruningMethod
-from cps.pruning.masks import SparsityTarget
+from cps.pruning.masks import PackedMasks, SparsityTarget
 from cps.streaming import LayerCalls, capture_layer_calls, move, streamed
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class LinearStats:
 
 @dataclass
 class EngineResult:
-    masks: dict[str, torch.Tensor]  # full module name -> bool mask (CPU), True = pruned
+    masks: PackedMasks  # full module name -> bool mask (kept bit-packed), True = pruned
     stats: list[LinearStats] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -228,7 +228,7 @@ def prune_model(
     layers = decoder_layers(model)
     prefix = {id(layer): name for name, layer in model.named_modules()}
     source = streamed(model)
-    result = EngineResult(masks={})
+    result = EngineResult(masks=PackedMasks())
     layouts: dict[tuple[str, ...], list[list[str]]] = {}  # linear names -> input groups
     with torch.inference_mode():
         batches = calibration_batches(input_ids, config.batch_tokens)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 
 import torch
@@ -128,10 +129,39 @@ def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return bits.reshape(-1)[:count].bool().reshape(shape)
 
 
-def save_masks(masks: dict[str, torch.Tensor], path: str) -> None:
+class PackedMasks(MutableMapping[str, torch.Tensor]):
+    """Masks kept bit-packed (1 bit a weight, not a bool's byte: Llama-3-70B's would take 69 GB as
+    bools, 8.6 GB packed); reading one unpacks it."""
 
-    shapes = {name: list(mask.shape) for name, mask in masks.items()}
-    packed = {name: pack_mask(mask.cpu()) for name, mask in masks.items()}
+    def __init__(self) -> None:
+        self.packed: dict[str, torch.Tensor] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+    def __setitem__(self, name: str, mask: torch.Tensor) -> None:
+        self.packed[name] = pack_mask(mask.cpu())
+        self.shapes[name] = tuple(mask.shape)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return unpack_mask(self.packed[name], self.shapes[name])
+
+    def __delitem__(self, name: str) -> None:
+        del self.packed[name], self.shapes[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.packed)
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+
+def save_masks(masks: Mapping[str, torch.Tensor], path: str) -> None:
+
+    if isinstance(masks, PackedMasks):
+        shapes = {name: list(shape) for name, shape in masks.shapes.items()}
+        packed = dict(masks.packed)
+    else:
+        shapes = {name: list(mask.shape) for name, mask in masks.items()}
+        packed = {name: pack_mask(mask.cpu()) for name, mask in masks.items()}
     save_file(packed, path, metadata={"format": "cps-bitpacked-v1", "shapes": json.dumps(shapes)})
 
 
