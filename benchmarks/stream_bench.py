@@ -70,7 +70,7 @@ def prune(mode: str, nsamples: int, seqlen: int) -> dict:
     tokenizer = load_tokenizer("gemma3-270m")
     calib = build_calibration(CalibrationConfig("gemma3-270m", "sw", "ntrex", nsamples, seqlen), tokenizer)
     del tokenizer  # as `cps prune --stream` does: not needed while pruning
-    return_freed_memory()
+    return_freed_memory(collect=True)
     started = time.perf_counter()
     if mode == "stream":
         model = open_streamed(weights_folder(resolve_model("gemma3-270m")), torch.float32, "cpu").model
@@ -107,7 +107,7 @@ def evaluate(mode: str, langs: list[str], docs: int, seqlen: int) -> dict:
     corpus = get_corpus("flores", None)
     texts = {lang: held_out_windows(corpus.documents(lang)[:docs], tokenizer, seqlen) for lang in langs}
     del tokenizer  # as `cps eval --stream` does: not needed once the text is windowed
-    return_freed_memory()
+    return_freed_memory(collect=True)
     started = time.perf_counter()
     if mode == "stream":
         model = open_streamed(weights_folder(resolve_model("gemma3-270m")), torch.float32, "cpu").model

@@ -79,7 +79,7 @@ def run_eval(
                 "perplexity and SNR with --stream"
             )
         loaded.tokenizer = None  # type: ignore[assignment]  # (Gemma-3's holds 0.3 GB) windowed already
-        return_freed_memory()
+        return_freed_memory(collect=True)
     held_out = held_out_scores(loaded, record, texts, options)
     rows, metrics, items = held_out.rows, held_out.metrics, held_out.items
     by_limit: dict[float | None, list[str]] = {}

@@ -118,7 +118,7 @@ def _prune_streamed(
     streamed from the dense shards with the pruned layers over them."""
     spec = resolve_model(config.model)
     folder = weights_folder(spec)
-    return_freed_memory()  # what tokenizing the calibration text left behind
+    return_freed_memory(collect=True)  # what tokenizing the calibration text left behind
     loaded = open_loaded(config.model, folder, options, tokenizer=False)
     source = streamed(loaded.model)
     assert source is not None
