@@ -195,10 +195,7 @@ def main() -> None:
             f"  {mode:<7} load {row['load_s']:5.1f} s  prune {row['prune_s']:6.1f} s  "
             f"total {row['total_s']:6.1f} s  peak RSS {row['peak_rss_gb']:.2f} GB  masks {row['masks']}"
         )
-    ratio = rows["stream"]["total_s"] / rows["memory"]["total_s"]
-    same = rows["stream"]["masks"] == rows["memory"]["masks"]
-    print(f"  streamed / in memory: time {ratio:.2f}x (target <= 1.15), masks identical: {same}")
-    print(f"  streamed peak RSS {rows['stream']['peak_rss_gb']:.2f} GB (target <= 0.75)")
+    _compare(rows, "masks", "masks identical", 0.75)
 
     print(
         f"\nperplexity: dense gemma3-270m, first {args.docs} FLORES documents of {args.langs}, "
@@ -211,12 +208,9 @@ def main() -> None:
             f"  {mode:<7} total {row['total_s']:6.1f} s  peak RSS {row['peak_rss_gb']:.2f} GB  "
             f"{row['tokens']} tokens  ppl {ppl}  nll {row['nll']}"
         )
-    ratio = rows["stream"]["total_s"] / rows["memory"]["total_s"]
-    same = rows["stream"]["nll"] == rows["memory"]["nll"]
-    print(f"  streamed / in memory: time {ratio:.2f}x (target <= 1.15), NLL bit-identical: {same}")
-    print(f"  streamed peak RSS {rows['stream']['peak_rss_gb']:.2f} GB (target <= 0.85)")
+    _compare(rows, "nll", "NLL bit-identical", 0.85)
 
-    print("\npeak memory of streamed pruning = layer + activations + Gram/Hessian (+ one fp32 weight copy):")
+    print("\npeak memory of streamed pruning = layer + activations + Gram/Hessian + weight work + masks:")
     # Gemma-3 270M: hidden 640, 4 heads x 256 (o_proj reads 1024), MLP 2048; 5.6M weights a layer.
     gemma = predicted_peak_gb(
         5.6e6, args.nsamples, args.seqlen, 640, [640, 1024, 640, 2048], 2048 * 640, 4, 18
@@ -228,6 +222,13 @@ def main() -> None:
     offloaded = dict(llama, activations=2 * 4 * 2048 * 8192 * 2 / 1e9)  # one batch of 8192 tokens
     offloaded["total"] = sum(v for k, v in offloaded.items() if k != "total")
     print("  ... with --offload-activations (one 4 x 2048 batch in memory): " + _parts(offloaded))
+
+
+def _compare(rows: dict[str, dict], digest: str, label: str, rss_target: float) -> None:
+    ratio = rows["stream"]["total_s"] / rows["memory"]["total_s"]
+    same = rows["stream"][digest] == rows["memory"][digest]
+    print(f"  streamed / in memory: time {ratio:.2f}x (target <= 1.15), {label}: {same}")
+    print(f"  streamed peak RSS {rows['stream']['peak_rss_gb']:.2f} GB (target <= {rss_target})")
 
 
 def _parts(parts: dict[str, float]) -> str:
