@@ -150,3 +150,21 @@ def test_a_cache_hit_carries_the_callers_model(tiny_tokenizer):
     other = build_calibration(CalibrationConfig("tiny-qwen2", "de", nsamples=2, seqlen=16), tiny_tokenizer)
     assert other.cache_hit and other.calib_hash == first.calib_hash  # same tokenizer, same windows
     assert other.config.model == "tiny-qwen2"
+
+
+def test_a_cached_calibration_set_is_found_without_loading_the_tokenizer(store, monkeypatch):
+    from cps.stages import calibrate
+
+    config = CalibrationConfig("tiny-llama", "sw", nsamples=3, seqlen=24, seed=7)
+    first = calibrate.run_calibrate(config, store)  # loads the tokenizer, records its fingerprint
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the tokenizer was loaded")
+
+    monkeypatch.setattr(calibrate, "load_tokenizer", refuse)
+    again = calibrate.run_calibrate(config, store)
+    assert again.calib.cache_hit and again.calib.calib_hash == first.calib.calib_hash
+    assert torch.equal(again.calib.input_ids, first.calib.input_ids)
+    other = CalibrationConfig("tiny-llama", "sw", nsamples=3, seqlen=24, seed=8)  # a miss must tokenize
+    with pytest.raises(AssertionError, match="tokenizer was loaded"):
+        calibrate.run_calibrate(other, store)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -220,14 +221,50 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return f"{definition}:{adds_bos(tokenizer)}:{tokenizer.bos_token_id}"
 
 
-def calibration_hash(config: CalibrationConfig, tokenizer: PreTrainedTokenizerBase) -> str:
+_DEFINING_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+def _card_path(folder: Path) -> Path | None:
+    """Where the fingerprint of the tokenizer saved in `folder` is kept, keyed by the content of
+    the files that define it; None when `folder` is not a tokenizer folder on this machine."""
+    files = [folder / name for name in _DEFINING_FILES if (folder / name).is_file()]
+    if not files:
+        return None
+    key = hashlib.sha256("".join(f"{f.name}:{file_sha256(f)}" for f in files).encode()).hexdigest()[:20]
+    return cache_dir() / "tokenizers" / "cards" / f"{key}.json"
+
+
+def known_fingerprint(folder: str | Path) -> str | None:
+    """The fingerprint of the tokenizer in `folder` without loading it, when one was recorded."""
+    card = _card_path(Path(folder))
+    if card is None or not card.is_file():
+        return None
+    try:
+        return str(json.loads(card.read_text())["fingerprint"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def record_fingerprint(folder: str | Path, tokenizer: PreTrainedTokenizerBase) -> str:
+    """`tokenizer_fingerprint`, kept so that later runs need not load the tokenizer to compute it."""
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    card = _card_path(Path(folder))
+    if card is not None:
+        built = staging(card)
+        built.write_text(json.dumps({"fingerprint": fingerprint}))
+        publish(built, card)
+    return fingerprint
+
+
+def calibration_hash(config: CalibrationConfig, tokenizer: PreTrainedTokenizerBase | str) -> str:
+    """`tokenizer`: the tokenizer, or its fingerprint already known."""
     corpus = get_corpus(config.corpus, config.data_dir)
     key = {
         "format": FORMAT_VERSION,
         "corpus": config.corpus.partition(":")[0],
         "content": {code: corpus.fingerprint(code) for code in config.mixture},
         "mixture": mixture_label(config.mixture),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "tokenizer": tokenizer if isinstance(tokenizer, str) else tokenizer_fingerprint(tokenizer),
         "nsamples": config.nsamples,
         "seqlen": config.seqlen,
         "seed": config.seed,
@@ -281,10 +318,22 @@ def _load_cached(path: Path) -> CalibrationSet | None:
         return None
 
 
-def build_calibration(config: CalibrationConfig, tokenizer: PreTrainedTokenizerBase) -> CalibrationSet:
-    """The calibration set for `config`, from the cache when an identical one was built before."""
+def _is_tokenizer(value: object) -> bool:
+    return hasattr(value, "convert_ids_to_tokens")
 
-    calib_hash = calibration_hash(config, tokenizer)
+
+def build_calibration(
+    config: CalibrationConfig,
+    tokenizer: PreTrainedTokenizerBase | Callable[[], PreTrainedTokenizerBase],
+    fingerprint: str | None = None,
+) -> CalibrationSet:
+    """The calibration set for `config`, from the cache when an identical one was built before.
+    `tokenizer` may be a function loading it, with its `fingerprint` known: a cache hit then never
+    loads the tokenizer (Gemma-3's takes 0.3 GB and seconds)."""
+
+    if not _is_tokenizer(tokenizer) and fingerprint is None:
+        tokenizer = tokenizer()  # type: ignore[operator]
+    calib_hash = calibration_hash(config, fingerprint or tokenizer)  # type: ignore[arg-type]
     path = _cache_path(calib_hash)
     cached = _load_cached(path)
     if cached is not None:
@@ -292,6 +341,8 @@ def build_calibration(config: CalibrationConfig, tokenizer: PreTrainedTokenizerB
         # tokenizer hits this entry, and the set must then carry the caller's config.
         cached.config, cached.cache_hit = config, True
         return cached
+    if not _is_tokenizer(tokenizer):
+        tokenizer = tokenizer()  # type: ignore[operator]
     corpus = get_corpus(config.corpus, config.data_dir)
     counts = window_counts(config.mixture, config.nsamples)
     # A streamed corpus reads about 8 characters per needed token (plenty for every script).

@@ -8,13 +8,14 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from cps import tracking
 from cps.config import CalibrationConfig
 from cps.data import get_corpus
-from cps.data.calibration import CalibrationSet, build_calibration
+from cps.data.calibration import CalibrationSet, build_calibration, known_fingerprint, record_fingerprint
 from cps.errors import CpsError
-from cps.models import load_tokenizer, model_id, resolve_model
+from cps.models import load_tokenizer, model_id, model_location, resolve_model
 from cps.runs import CALIBRATION_ARTIFACT
 
 
@@ -55,12 +56,25 @@ def calibration_dataset(calib: CalibrationSet) -> tracking.DatasetRecord:
     )
 
 
+def _tokenizer_or_fingerprint(model: str) -> tuple[Any, str | None]:
+    """The model's tokenizer and its fingerprint; when the fingerprint was recorded before, a
+    function loading the tokenizer instead (a cached calibration set then never loads it)."""
+    folder = Path(model_location(resolve_model(model)))
+    if folder.is_dir():
+        known = known_fingerprint(folder)
+        if known is not None:
+            return (lambda: load_tokenizer(model)), known
+        tokenizer = load_tokenizer(model)
+        return tokenizer, record_fingerprint(folder, tokenizer)
+    return load_tokenizer(model), None
+
+
 def run_calibrate(
     config: CalibrationConfig, store: tracking.Store, tags: Mapping[str, str] | None = None
 ) -> CalibrateResult:
     """Build (or reuse) the set; a new calibrate run carries `tags` (a sweep's: nested under it)."""
     tracking.client(store)  # an unreachable store fails before any work
-    calib = build_calibration(config, load_tokenizer(config.model))
+    calib = build_calibration(config, *_tokenizer_or_fingerprint(config.model))
     previous = tracking.find_runs(store, "calibrate", {"calib_hash": calib.calib_hash, "model": config.model})
     if previous:
         return CalibrateResult(calib, previous[0].run_id, reused_run=True)
