@@ -329,8 +329,17 @@ def log_datasets(run: TrackedRun, datasets: list[DatasetRecord]) -> None:
             profile=json.dumps(dict(record.profile)),
         )
         entries.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", record.context)]))
-    if entries:
-        run._client.log_inputs(run.run_id, datasets=entries)
+    for attempt in range(3):
+        try:
+            if entries:
+                run._client.log_inputs(run.run_id, datasets=entries)
+            return
+        except (MlflowException, SQLAlchemyError):
+            # MLflow's SQL store checks for the dataset, then inserts it: two processes logging the
+            # same text at once collide on its unique key; the retry finds the winner's row.
+            if attempt == 2:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def log_transformers_model(run: TrackedRun, model: Any, tokenizer: Any, name: str = "model") -> str:

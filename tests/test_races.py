@@ -51,7 +51,9 @@ def test_workers_started_at_once_on_a_fresh_cache_and_store_all_succeed(tmp_path
     assert [p.name for p in (cache / "calibration").iterdir()] == [
         f"{runs[0].params['calib_hash']}.safetensors"
     ]
-    assert len(list((cache / "tokenizers").iterdir())) == 1  # no leftover staging folders
+    entries = sorted(p.name for p in (cache / "tokenizers").iterdir())
+    assert len(entries) == 2 and entries[0] == "cards"  # the tokenizer and its fingerprint, no leftovers
+    assert len(list((cache / "tokenizers" / "cards").iterdir())) == 1
 
 
 def test_new_sqlite_store_created_by_concurrent_processes(tmp_path: Path):
