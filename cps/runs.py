@@ -122,24 +122,31 @@ def kept_weights_path(run_id: str) -> Path:
     return cache_dir() / "pruned" / f"{run_id}.safetensors"
 
 
-def keep_weights(run_id: str, model: torch.nn.Module) -> Path:
-    """Save the decoder layers' linear weights of a pruned model to the local cache (atomically);
-    a streamed model's pruned layers are copied from its shards, never held at once."""
-    source = streamed(model)
-    if source is not None and source.overlay is not None:
-        built = staging(kept_weights_path(run_id))
-        copy_tensors(source.overlay, {name: name for name in source.overlay.entries}, built)
-        return publish(built, kept_weights_path(run_id))
+def _linear_weights(model: torch.nn.Module) -> list[str]:
+    """Parameter names of the linear weights inside the decoder layers: what a kept file holds."""
     layers = {id(layer) for layer in decoder_layers(model)}
-    state = {
-        f"{name}.{inner}": module.weight.detach().to("cpu").contiguous()
+    return [
+        f"{name}.{inner}.weight"
         for name, layer in model.named_modules()
         if id(layer) in layers
         for inner, module in layer.named_modules()
         if isinstance(module, torch.nn.Linear)
-    }
+    ]
+
+
+def keep_weights(run_id: str, model: torch.nn.Module) -> Path:
+    """Save the decoder layers' linear weights of a pruned model to the local cache (atomically),
+    under their parameter names; a streamed model's are copied from its pruned shards, never held
+    at once."""
     built = staging(kept_weights_path(run_id))
-    save_file(state, str(built))
+    source = streamed(model)
+    if source is not None and source.overlay is not None:
+        copy_tensors(source.overlay, {name: name for name in _linear_weights(model)}, built)
+    else:
+        state = {
+            name: model.get_parameter(name).detach().to("cpu").contiguous() for name in _linear_weights(model)
+        }
+        save_file(state, str(built))
     return publish(built, kept_weights_path(run_id))
 
 
@@ -226,9 +233,9 @@ def _load_kept(store: tracking.Store, record: tracking.RunRecord, options: LoadO
     state = load_file(str(kept_weights_path(record.run_id)))
     with torch.no_grad():
         for name, weight in state.items():
-            target = loaded.model.get_submodule(name).weight
-            if name in masks and bool((weight[masks[name]] != 0).any()):
-                raise CpsError(f"kept weights of run {record.run_id} disagree with its masks ({name})")
+            target, module = loaded.model.get_parameter(name), name.removesuffix(".weight")
+            if module in masks and bool((weight[masks[module]] != 0).any()):
+                raise CpsError(f"kept weights of run {record.run_id} disagree with its masks ({module})")
             target.copy_(weight.to(target.dtype))
     return loaded
 

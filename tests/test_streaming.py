@@ -137,3 +137,28 @@ def test_gemma3_270m_streamed_equals_in_memory(gemma):
         for model in (memory.model, source.model)
     ]
     assert masks[0].keys() == masks[1].keys() and all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
+
+
+def test_weights_kept_by_a_streamed_prune_load_like_the_in_memory_ones(store):
+    """A sweep keeps SparseGPT's weights for its analyses: from a streamed prune too, in the same
+    file layout, read back in memory and streamed."""
+    from cps import runs
+
+    calibration = CalibrationConfig("tiny-qwen2", "sw", nsamples=4, seqlen=40)
+    config = PruneConfig("tiny-qwen2", "sparsegpt", calibration, save_model=False)
+    memory = run_prune(config, store, keep_model=True)
+    kept: list = []
+    streamed = run_prune(
+        PruneConfig(**{**config.__dict__, "stream": True}),
+        store,
+        then=lambda run_id, loaded: kept.append(runs.keep_weights(run_id, loaded.model)),
+    )
+    assert kept[0].is_file()
+    record = tracking.get_run(store, streamed.run_id)
+    in_memory = runs.load_run_model(store, record, LoadOptions())
+    for name, weight in memory.model.model.state_dict().items():
+        assert torch.equal(in_memory.model.state_dict()[name], weight), name
+    _, text = _inputs("tiny-qwen2")
+    from_kept = runs.load_run_model(store, record, LoadOptions(stream=True))
+    assert score_text(from_kept.model, text).nll == score_text(memory.model.model, text).nll
+    runs.drop_kept_weights([streamed.run_id])

@@ -21,7 +21,15 @@ from cps.analysis.plots import calib_snr_per_layer
 from cps.config import PruneConfig
 from cps.data.calibration import CalibrationSet
 from cps.errors import CpsError
-from cps.models import LoadedModel, LoadOptions, load_model, resolve_device, resolve_model, weights_folder
+from cps.models import (
+    LoadedModel,
+    LoadOptions,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_model,
+    weights_folder,
+)
 from cps.pruning.base import get_method
 from cps.pruning.engine import EngineResult, prune_model
 from cps.pruning.masks import save_masks
@@ -114,8 +122,8 @@ def _prune_streamed(
     tokenizer: bool,
 ) -> tuple[LoadedModel, pl.DataFrame, dict[str, float]]:
     """Prune layer by layer from the shards: each pruned layer is written to a shard as soon as it
-    is done (`work/model`, a `from_pretrained` folder once closed). Returns the pruned model,
-    streamed from the dense shards with the pruned layers over them."""
+    is done (`work/model`, a `from_pretrained` folder once closed). Returns the pruned model: the
+    same skeleton, streamed from the dense shards with the pruned layers over them."""
     spec = resolve_model(config.model)
     folder = weights_folder(spec)
     return_freed_memory(collect=True)  # what tokenizing the calibration text left behind
@@ -138,13 +146,13 @@ def _prune_streamed(
     for extra in ("config.json", "generation_config.json"):
         if (folder / extra).is_file():
             shutil.copyfile(folder / extra, work / "model" / extra)
-    # The tokenizer (0.3 GB for Gemma-3) only when the model is saved or evaluated next.
-    pruned = open_loaded(config.model, folder, options, tokenizer=tokenizer or config.save_model)
-    pruned_source = streamed(pruned.model)
-    assert pruned_source is not None
-    pruned_source.overlay = WeightReader(work / "model")
-    stats, metrics = _log_outputs(run, config, pruned, result, saved=work / "model")
-    return pruned, stats, metrics
+    # Every layer is released again: the same skeleton reads the pruned layers from now on. The
+    # tokenizer (0.3 GB for Gemma-3) only when the model is saved or evaluated next.
+    source.overlay = WeightReader(work / "model")
+    if tokenizer or config.save_model:
+        loaded.tokenizer = load_tokenizer(config.model, options.trust_remote_code)
+    stats, metrics = _log_outputs(run, config, loaded, result, saved=work / "model")
+    return loaded, stats, metrics
 
 
 def run_prune(
