@@ -6,7 +6,7 @@ order: `materialize(layer)` reads one layer's parameters (in the run's dtype, on
 layer runs over every window, `release(layer)` drops them. The input embedding is never read
 whole: only the rows of the tokens at hand (`gather_rows`); the LM head is read in row chunks by
 the evaluation. Peak memory is one layer + the activations of every window + the method's
-per-layer statistics (see `peak_bytes`), not the model.
+per-layer statistics + the packed masks (the formula: `benchmarks/stream_bench.py`), not the model.
 
 Also here, because both the engine and the evaluation use them: `capture_layer_calls` (each
 layer's own call arguments, from the model's own forward) and `ActivationBuffer` (every window's
@@ -110,10 +110,6 @@ class WeightReader:
                 begin, end = info["data_offsets"]
                 dtype = _DTYPES[info["dtype"]]
                 self.entries[name] = TensorEntry(path, base + begin, base + end, dtype, tuple(info["shape"]))
-
-    @property
-    def nbytes(self) -> int:
-        return sum(entry.stop - entry.start for entry in self.entries.values())
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -291,16 +287,12 @@ class StreamedModel:
 
     def materialize(self, module: nn.Module) -> None:
         prefix = self.names[id(module)]
-        for name, parameter in list(module.named_parameters()):
-            owner, leaf = _owner(module, name)
-            tensor = self.read(f"{prefix}.{name}" if prefix else name).to(self.device)
-            owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=parameter.requires_grad)
+        for name, _ in list(module.named_parameters()):
+            _place(module, name, self.read(f"{prefix}.{name}" if prefix else name).to(self.device))
 
     def release(self, module: nn.Module) -> None:
         for name, parameter in list(module.named_parameters()):
-            owner, leaf = _owner(module, name)
-            empty = torch.empty(parameter.shape, dtype=parameter.dtype, device="meta")
-            owner._parameters[leaf] = nn.Parameter(empty, requires_grad=parameter.requires_grad)
+            _place(module, name, torch.empty(parameter.shape, dtype=parameter.dtype, device="meta"))
         return_freed_memory()
 
     def layer_state(self, layer: nn.Module) -> dict[str, torch.Tensor]:
@@ -318,10 +310,7 @@ class StreamedModel:
 
     def materialize_outside(self) -> None:
         for name in self.outside_layers():
-            owner, leaf = _owner(self.model, name)
-            parameter = owner._parameters[leaf]
-            tensor = self.read(name).to(self.device)
-            owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=parameter.requires_grad)
+            _place(self.model, name, self.read(name).to(self.device))
 
     @contextmanager
     def embedding_rows(self, input_ids: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -362,9 +351,12 @@ def _libc() -> Any:
 _LIBC = _libc()
 
 
-def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+def _place(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Make `tensor` the parameter `name` of `module` (replacing, not copying into, the old one)."""
     path, _, leaf = name.rpartition(".")
-    return (module.get_submodule(path) if path else module), leaf
+    owner = module.get_submodule(path) if path else module
+    requires_grad = owner._parameters[leaf].requires_grad  # type: ignore[union-attr]
+    owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=requires_grad)
 
 
 def open_streamed(
@@ -579,15 +571,3 @@ class ActivationBuffer:
     def __del__(self) -> None:
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
-
-
-def peak_bytes(
-    layer_params: int, windows: int, seqlen: int, hidden: int, inputs: list[int], dtype_bytes: int
-) -> dict[str, int]:
-    """What streamed pruning holds at its peak: one layer's weights, the hidden states of every
-    window (inputs and outputs of the layer: 2x, unless offloaded), and the fp32 Gram / Hessian
-    matrices X^T X of the layer's distinct inputs (`inputs`: their widths) plus one fp32 copy of
-    the widest weight the method works on."""
-    activations = 2 * windows * seqlen * hidden * dtype_bytes
-    gram = sum(4 * width * width for width in inputs)
-    return {"layer": layer_params * dtype_bytes, "activations": activations, "gram": gram}

@@ -379,8 +379,7 @@ def logged_model_folder(store: Store, run_id: str, scratch: str | Path, name: st
         return None
     location = found[0].artifact_location
     if location.startswith("file:"):
-        local = Path(unquote(urlparse(location).path)) / "model"
-        return local if local.is_dir() else None
+        return _on_this_machine(location, "model")
     import mlflow.artifacts
 
     try:
@@ -483,13 +482,16 @@ def open_run(store: Store, run_id: str) -> TrackedRun:
     return TrackedRun(run_id, store, client(store))
 
 
+def _on_this_machine(uri: str, path: str) -> Path | None:
+    """`path` under an artifact location kept on this machine (`file:`), if it exists there."""
+    local = Path(unquote(urlparse(uri).path)) / path
+    return local if local.exists() else None
+
+
 def local_artifact_dir(store: Store, run_id: str, path: str) -> Path | None:
     """The artifact's folder itself when the store keeps artifacts on this machine (no copy)."""
     uri = get_run(store, run_id).artifact_uri
-    if not uri.startswith("file:"):
-        return None
-    local = Path(unquote(urlparse(uri).path)) / path
-    return local if local.exists() else None
+    return _on_this_machine(uri, path) if uri.startswith("file:") else None
 
 
 def artifact_if_any(store: Store, run_id: str, path: str, scratch: str | Path) -> Path | None:
@@ -497,8 +499,7 @@ def artifact_if_any(store: Store, run_id: str, path: str, scratch: str | Path) -
     downloaded into `scratch`; None when the run has no such artifact."""
     uri = get_run(store, run_id).artifact_uri
     if uri.startswith("file:"):
-        local = Path(unquote(urlparse(uri).path)) / path
-        return local if local.exists() else None
+        return _on_this_machine(uri, path)
     try:
         return download_artifact(store, run_id, path, Path(scratch) / run_id)
     except CpsError:
