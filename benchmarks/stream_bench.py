@@ -52,30 +52,37 @@ def tokenizer_floor() -> dict:
     return {"peak_rss_gb": rss_gb()}
 
 
+def _model(mode: str):
+    """Gemma-3 270M fp32 on the CPU: whole in memory, or its skeleton streamed from the shards."""
+    import torch
+
+    from cps.models import load_model, resolve_model, weights_folder
+    from cps.streaming import open_streamed
+
+    if mode == "stream":
+        return open_streamed(weights_folder(resolve_model("gemma3-270m")), torch.float32, "cpu").model
+    return load_model("gemma3-270m").model
+
+
 def prune(mode: str, nsamples: int, seqlen: int) -> dict:
     import hashlib
 
     baseline()  # what `cps prune` imports (mlflow included), so the figure is the command's
 
-    import torch
-
     from cps.config import CalibrationConfig
     from cps.data.calibration import build_calibration
-    from cps.models import load_model, load_tokenizer, resolve_model, weights_folder
+    from cps.models import load_tokenizer
     from cps.pruning.base import get_method
     from cps.pruning.engine import EngineConfig, prune_model
     from cps.pruning.masks import SparsityTarget
-    from cps.streaming import open_streamed, return_freed_memory
+    from cps.streaming import return_freed_memory
 
     tokenizer = load_tokenizer("gemma3-270m")
     calib = build_calibration(CalibrationConfig("gemma3-270m", "sw", "ntrex", nsamples, seqlen), tokenizer)
     del tokenizer  # as `cps prune --stream` does: not needed while pruning
     return_freed_memory(collect=True)
     started = time.perf_counter()
-    if mode == "stream":
-        model = open_streamed(weights_folder(resolve_model("gemma3-270m")), torch.float32, "cpu").model
-    else:
-        model = load_model("gemma3-270m").model
+    model = _model(mode)
     loaded_s = time.perf_counter() - started
     result = prune_model(model, calib.input_ids, get_method("wanda"), SparsityTarget(0.5), EngineConfig())
     digest = hashlib.sha256()
@@ -95,13 +102,11 @@ def evaluate(mode: str, langs: list[str], docs: int, seqlen: int) -> dict:
 
     baseline()  # what `cps eval` imports (mlflow included), so the figure is the command's
 
-    import torch
-
     from cps.data import get_corpus
     from cps.evaluation.perplexity import score_text
     from cps.evaluation.windows import held_out_windows
-    from cps.models import load_model, load_tokenizer, resolve_model, weights_folder
-    from cps.streaming import open_streamed, return_freed_memory
+    from cps.models import load_tokenizer
+    from cps.streaming import return_freed_memory
 
     tokenizer = load_tokenizer("gemma3-270m")
     corpus = get_corpus("flores", None)
@@ -109,10 +114,7 @@ def evaluate(mode: str, langs: list[str], docs: int, seqlen: int) -> dict:
     del tokenizer  # as `cps eval --stream` does: not needed once the text is windowed
     return_freed_memory(collect=True)
     started = time.perf_counter()
-    if mode == "stream":
-        model = open_streamed(weights_folder(resolve_model("gemma3-270m")), torch.float32, "cpu").model
-    else:
-        model = load_model("gemma3-270m").model
+    model = _model(mode)
     results = {lang: score_text(model, text) for lang, text in texts.items()}
     digest = hashlib.sha256(json.dumps({lang: r.nll for lang, r in results.items()}).encode())
     return {
