@@ -14,6 +14,7 @@ from cps import streaming, tracking
 from cps.config import CalibrationConfig, EvalConfig, PruneConfig
 from cps.data import get_corpus
 from cps.data.calibration import build_calibration
+from cps.errors import CpsError
 from cps.evaluation.activations import activation_statistics
 from cps.evaluation.hidden import PositionSample, StateRecorder
 from cps.evaluation.perplexity import score_text
@@ -106,6 +107,9 @@ def test_streamed_prune_run_writes_a_loadable_model_and_evaluates_the_same(store
     ]
     for name in ("ppl.sw", "ppl.zh", "snr_db.zh", "bpb.sw"):
         assert results[0].metrics[name] == results[1].metrics[name] == results[2].metrics[name], name
+    tasks = EvalConfig(langs=("sw",), tasks=("xcopa",), seqlen=32, max_docs=1, stream=True)
+    with pytest.raises(CpsError, match="zero-shot tasks run the whole model"):
+        run_eval(tasks, store, memory.run_id)  # refused before the model is rebuilt
 
 
 def test_stream_turns_itself_on_when_the_model_would_not_fit(monkeypatch, caplog):

@@ -31,7 +31,7 @@ from cps.models import (
     resolve_model,
 )
 from cps.runs import dense_run, load_run_model
-from cps.streaming import load, model_device, return_freed_memory, streamed
+from cps.streaming import load, model_device, return_freed_memory, streamed, wants_stream
 
 
 @dataclass
@@ -61,9 +61,19 @@ def run_eval(
     if record.stage != "prune":
         raise CpsError(f"run {run_id} is a {record.stage} run; evaluate prune runs (or --model)")
     options = config.load_options
+    stream = (
+        wants_stream(record.params["model"], options)
+        if loaded is None
+        else streamed(loaded.model) is not None
+    )
+    if stream and task_names:  # before loading (a streamed SparseGPT run may be pruned again first)
+        raise CpsError(
+            "zero-shot tasks run the whole model (lm-eval): evaluate them with --no-stream, "
+            "perplexity and SNR with --stream"
+        )
     if loaded is None:
         loaded = load_run_model(store, record, options)
-    elif streamed(loaded.model) is None:
+    elif not stream:
         loaded.model.to(resolve_device(config.device))
     texts = {
         lang: held_out_windows(
@@ -72,12 +82,7 @@ def run_eval(
         for lang in langs
     }
     the_protocol = protocol(config.seqlen, config.stride, prefix_label(loaded.tokenizer))
-    if streamed(loaded.model) is not None:
-        if task_names:
-            raise CpsError(
-                "zero-shot tasks run the whole model (lm-eval): evaluate them with --no-stream, "
-                "perplexity and SNR with --stream"
-            )
+    if stream:
         loaded.tokenizer = None  # type: ignore[assignment]  # (Gemma-3's holds 0.3 GB) windowed already
         return_freed_memory(collect=True)
     held_out = held_out_scores(loaded, record, texts, options)
