@@ -160,11 +160,14 @@ def drop_kept_weights(run_ids: list[str]) -> None:
 # The model of a run
 
 
-def load_run_model(store: tracking.Store, record: tracking.RunRecord, options: LoadOptions) -> LoadedModel:
-    """The weights a prune run produced, as a model in memory."""
+def load_run_model(
+    store: tracking.Store, record: tracking.RunRecord, options: LoadOptions, tokenizer: bool = True
+) -> LoadedModel:
+    """The weights a prune run produced, as a model in memory. A streamed model comes without its
+    tokenizer unless `tokenizer` (a model in memory always has it)."""
     params = record.params
     if params.get("method") == DENSE:
-        return load(params["model"], options)
+        return load(params["model"], options, tokenizer)
     stream = wants_stream(params["model"], options)
     with tempfile.TemporaryDirectory() as scratch:
         # A streamed model reads its shards while it lives: a downloaded copy goes to the cache.
@@ -173,24 +176,24 @@ def load_run_model(store: tracking.Store, record: tracking.RunRecord, options: L
         if saved is None:  # runs of earlier cps versions kept it as a plain `model/` artifact
             saved = tracking.artifact_if_any(store, record.run_id, "model", where)
         if saved is not None and stream:
-            return open_loaded(params["model"], saved, options)
+            return open_loaded(params["model"], saved, options, tokenizer)
         if saved is not None:
             return _load_saved(record, options, saved)
     if stream:
-        return _streamed_run_model(store, record, options)
+        return _streamed_run_model(store, record, options, tokenizer)
     if kept_weights_path(record.run_id).is_file():
         return _load_kept(store, record, options)
     return _rebuild(store, record, options)
 
 
 def _streamed_run_model(
-    store: tracking.Store, record: tracking.RunRecord, options: LoadOptions
+    store: tracking.Store, record: tracking.RunRecord, options: LoadOptions, tokenizer: bool
 ) -> LoadedModel:
     """The run's weights streamed: the dense shards with the kept weights over them, or with the
     masks applied as each weight is read, or (a method that updates the weights) pruned again
     layer by layer into shards of the cache."""
     params = record.params
-    loaded = open_loaded(params["model"], weights_folder(resolve_model(params["model"])), options)
+    loaded = open_loaded(params["model"], weights_folder(resolve_model(params["model"])), options, tokenizer)
     source = streamed(loaded.model)
     assert source is not None
     if kept_weights_path(record.run_id).is_file():

@@ -398,11 +398,12 @@ def wants_stream(name: str, options: LoadOptions) -> bool:
     return stream_by_default(weights_bytes(weights_folder(spec)), name)
 
 
-def load(name: str, options: LoadOptions) -> LoadedModel:
-    """The model in memory (`cps.models.load_model`), or streamed when `wants_stream`."""
+def load(name: str, options: LoadOptions, tokenizer: bool = True) -> LoadedModel:
+    """The model in memory (`cps.models.load_model`), or streamed when `wants_stream` (with its
+    tokenizer only if `tokenizer`)."""
     if not wants_stream(name, options):
         return load_model(name, options)
-    return open_loaded(name, weights_folder(resolve_model(name)), options)
+    return open_loaded(name, weights_folder(resolve_model(name)), options, tokenizer)
 
 
 def open_loaded(name: str, folder: str | Path, options: LoadOptions, tokenizer: bool = True) -> LoadedModel:

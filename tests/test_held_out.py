@@ -15,8 +15,9 @@ import torch
 from cps import tracking
 from cps.config import CalibrationConfig, EvalConfig, PruneConfig
 from cps.data import get_corpus
+from cps.data.calibration import tokenizer_fingerprint
 from cps.evaluation import hidden
-from cps.evaluation.windows import held_out_windows
+from cps.evaluation.windows import cached_windows, held_out_windows, prefix_label
 from cps.models import LoadOptions, decoder_layers, load_model
 from cps.runs import load_run_model
 from cps.stages import evaluate
@@ -163,3 +164,29 @@ def test_the_cache_is_bounded(monkeypatch, tiny_tokenizer, tmp_path):
     assert hidden.load_reference(keys[0]) is None
     keys[-1].path.write_bytes(b"truncated")  # an unreadable entry is dropped and recomputed
     assert hidden.load_reference(keys[-1]) is None and not keys[-1].path.exists()
+
+
+def test_cached_windows_are_the_computed_ones_and_a_hit_needs_no_tokenizer(tiny_tokenizer):
+    corpus = get_corpus("flores", None)
+    fresh = held_out_windows(corpus.documents("zh")[:4], tiny_tokenizer, 32, 16)
+    first, label = cached_windows(corpus, "zh", 4, tiny_tokenizer, 32, 16)
+
+    def refuse():
+        raise AssertionError("the tokenizer was loaded")
+
+    fingerprint = tokenizer_fingerprint(tiny_tokenizer)
+    second, again = cached_windows(corpus, "zh", 4, refuse, 32, 16, fingerprint)
+    assert label == again == prefix_label(tiny_tokenizer)
+    for text in (first, second):
+        assert text.fingerprint() == fresh.fingerprint()
+        assert (text.tokens, text.bytes, text.prefix) == (fresh.tokens, fresh.bytes, fresh.prefix)
+        assert text.stride == fresh.stride == 16
+        assert [d.id for d in text.documents] == [d.id for d in fresh.documents]
+    # another stride or document count is another entry
+    other, _ = cached_windows(corpus, "zh", 3, tiny_tokenizer, 32, 8)
+    assert other.stride == 8 and len(other.documents) == 3
+    # an unreadable entry is rebuilt (one warning), not fatal
+    for path in (Path(os.environ["CPS_CACHE_DIR"]) / "windows").glob("*.safetensors"):
+        path.write_bytes(path.read_bytes()[:40])
+    rebuilt, _ = cached_windows(corpus, "zh", 4, lambda: tiny_tokenizer, 32, 16, fingerprint)
+    assert rebuilt.fingerprint() == fresh.fingerprint()

@@ -23,6 +23,7 @@ from cps.models import LoadOptions, load_model, load_tokenizer, resolve_model, w
 from cps.pruning.base import get_method
 from cps.pruning.engine import EngineConfig, prune_model
 from cps.pruning.masks import SparsityTarget, load_masks
+from cps.stages import calibrate
 from cps.stages.evaluate import run_eval
 from cps.stages.prune import run_prune
 from cps.streaming import WeightReader, open_streamed
@@ -81,7 +82,11 @@ def test_reader_rows_and_gathered_rows_are_the_stored_tensor(tmp_path):
     assert torch.equal(reader.gather_rows(name, ids), stored[name][ids])
 
 
-def test_streamed_prune_run_writes_a_loadable_model_and_evaluates_the_same(store, tmp_path):
+def _no_tokenizer(*args, **kwargs):
+    raise AssertionError("the tokenizer was loaded")
+
+
+def test_streamed_prune_run_writes_a_loadable_model_and_evaluates_the_same(store, tmp_path, monkeypatch):
     calibration = CalibrationConfig("tiny-gemma3", "sw", nsamples=4, seqlen=40)
     streamed = run_prune(PruneConfig("tiny-gemma3", "sparsegpt", calibration, stream=True), store)
     memory = run_prune(PruneConfig("tiny-gemma3", "sparsegpt", calibration), store, keep_model=True)
@@ -107,6 +112,11 @@ def test_streamed_prune_run_writes_a_loadable_model_and_evaluates_the_same(store
     ]
     for name in ("ppl.sw", "ppl.zh", "snr_db.zh", "bpb.sw"):
         assert results[0].metrics[name] == results[1].metrics[name] == results[2].metrics[name], name
+    # Windowed before by the same tokenizer: a streamed evaluation never loads it again.
+    monkeypatch.setattr(streaming, "load_tokenizer", _no_tokenizer)
+    monkeypatch.setattr(calibrate, "load_tokenizer", _no_tokenizer)
+    again = run_eval(EvalConfig(**{**config.__dict__, "stream": True}), store, memory.run_id)
+    assert all(again.metrics[name] == results[2].metrics[name] for name in results[2].metrics)
     tasks = EvalConfig(langs=("sw",), tasks=("xcopa",), seqlen=32, max_docs=1, stream=True)
     with pytest.raises(CpsError, match="zero-shot tasks run the whole model"):
         run_eval(tasks, store, memory.run_id)  # refused before the model is rebuilt

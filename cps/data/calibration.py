@@ -318,7 +318,8 @@ def _load_cached(path: Path) -> CalibrationSet | None:
         return None
 
 
-def _is_tokenizer(value: object) -> bool:
+def is_tokenizer(value: object) -> bool:
+    """A tokenizer, not a function that loads one."""
     return hasattr(value, "convert_ids_to_tokens")
 
 
@@ -331,7 +332,7 @@ def build_calibration(
     `tokenizer` may be a function loading it, with its `fingerprint` known: a cache hit then never
     loads the tokenizer (Gemma-3's takes 0.3 GB and seconds)."""
 
-    if not _is_tokenizer(tokenizer) and fingerprint is None:
+    if not is_tokenizer(tokenizer) and fingerprint is None:
         tokenizer = tokenizer()  # type: ignore[operator]
     calib_hash = calibration_hash(config, fingerprint or tokenizer)  # type: ignore[arg-type]
     path = _cache_path(calib_hash)
@@ -341,7 +342,7 @@ def build_calibration(
         # tokenizer hits this entry, and the set must then carry the caller's config.
         cached.config, cached.cache_hit = config, True
         return cached
-    if not _is_tokenizer(tokenizer):
+    if not is_tokenizer(tokenizer):
         tokenizer = tokenizer()  # type: ignore[operator]
     corpus = get_corpus(config.corpus, config.data_dir)
     counts = window_counts(config.mixture, config.nsamples)

@@ -24,15 +24,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from cps.config import PROTOCOL_VERSION, default_stride
-from cps.data.calibration import special_prefix
-from cps.data.corpus import Document
-from cps.errors import CpsError
+from cps.data.calibration import is_tokenizer, special_prefix, tokenizer_fingerprint
+from cps.data.corpus import Corpus, Document
+from cps.errors import CpsError, first_line
+from cps.paths import cache_dir, discard, publish, staging
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -134,6 +139,90 @@ def held_out_windows(
     if not windows:
         raise CpsError("the held-out documents hold no token to score")
     return HeldOutText(documents, windows, tokens, sizes, prefix, seqlen, stride)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache: a streamed evaluation never loads the tokenizer (Gemma-3's holds 0.3 GB) for text that
+# the same tokenizer windowed before.
+
+WINDOWS_FORMAT = 1
+
+
+def cached_windows(
+    corpus: Corpus,
+    lang: str,
+    max_docs: int | None,
+    tokenizer: PreTrainedTokenizerBase | Callable[[], PreTrainedTokenizerBase],
+    seqlen: int,
+    stride: int | None = None,
+    fingerprint: str | None = None,
+) -> tuple[HeldOutText, str]:
+    """`held_out_windows` of the first `max_docs` documents of `lang`, and the prefix label; from
+    the cache when this tokenizer windowed exactly this text before. `tokenizer` may be a function
+    loading it, with its `fingerprint` known: a hit then never loads it."""
+    documents = corpus.documents(lang)[:max_docs]
+    if not documents:
+        raise CpsError("no text to evaluate on")
+    if fingerprint is None:
+        tokenizer = tokenizer if is_tokenizer(tokenizer) else tokenizer()  # type: ignore[operator]
+        fingerprint = tokenizer_fingerprint(tokenizer)  # type: ignore[arg-type]
+    key = {
+        "format": WINDOWS_FORMAT,
+        "protocol": PROTOCOL_VERSION,
+        "corpus": corpus.name,
+        "content": corpus.fingerprint(lang),
+        "documents": len(documents),
+        "tokenizer": fingerprint,
+        "seqlen": seqlen,
+        "stride": stride or default_stride(seqlen),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    path = cache_dir() / "windows" / f"{digest}.safetensors"
+    if path.is_file():
+        try:
+            return _read_windows(path, documents)
+        except (SafetensorError, OSError, KeyError, ValueError) as error:
+            discard(path, first_line(error))
+    if not is_tokenizer(tokenizer):
+        tokenizer = tokenizer()  # type: ignore[operator]
+    text = held_out_windows(documents, tokenizer, seqlen, stride)  # type: ignore[arg-type]
+    label = prefix_label(tokenizer)  # type: ignore[arg-type]
+    _write_windows(path, text, label)
+    return text, label
+
+
+def _write_windows(path: Path, text: HeldOutText, label: str) -> None:
+    tensors = {
+        "input_ids": torch.cat([window.input_ids for window in text.windows]),
+        "lengths": torch.tensor([len(window.input_ids) for window in text.windows]),
+        "document": torch.tensor([window.document for window in text.windows]),
+        "scored": torch.tensor([window.scored for window in text.windows]),
+        "tokens": torch.tensor(text.tokens),
+        "bytes": torch.tensor(text.bytes),
+    }
+    metadata = {"prefix": json.dumps(text.prefix), "label": label, "seqlen": str(text.seqlen)}
+    metadata["stride"] = str(text.stride)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    built = staging(path)
+    save_file(tensors, str(built), metadata)
+    publish(built, path)
+
+
+def _read_windows(path: Path, documents: list[Document]) -> tuple[HeldOutText, str]:
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        get = handle.get_tensor
+        ids, lengths, document, scored = get("input_ids"), get("lengths"), get("document"), get("scored")
+        tokens, sizes = get("tokens").tolist(), get("bytes").tolist()
+    if len(tokens) != len(documents) or int(lengths.sum()) != len(ids):
+        raise ValueError("the cached windows do not match their documents")
+    windows = [
+        Window(int(index), part, int(count))
+        for part, index, count in zip(torch.split(ids, lengths.tolist()), document, scored, strict=True)
+    ]
+    prefix = json.loads(metadata["prefix"])
+    seqlen, stride = int(metadata["seqlen"]), int(metadata["stride"])
+    return HeldOutText(documents, windows, tokens, sizes, prefix, seqlen, stride), metadata["label"]
 
 
 @dataclass

@@ -36,7 +36,6 @@ from cps.analysis.masks_overlap import (
     pairwise_iou,
     paper_agrees,
 )
-from cps.analysis.plots import group_figures
 from cps.config import DENSE, PROTOCOL_VERSION, AnalyzeConfig, default_stride
 from cps.data import get_corpus
 from cps.errors import CpsError
@@ -121,6 +120,8 @@ def analyze_group(
         run.log_metrics(headlines)
         run.set_tags({"cps.paper_low_iou_agrees": agrees, "cps.lowest_iou_modules": ",".join(lowest)})
         run.log_frames({f"{artifact}.parquet": frame for artifact, frame in frames.items()})
+        from cps.analysis.plots import group_figures  # matplotlib: only when there is a figure to draw
+
         with tempfile.TemporaryDirectory() as folder:
             plots = Path(folder) / "plots"
             plots.mkdir()

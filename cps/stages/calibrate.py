@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
@@ -56,14 +57,15 @@ def calibration_dataset(calib: CalibrationSet) -> tracking.DatasetRecord:
     )
 
 
-def _tokenizer_or_fingerprint(model: str) -> tuple[Any, str | None]:
+def tokenizer_or_fingerprint(model: str) -> tuple[Any, str | None]:
     """The model's tokenizer and its fingerprint; when the fingerprint was recorded before, a
-    function loading the tokenizer instead (a cached calibration set then never loads it)."""
+    function loading the tokenizer (once) instead: cached calibration sets and held-out windows
+    then never load it."""
     folder = Path(model_location(resolve_model(model)))
     if folder.is_dir():
         known = known_fingerprint(folder)
         if known is not None:
-            return (lambda: load_tokenizer(model)), known
+            return functools.cache(lambda: load_tokenizer(model)), known
         tokenizer = load_tokenizer(model)
         return tokenizer, record_fingerprint(folder, tokenizer)
     return load_tokenizer(model), None
@@ -74,7 +76,7 @@ def run_calibrate(
 ) -> CalibrateResult:
     """Build (or reuse) the set; a new calibrate run carries `tags` (a sweep's: nested under it)."""
     tracking.client(store)  # an unreachable store fails before any work
-    calib = build_calibration(config, *_tokenizer_or_fingerprint(config.model))
+    calib = build_calibration(config, *tokenizer_or_fingerprint(config.model))
     previous = tracking.find_runs(store, "calibrate", {"calib_hash": calib.calib_hash, "model": config.model})
     if previous:
         return CalibrateResult(calib, previous[0].run_id, reused_run=True)

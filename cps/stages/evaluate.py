@@ -20,7 +20,7 @@ from cps.errors import CpsError
 from cps.evaluation.hidden import DenseStates, SnrMeter, StateRecorder, reference_plan, save_reference
 from cps.evaluation.perplexity import score_text
 from cps.evaluation.tasks import check_eval_inputs, run_tasks
-from cps.evaluation.windows import HeldOutText, held_out_windows, prefix_label, protocol
+from cps.evaluation.windows import HeldOutText, cached_windows, protocol
 from cps.metrics import companion, layer_series, metric
 from cps.models import (
     LoadedModel,
@@ -31,6 +31,7 @@ from cps.models import (
     resolve_model,
 )
 from cps.runs import dense_run, load_run_model
+from cps.stages.calibrate import tokenizer_or_fingerprint
 from cps.streaming import load, model_device, return_freed_memory, streamed, wants_stream
 
 
@@ -71,19 +72,24 @@ def run_eval(
             "zero-shot tasks run the whole model (lm-eval): evaluate them with --no-stream, "
             "perplexity and SNR with --stream"
         )
-    if loaded is None:
-        loaded = load_run_model(store, record, options)
+    if loaded is None:  # streamed: no tokenizer (Gemma-3's holds 0.3 GB) unless text is new to it
+        loaded = load_run_model(store, record, options, tokenizer=not stream)
     elif not stream:
         loaded.model.to(resolve_device(config.device))
-    texts = {
-        lang: held_out_windows(
-            corpus.documents(lang)[: config.max_docs], loaded.tokenizer, config.seqlen, config.stride
+    tokenizer, fingerprint = (
+        (loaded.tokenizer, None)
+        if loaded.tokenizer is not None
+        else tokenizer_or_fingerprint(record.params["model"])
+    )
+    texts, labels = {}, set()
+    for lang in langs:
+        texts[lang], label = cached_windows(
+            corpus, lang, config.max_docs, tokenizer, config.seqlen, config.stride, fingerprint
         )
-        for lang in langs
-    }
-    the_protocol = protocol(config.seqlen, config.stride, prefix_label(loaded.tokenizer))
+        labels.add(label)
+    the_protocol = protocol(config.seqlen, config.stride, labels.pop())
     if stream:
-        loaded.tokenizer = None  # type: ignore[assignment]  # (Gemma-3's holds 0.3 GB) windowed already
+        loaded.tokenizer = tokenizer = None  # type: ignore[assignment]  # windowed already
         return_freed_memory(collect=True)
     held_out = held_out_scores(loaded, record, texts, options)
     rows, metrics, items = held_out.rows, held_out.metrics, held_out.items
@@ -163,7 +169,7 @@ def held_out_scores(
     parameter = next(loaded.model.parameters())
     dtype = str(parameter.dtype).removeprefix("torch.")
     same = replace(options, dtype=dtype, device=str(model_device(loaded.model)))
-    states = DenseStates(lambda: load(params["model"], same).model)
+    states = DenseStates(lambda: load(params["model"], same, tokenizer=False).model)
     if not dense:  # every dense reference computed (once, cached) before this model's passes
         for lang, text in texts.items():
             states.ensure(*plans[lang], text)

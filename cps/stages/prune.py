@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from cps import tracking
-from cps.analysis.plots import calib_snr_per_layer
 from cps.config import PruneConfig
 from cps.data.calibration import CalibrationSet
 from cps.errors import CpsError
@@ -242,6 +241,8 @@ def _log_outputs(
         masks_path = Path(folder) / "masks.safetensors"
         save_masks(result.masks, str(masks_path))
         run.log_artifact(masks_path)
+        from cps.analysis.plots import calib_snr_per_layer  # matplotlib: only once the work is done
+
         figure = calib_snr_per_layer(
             stats, f"in-sample SNR: {config.method_name} {config.target.pattern} — {config.model}"
         )
