@@ -36,7 +36,9 @@ def rss_gb() -> float:
 
 
 def baseline() -> dict:
-    import cps  # noqa: F401  # first, as in `cps ...`: its allocator setting precedes torch
+    import cps  # first, as in `cps ...`: its allocator setting must precede torch's first tensor
+
+    # isort: split
     import mlflow  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
@@ -222,7 +224,7 @@ def main() -> None:
     for mode, row in rows.items():
         print(
             f"  {mode:<7} load {row['load_s']:5.1f} s  prune {row['prune_s']:6.1f} s  "
-            f"total {row['total_s']:6.1f} s  peak RSS {row['peak_rss_gb']:.2f} GB  masks {row['masks']}"
+            f"total {row['total_s']:6.1f} s  peak RSS {row['peak_rss_gb']:.3f} GB  masks {row['masks']}"
         )
     _compare(rows, "masks", "masks identical", 0.75)
 
@@ -234,7 +236,7 @@ def main() -> None:
     for mode, row in rows.items():
         ppl = ", ".join(f"{lang} {value:.2f}" for lang, value in row["ppl"].items())
         print(
-            f"  {mode:<7} total {row['total_s']:6.1f} s  peak RSS {row['peak_rss_gb']:.2f} GB  "
+            f"  {mode:<7} total {row['total_s']:6.1f} s  peak RSS {row['peak_rss_gb']:.3f} GB  "
             f"{row['tokens']} tokens  ppl {ppl}  nll {row['nll']}"
         )
     _compare(rows, "nll", "NLL bit-identical", 0.85)
@@ -257,7 +259,7 @@ def _compare(rows: dict[str, dict], digest: str, label: str, rss_target: float) 
     ratio = rows["stream"]["total_s"] / rows["memory"]["total_s"]
     same = rows["stream"][digest] == rows["memory"][digest]
     print(f"  streamed / in memory: time {ratio:.2f}x (target <= 1.15), {label}: {same}")
-    print(f"  streamed peak RSS {rows['stream']['peak_rss_gb']:.2f} GB (target <= {rss_target})")
+    print(f"  streamed peak RSS {rows['stream']['peak_rss_gb']:.3f} GB (target <= {rss_target})")
 
 
 def _parts(parts: dict[str, float]) -> str:
