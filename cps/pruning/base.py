@@ -24,14 +24,22 @@ from cps.registry import Registry
 
 @dataclass
 class InputStats:
-    """What the calibration inputs X (tokens, in) of one linear tell the methods."""
+    """What the calibration inputs X (tokens, in) of one linear tell the methods: the full X^T X
+    for a method that `needs_gram`, else only the squared column norms (what Wanda reads)."""
 
-    gram: torch.Tensor  # H = X^T X summed over tokens, fp32 (in, in)
+    gram: torch.Tensor | None  # H = X^T X summed over tokens, fp32 (in, in)
     tokens: int
+    squares: torch.Tensor | None = None  # sum over tokens of X_tj^2, fp32 (in,)
 
     def column_norms(self) -> torch.Tensor:
         """||X_j||_2 per input column (in,)."""
-        return torch.sqrt(torch.diagonal(self.gram).clamp_min(0))
+        squares = self.squares if self.squares is not None else torch.diagonal(self.require_gram())
+        return torch.sqrt(squares.clamp_min(0))
+
+    def require_gram(self) -> torch.Tensor:
+        if self.gram is None:
+            raise ValueError("this method needs X^T X: declare needs_gram = True")
+        return self.gram
 
 
 @dataclass(frozen=True)
@@ -55,11 +63,13 @@ class Pruned:
 class PruningMethod(ABC):
     """A method, registered under its module's name. Its traits tell the stages what they need to
     know without naming it: whether it changes the kept weights (then its pruned model cannot be
-    rebuilt from the dense weights and the masks), and which `MethodOptions` shape its result (its
+    rebuilt from the dense weights and the masks), whether it reads the full X^T X of its inputs
+    (else the engine gathers only their squared column norms), and which `MethodOptions` shape its result (its
     run logs them as params)."""
 
     name: ClassVar[str]
     updates_weights: ClassVar[bool] = False
+    needs_gram: ClassVar[bool] = False  # the full X^T X (else the engine sums only squared columns)
     logged_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: MethodOptions | None = None) -> None:

@@ -6,7 +6,12 @@ For each decoder layer:
      last new input, since its outputs are never used;
   2. the method turns (W, H) into a mask (and, for SparseGPT, new weights); the engine applies it;
   3. pruning error ||WX - W'X||^2 = tr(dW H dW^T) and signal ||WX||^2 = tr(W H W^T) come from the
-     same H, on the same inputs, without another pass;
+     same H, on the same inputs, without another pass. A method that reads only the squared column
+     norms of X (Wanda, magnitude) gets only those: summing X^T X would cost it a quarter of a
+     dense pass. Its error and signal are then estimated from a fixed, seeded sample of the
+     calibration tokens (`TokenSample`: every window's first token, plus `error_sample` of the
+     others drawn uniformly without replacement and weighted by the inverse of their sampling
+     rate; the estimator is unbiased for both sums, and the same tokens serve every layer);
   4. pruned pass: the pruned layer maps the inputs to the next layer's inputs.
 With `true_sequential`, each group of linears that reads one input (attention in, attention out, MLP
 in, MLP out) is pruned in execution order, its statistics gathered after the earlier groups were
@@ -16,6 +21,7 @@ from the model's own forward: Gemma-3 alternates sliding and full attention laye
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -43,6 +49,9 @@ class EngineConfig:
     true_sequential: bool = False
     offload_activations: bool = False  # every window's activations in files between layers
     batch_tokens: int = 2048  # calibration tokens per forward batch (smaller: less transient memory)
+    # Tokens whose inputs estimate error and signal for a method that does not need X^T X (the
+    # windows' first tokens come on top); None: exact, the full X^T X for every method.
+    error_sample: int | None = 512
 
 
 @dataclass
@@ -67,6 +76,40 @@ class EngineResult:
     masks: PackedMasks  # full module name -> bool mask (kept bit-packed), True = pruned
     stats: list[LinearStats] = field(default_factory=list)
     seconds: float = 0.0
+    error_estimate: str = "exact"  # or "sample:<tokens>/<all tokens>" (see `TokenSample`)
+
+
+@dataclass
+class TokenSample:
+    """Which calibration tokens estimate error and signal: per forward batch, the flat row indices
+    (b * L) of the sampled tokens and the square root of their weights (1 for the windows' first
+    tokens, taken whole; N_rest / k for the k tokens drawn from the N_rest others)."""
+
+    rows: list[torch.Tensor]
+    roots: list[torch.Tensor]
+    size: int
+    total: int
+
+    @classmethod
+    def draw(cls, batches: list[torch.Tensor], size: int, seed: int = 0) -> TokenSample:
+        lengths = [batch.numel() for batch in batches]
+        offsets = [0, *itertools.accumulate(lengths)]
+        first = torch.zeros(offsets[-1], dtype=torch.bool)  # each window's first token
+        for batch, offset in zip(batches, offsets, strict=False):
+            first[offset : offset + batch.numel() : batch.shape[1]] = True
+        rest = (~first).nonzero().squeeze(1)
+        k = min(size, rest.numel())
+        drawn = rest[torch.randperm(rest.numel(), generator=torch.Generator().manual_seed(seed))[:k]]
+        weight = torch.zeros(offsets[-1], dtype=torch.float64)
+        weight[first] = 1.0
+        weight[drawn] = rest.numel() / max(k, 1)
+        rows = [weight[start:stop].nonzero().squeeze(1) for start, stop in itertools.pairwise(offsets)]
+        roots = [weight[start:][chosen].sqrt().float() for start, chosen in zip(offsets, rows, strict=False)]
+        return cls(rows, roots, int(first.sum()) + k, offsets[-1])
+
+    @property
+    def label(self) -> str:
+        return "exact" if self.size >= self.total else f"sample:{self.size}/{self.total}"
 
 
 class _StopForward(Exception):
@@ -86,7 +129,9 @@ class _Group:
     """Linears that read one input tensor, in execution order."""
 
     names: list[str]
-    gram: torch.Tensor | None = None
+    gram: torch.Tensor | None = None  # upper triangle of X^T X (methods that need it)
+    squares: torch.Tensor | None = None  # sum of X_tj^2 per column (the others)
+    sample: list[torch.Tensor] = field(default_factory=list)  # weighted sampled rows of X
     tokens: int = 0
 
 
@@ -120,7 +165,16 @@ class _StatsHooks:
     ends, so the allocator cannot reuse an address and merge two groups by mistake.
     """
 
-    def __init__(self, layer: nn.Module, layout: list[list[str]] | None = None) -> None:
+    def __init__(
+        self,
+        layer: nn.Module,
+        layout: list[list[str]] | None = None,
+        squares: bool = False,
+        sample: TokenSample | None = None,
+    ) -> None:
+        self.squares = squares  # sum each column's squares (what a method without X^T X reads)
+        self.sample = sample  # None: sum the full X^T X (exact error and signal); else sampled rows
+        self.batch = 0
         self.linears = _linears(layer)
         self.groups = [_Group(list(names)) for names in layout or []]
         self.frozen = layout is not None  # a known layout lets the very first batch stop early
@@ -147,10 +201,18 @@ class _StatsHooks:
                 group.names.append(name)
             if index in self.active:
                 flat = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
-                if group.gram is None:
-                    group.gram = flat.new_zeros(flat.shape[1], flat.shape[1])
-                accumulate_upper_gram(group.gram, flat)
                 group.tokens += flat.shape[0]
+                if self.squares:
+                    squares = torch.linalg.vector_norm(flat, dim=0).square()
+                    group.squares = squares if group.squares is None else group.squares.add_(squares)
+                if self.sample is None:
+                    if group.gram is None:
+                        group.gram = flat.new_zeros(flat.shape[1], flat.shape[1])
+                    accumulate_upper_gram(group.gram, flat)
+                else:
+                    rows = self.sample.rows[self.batch].to(flat.device)
+                    roots = self.sample.roots[self.batch].to(flat.device)
+                    group.sample.append(flat[rows] * roots[:, None])
             if self.frozen and index == max(self.active):
                 raise _StopForward  # nothing after this input is needed
 
@@ -163,7 +225,7 @@ class _StatsHooks:
     def run(self, forward: Callable[[torch.Tensor], Any], batches: list[torch.Tensor]) -> None:
         if self.frozen:
             self.active &= set(range(len(self.groups)))
-        for batch in batches:
+        for self.batch, batch in enumerate(batches):
             with suppress(_StopForward):
                 forward(batch)
             self._seen.clear()
@@ -179,11 +241,25 @@ class _StatsHooks:
 def _prune_group(
     group: _Group, layer: nn.Module, method: PruningMethod, target: SparsityTarget
 ) -> dict[str, tuple[torch.Tensor, float, float, float]]:
-    """Prune every linear of a group; returns name -> (mask, error, signal)."""
+    """Prune every linear of a group; returns name -> (mask, error, signal, stored sparsity).
+    Error and signal are exact from X^T X, or estimated from the weighted sampled rows."""
     linears = _linears(layer)
-    gram = symmetrize(group.gram)
-    group.gram = None  # free the accumulator before the (in, in) products below
-    stats = InputStats(gram, group.tokens)
+    if group.gram is not None:
+        gram = symmetrize(group.gram)
+        group.gram = None  # free the accumulator before the (in, in) products below
+        stats = InputStats(gram, group.tokens, group.squares)
+
+        def energy(matrix: torch.Tensor) -> float:  # ||matrix X^T||_F^2 = tr(matrix H matrix^T)
+            return torch.sum((matrix @ gram) * matrix).item()
+
+    else:
+        sample = torch.cat(group.sample)
+        group.sample = []
+        stats = InputStats(None, group.tokens, group.squares)
+
+        def energy(matrix: torch.Tensor) -> float:
+            return torch.sum((sample @ matrix.T) ** 2).item()
+
     results = {}
     for name in group.names:
         linear = linears[name]
@@ -192,8 +268,7 @@ def _prune_group(
         new_weight = pruned.weight if pruned.weight is not None else W.masked_fill(pruned.mask, 0)
         linear.weight.data.copy_(new_weight.to(linear.weight.dtype))
         delta = W - linear.weight.data.float()  # what the stored weights really changed by
-        error = torch.sum((delta @ gram) * delta).item()
-        signal = torch.sum((W @ gram) * W).item()
+        error, signal = energy(delta), energy(W)
         stored = float((linear.weight == 0).float().mean())
         results[name] = (pruned.mask.cpu(), error, signal, stored)
     return results
@@ -232,6 +307,10 @@ def prune_model(
     layouts: dict[tuple[str, ...], list[list[str]]] = {}  # linear names -> input groups
     with torch.inference_mode():
         batches = calibration_batches(input_ids, config.batch_tokens)
+        sample = None
+        if not method.needs_gram and config.error_sample is not None:
+            sample = TokenSample.draw(batches, config.error_sample)
+            result.error_estimate = sample.label
         calls = capture_layer_calls(model, batches, device, config.offload_activations)
         progress = tqdm(list(enumerate(layers)), desc=f"{method.name} {target.pattern}", unit="layer")
         for index, layer in progress:
@@ -241,7 +320,7 @@ def prune_model(
             else:
                 home = next(layer.parameters()).device
                 layer.to(device)
-            layer_stats = _prune_layer(index, layer, calls, method, target, config, layouts)
+            layer_stats = _prune_layer(index, layer, calls, method, target, config, layouts, sample)
             if on_layer is not None:
                 on_layer(index, layer)
             if source is not None:
@@ -269,6 +348,7 @@ def _prune_layer(
     target: SparsityTarget,
     config: EngineConfig,
     layouts: dict[tuple[str, ...], list[list[str]]],
+    sample: TokenSample | None = None,
 ) -> dict[str, tuple[torch.Tensor, float, float, float]]:
     """Statistics, masks and the pruned pass for one layer. Layers of one structure share their
     input-group layout, found on the first of them."""
@@ -279,7 +359,7 @@ def _prune_layer(
         return layer_output(layer(hidden, **move(calls.kwargs_for(index, batch), device, {})))
 
     structure = tuple(_linears(layer))
-    hooks = _StatsHooks(layer, layouts.get(structure))
+    hooks = _StatsHooks(layer, layouts.get(structure), not method.needs_gram, sample)
     results: dict[str, tuple[torch.Tensor, float, float, float]] = {}
     try:
         # The first pass also finds the groups: it accumulates all of them, or only the first

@@ -94,10 +94,11 @@ def sparsegpt_prune(
 @register("sparsegpt")
 class SparseGPT(PruningMethod):
     updates_weights = True
+    needs_gram = True
     logged_options = ("blocksize", "dampening")
 
     def prune(self, weight: torch.Tensor, stats: InputStats, target: SparsityTarget) -> Pruned:
-        hessian = stats.gram * (2 / max(stats.tokens, 1))  # H = 2 X^T X / n
+        hessian = stats.require_gram() * (2 / max(stats.tokens, 1))  # H = 2 X^T X / n
         new_weight, mask = sparsegpt_prune(
             weight, hessian, target, self.options.blocksize, self.options.dampening
         )

@@ -224,6 +224,7 @@ def _log_outputs(
     stats = stats_frame(result)
     metrics = summary_metrics(stats, result.seconds)
     run.log_metrics(metrics)
+    run.set_tags({"cps.calib_error_estimate": result.error_estimate})
     per_layer = (
         stats.group_by("layer")
         .agg(
