@@ -2,12 +2,12 @@
 
 Prunes gemma3-270m with 32 x 512 Swahili NTREX tokens with each method, each in a fresh process,
 and prints seconds, peak RSS and the ratio of pruning time to one dense forward pass of the decoder
-layers over the same tokens, measured in the same process (the mean of one pass before and one
-after pruning).
+layers over the same tokens, measured in the same process just before pruning.
 
     .venv/bin/python benchmarks/prune_bench.py [--nsamples 32 --seqlen 512 --methods wanda,sparsegpt]
 
-Targets on the 2-core machine: Wanda <= 2.5x, SparseGPT <= 5x, peak RSS <= 3 GB.
+Targets (issue 15): Wanda <= 2.05x (its floor is 2: a dense pass for the statistics, a pruned pass
+for the next layer's inputs), SparseGPT <= 3.0x.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ def dense_forward_seconds(model, input_ids, batch_tokens: int) -> float:
 
 
 def measure(method: str, nsamples: int, seqlen: int, batch_tokens: int) -> dict:
+    import cps  # noqa: F401  # first, as in `cps ...`: its allocator setting precedes torch's first tensor
+
+    # isort: split
     import torch
 
     from cps.config import CalibrationConfig
@@ -79,7 +82,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(args.one, args.nsamples, args.seqlen, args.batch_tokens)))
         return
-    targets = {"wanda": 2.5, "sparsegpt": 5.0}
+    targets = {"wanda": 2.05, "sparsegpt": 3.0}
     print(f"gemma3-270m, {args.nsamples} x {args.seqlen} sw NTREX tokens, 50% unstructured")
     print(f"{'method':<10} {'prune s':>8} {'dense fwd s':>11} {'ratio':>6} {'target':>7} {'peak RSS GB':>11}")
     for method in args.methods.split(","):
