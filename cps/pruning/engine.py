@@ -38,7 +38,7 @@ from cps.hooks import layer_output
 from cps.models import decoder_layers
 from cps.pruning.base import InputStats, PruningMethod
 from cps.pruning.masks import PackedMasks, SparsityTarget
-from cps.streaming import LayerCalls, capture_layer_calls, move, streamed
+from cps.streaming import LayerCalls, capture_layer_calls, move, return_freed_memory, streamed
 
 log = logging.getLogger(__name__)
 
@@ -377,6 +377,7 @@ def _prune_layer(
                 results.update(_prune_group(hooks.groups[group_index], layer, method, target))
     finally:
         hooks.remove()
+    return_freed_memory()  # the statistics' and the dense pass's blocks, before the pruned pass
     for position, batch in enumerate(calls.hidden):  # pruned pass: next layer's inputs, in place
         calls.hidden[position] = forward(batch).to(batch.device)
     return results
