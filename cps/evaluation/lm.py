@@ -17,20 +17,8 @@ import inspect
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
-from tqdm.auto import tqdm
 from transformers import modeling_utils
-
-
-def _cache_argument(model: Any) -> str | None:
-    """The name under which a transformers causal LM takes (and returns) its key/value cache
-    (`cache` since transformers 5, `past_key_values` before); None when it has none, or cannot
-    keep only the last logits."""
-    parameters = inspect.signature(model.forward).parameters
-    if "use_cache" not in parameters or "logits_to_keep" not in parameters:
-        return None
-    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
 
 
 class ContinuationLM(HFLM):
@@ -39,8 +27,6 @@ class ContinuationLM(HFLM):
     def _loglikelihood_tokens(
         self, requests: list[Any], *args: Any, **kwargs: Any
     ) -> list[tuple[float, bool]]:
-        if self.backend == "causal" and _cache_argument(self.model) is not None:
-            return self._shared_contexts(requests)
         # Per-row positions (a boolean logits_to_keep) came with transformers' slice_logits_to_keep.
         supported = "logits_to_keep" in inspect.signature(self.model.forward).parameters and hasattr(
             modeling_utils, "slice_logits_to_keep"
@@ -57,61 +43,6 @@ class ContinuationLM(HFLM):
             return super()._loglikelihood_tokens(requests, *args, **kwargs)
         finally:
             self._spans = None
-
-    def _shared_contexts(self, requests: list[Any]) -> list[tuple[float, bool]]:
-        """lm-eval's scores, with each distinct context run once: its key/value cache then serves
-        every continuation scored after it (a multiple-choice item's choices share the context),
-        the continuations of one context batched together, right-padded to the longest of them."""
-        groups: dict[tuple[int, ...], list[int]] = {}
-        inputs = []
-        for index, (_, context, continuation) in enumerate(requests):
-            # Exactly lm-eval's causal input: the last max_length + 1 tokens, minus the last one.
-            whole = (context + continuation)[-(self.max_length + 1) :]
-            inputs.append((whole[: len(whole) - len(continuation)], continuation))
-            groups.setdefault(tuple(inputs[-1][0]), []).append(index)
-        answers: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-        order = sorted(groups, key=len, reverse=True)
-        for context in tqdm(order, desc="loglikelihood (shared contexts)", disable=self.rank != 0):
-            members = groups[context]
-            continuations = [inputs[index][1] for index in members]
-            for index, answer in zip(members, self._score_context(list(context), continuations), strict=True):
-                answers[index] = answer
-                if requests[index][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
-        return answers
-
-    def _score_context(self, context: list[int], continuations: list[list[int]]) -> list[tuple[float, bool]]:
-        device, name = self.device, _cache_argument(self.model)
-        assert name is not None
-        with torch.no_grad(), self._autocast():
-            first = self.model(torch.tensor([context], device=device), use_cache=True, logits_to_keep=1)
-            width = max(len(c) for c in continuations) - 1  # continuation tokens that are inputs
-            later = None
-            if width > 0:
-                rows = torch.zeros((len(continuations), width), dtype=torch.long, device=device)
-                for row, continuation in enumerate(continuations):
-                    rows[row, : len(continuation) - 1] = torch.tensor(continuation[:-1], device=device)
-                cache = first[name]
-                cache.batch_repeat_interleave(len(continuations))
-                # Right padding: under causal attention no real position sees it.
-                later = self.model(rows, **{name: cache}, use_cache=False).logits
-        answers = []
-        for row, continuation in enumerate(continuations):
-            logits = first.logits[0, -1:]
-            if later is not None:
-                logits = torch.cat([logits, later[row, : len(continuation) - 1]])
-            logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
-            target = torch.tensor(continuation, device=device)
-            greedy = bool((logprobs.argmax(-1) == target).all())
-            answers.append((float(logprobs.gather(1, target[:, None]).sum()), greedy))
-        return answers
-
-    def _autocast(self) -> Any:
-        return torch.autocast(
-            device_type=self.device.type,
-            dtype=self.mixed_precision_dtype,
-            enabled=self.mixed_precision_dtype is not None,
-        )
 
     def _row_span(self, row: list[int]) -> tuple[int, int] | None:
         """(input length, continuation length) of a right-padded row, or None when unknown."""
@@ -137,7 +68,14 @@ class ContinuationLM(HFLM):
         for row, (inplen, contlen) in enumerate(spans):
             keep[row, inplen - contlen : inplen] = True
         offset = min(inplen - contlen for inplen, contlen in spans)
-        with torch.no_grad(), self._autocast():
+        with (
+            torch.no_grad(),
+            torch.autocast(
+                device_type=self.device.type,
+                dtype=self.mixed_precision_dtype,
+                enabled=self.mixed_precision_dtype is not None,
+            ),
+        ):
             kept = self.model(inps, logits_to_keep=keep).logits
         kept = kept.reshape(-1, kept.shape[-1])  # [positions kept, vocab]
         # lm-eval slices row i at [inplen - contlen - offset, inplen - offset) when the returned
