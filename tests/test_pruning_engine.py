@@ -207,6 +207,7 @@ def test_gemma3_270m_prunes_end_to_end(method, store, tmp_path):
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # ~60 s: two Wanda runs of Gemma-3 270M on 4096 tokens (`make test-all`)
 def test_gemma3_sampled_snr_is_within_0_2_db_of_the_exact(gemma):
     """Wanda's estimated error and signal against the full X^T X on Gemma-3 270M: 128 + 16 of 4096
     tokens (about the sampling rate of 512 in 32 x 512), same masks, per-layer SNR within 0.2 dB."""
