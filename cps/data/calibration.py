@@ -318,9 +318,11 @@ def _load_cached(path: Path) -> CalibrationSet | None:
         return None
 
 
-def is_tokenizer(value: object) -> bool:
-    """A tokenizer, not a function that loads one."""
-    return hasattr(value, "convert_ids_to_tokens")
+def as_tokenizer(
+    value: PreTrainedTokenizerBase | Callable[[], PreTrainedTokenizerBase],
+) -> PreTrainedTokenizerBase:
+    """`value` when it is a tokenizer, else what the function `value` loads."""
+    return value if hasattr(value, "convert_ids_to_tokens") else value()  # type: ignore[operator,return-value]
 
 
 def build_calibration(
@@ -332,8 +334,8 @@ def build_calibration(
     `tokenizer` may be a function loading it, with its `fingerprint` known: a cache hit then never
     loads the tokenizer (Gemma-3's takes 0.3 GB and seconds)."""
 
-    if not is_tokenizer(tokenizer) and fingerprint is None:
-        tokenizer = tokenizer()  # type: ignore[operator]
+    if fingerprint is None:
+        tokenizer = as_tokenizer(tokenizer)
     calib_hash = calibration_hash(config, fingerprint or tokenizer)  # type: ignore[arg-type]
     path = _cache_path(calib_hash)
     cached = _load_cached(path)
@@ -342,8 +344,7 @@ def build_calibration(
         # tokenizer hits this entry, and the set must then carry the caller's config.
         cached.config, cached.cache_hit = config, True
         return cached
-    if not is_tokenizer(tokenizer):
-        tokenizer = tokenizer()  # type: ignore[operator]
+    tokenizer = as_tokenizer(tokenizer)
     corpus = get_corpus(config.corpus, config.data_dir)
     counts = window_counts(config.mixture, config.nsamples)
     # A streamed corpus reads about 8 characters per needed token (plenty for every script).

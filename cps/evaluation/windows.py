@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from cps.config import PROTOCOL_VERSION, default_stride
-from cps.data.calibration import is_tokenizer, special_prefix, tokenizer_fingerprint
+from cps.data.calibration import as_tokenizer, special_prefix, tokenizer_fingerprint
 from cps.data.corpus import Corpus, Document
 from cps.errors import CpsError, first_line
 from cps.paths import cache_dir, discard, publish, staging
@@ -164,8 +164,8 @@ def cached_windows(
     if not documents:
         raise CpsError("no text to evaluate on")
     if fingerprint is None:
-        tokenizer = tokenizer if is_tokenizer(tokenizer) else tokenizer()  # type: ignore[operator]
-        fingerprint = tokenizer_fingerprint(tokenizer)  # type: ignore[arg-type]
+        tokenizer = as_tokenizer(tokenizer)
+        fingerprint = tokenizer_fingerprint(tokenizer)
     key = {
         "format": WINDOWS_FORMAT,
         "protocol": PROTOCOL_VERSION,
@@ -183,10 +183,9 @@ def cached_windows(
             return _read_windows(path, documents)
         except (SafetensorError, OSError, KeyError, ValueError) as error:
             discard(path, first_line(error))
-    if not is_tokenizer(tokenizer):
-        tokenizer = tokenizer()  # type: ignore[operator]
-    text = held_out_windows(documents, tokenizer, seqlen, stride)  # type: ignore[arg-type]
-    label = prefix_label(tokenizer)  # type: ignore[arg-type]
+    tokenizer = as_tokenizer(tokenizer)
+    text = held_out_windows(documents, tokenizer, seqlen, stride)
+    label = prefix_label(tokenizer)
     _write_windows(path, text, label)
     return text, label
 

@@ -103,8 +103,10 @@ class TokenSample:
         weight = torch.zeros(offsets[-1], dtype=torch.float64)
         weight[first] = 1.0
         weight[drawn] = rest.numel() / max(k, 1)
-        rows = [weight[start:stop].nonzero().squeeze(1) for start, stop in itertools.pairwise(offsets)]
-        roots = [weight[start:][chosen].sqrt().float() for start, chosen in zip(offsets, rows, strict=False)]
+        rows, roots = [], []
+        for start, stop in itertools.pairwise(offsets):
+            rows.append(weight[start:stop].nonzero().squeeze(1))
+            roots.append(weight[start:stop][rows[-1]].sqrt().float())
         return cls(rows, roots, int(first.sum()) + k, offsets[-1])
 
     @property
