@@ -165,15 +165,20 @@ def predicted_peak_gb(
     largest_linear: float,
     dtype_bytes: int,
     layers: int,
+    sampled: int | None = None,
 ) -> dict[str, float]:
     """peak = one layer's weights (run dtype)
     + every window's hidden states, into and out of the layer (run dtype, 2x)
     + the fp32 X^T X of each distinct input of the layer, plus one working copy of the
-      widest (symmetrised; SparseGPT's Cholesky factor)
+      widest (symmetrised; SparseGPT's Cholesky factor); for Wanda instead (`sampled` tokens for
+      the error estimate) those tokens' fp32 rows of each distinct input
     + four fp32 copies of the largest linear (W, W', dW @ H, W @ H for error and signal)."""
     layer = layer_params * dtype_bytes
     activations = 2 * windows * seqlen * hidden * dtype_bytes
-    gram = sum(4 * width * width for width in widths) + 4 * max(widths) ** 2
+    if sampled is None:
+        gram = sum(4 * width * width for width in widths) + 4 * max(widths) ** 2
+    else:
+        gram = sum(4 * sampled * width for width in widths)
     weight_work = 4 * 4 * largest_linear
     masks = layers * layer_params / 8
     total = layer + activations + gram + weight_work + masks
@@ -241,18 +246,25 @@ def main() -> None:
         )
     _compare(rows, "nll", "NLL bit-identical", 0.85)
 
-    print("\npeak memory of streamed pruning = layer + activations + Gram/Hessian + weight work + masks:")
-    # Gemma-3 270M: hidden 640, 4 heads x 256 (o_proj reads 1024), MLP 2048; 5.6M weights a layer.
-    gemma = predicted_peak_gb(
-        5.6e6, args.nsamples, args.seqlen, 640, [640, 1024, 640, 2048], 2048 * 640, 4, 18
+    print(
+        "\npeak memory of streamed pruning = layer + activations + statistics (SparseGPT: X^T X; "
+        "Wanda: the error sample's rows) + weight work + masks:"
     )
-    print(f"  gemma3-270m fp32, {args.nsamples} x {args.seqlen}: " + _parts(gemma) + " + the imports")
+    # Gemma-3 270M: hidden 640, 4 heads x 256 (o_proj reads 1024), MLP 2048; 5.6M weights a layer.
+    sample = 512 + args.nsamples  # the engine's error sample: 512 tokens + every window's first
+    gemma = predicted_peak_gb(
+        5.6e6, args.nsamples, args.seqlen, 640, [640, 1024, 640, 2048], 2048 * 640, 4, 18, sample
+    )
+    print(f"  gemma3-270m fp32 Wanda, {args.nsamples} x {args.seqlen}: " + _parts(gemma) + " + the imports")
     # Llama-3-70B: hidden 8192, 64 heads / 8 KV heads x 128, MLP 28672; 855.7M weights a layer.
-    llama = predicted_peak_gb(855.7e6, 128, 2048, 8192, [8192, 8192, 8192, 28672], 28672 * 8192, 2, 80)
-    print("  Llama-3-70B bf16, 128 x 2048: " + _parts(llama))
-    offloaded = dict(llama, activations=2 * 4 * 2048 * 8192 * 2 / 1e9)  # one batch of 8192 tokens
-    offloaded["total"] = sum(v for k, v in offloaded.items() if k != "total")
-    print("  ... with --offload-activations (one 4 x 2048 batch in memory): " + _parts(offloaded))
+    for method, sampled in (("SparseGPT", None), ("Wanda", 512 + 128)):
+        llama = predicted_peak_gb(
+            855.7e6, 128, 2048, 8192, [8192, 8192, 8192, 28672], 28672 * 8192, 2, 80, sampled
+        )
+        print(f"  Llama-3-70B bf16 {method}, 128 x 2048: " + _parts(llama))
+        offloaded = dict(llama, activations=2 * 4 * 2048 * 8192 * 2 / 1e9)  # one batch of 8192 tokens
+        offloaded["total"] = sum(v for k, v in offloaded.items() if k != "total")
+        print("  ... with --offload-activations (one 4 x 2048 batch in memory): " + _parts(offloaded))
 
 
 def _compare(rows: dict[str, dict], digest: str, label: str, rss_target: float) -> None:
