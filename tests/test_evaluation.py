@@ -4,6 +4,7 @@ import importlib.util
 import math
 from pathlib import Path
 
+import polars as pl
 import pytest
 import torch
 
@@ -205,37 +206,92 @@ def test_wilson_interval_against_hand_computed_values():
 
 
 @pytest.mark.parametrize("name", ["tiny-gemma3", "tiny-llama"])
-def test_continuation_only_head_scores_like_lm_evals_hflm(name, monkeypatch):
-    """Same loglikelihoods and greedy flags as HFLM, over batches mixing lengths, shared inputs
-    (the same tokens split differently into context and continuation) and a trailing 0 token."""
+def test_shared_context_scores_like_lm_evals_hflm(name, monkeypatch):
+    """Same loglikelihoods (1e-5) and greedy flags as HFLM and as a direct forward pass per request,
+    over contexts shared by continuations of mixed lengths (rows longer than tiny-gemma3's
+    16-token sliding window), the same tokens split differently into context and continuation,
+    and 0 tokens (lm-eval's padding id); each shared context runs once."""
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from cps.evaluation.lm import ContinuationLM
+    from cps.evaluation import lm as shared
 
     loaded = load_model(name)
-    contexts = ["The capital of France is", "Habari ya asubuhi, leo", "今天的天气", "A"]
+    contexts = ["The capital of France is", "Habari ya asubuhi, leo ni siku ya", "今天的天气", "A"]
     continuations = [" Paris", " Paris is big and old", " x", "ni siku nzuri sana kwa", "很好"]
     pairs = [(c, k) for c in contexts for k in continuations] + [("The capital", " of France is Paris")]
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
-    scores, full_head_calls = {}, []
-    full_head = HFLM._model_call
+    scores = {}
+    seen: list = []  # the token requests lm-eval hands over
+    score = shared.SharedContextLM._loglikelihood_tokens
     monkeypatch.setattr(
-        HFLM, "_model_call", lambda self, *a, **k: full_head_calls.append(1) or full_head(self, *a, **k)
+        shared.SharedContextLM,
+        "_loglikelihood_tokens",
+        lambda self, r, *a, **k: seen.extend(r) or score(self, r, *a, **k),
     )
-    for kind in (HFLM, ContinuationLM):
-        full_head_calls.clear()
-        lm = kind(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=4)
+    rows_run: list[int] = []  # rows of every forward pass of the decoder
+
+    def count(module, args, kwargs):
+        rows_run.append((args[0] if args else kwargs["input_ids"]).shape[0])
+
+    loaded.model.base_model.register_forward_pre_hook(count, with_kwargs=True)
+    for kind in (HFLM, shared.SharedContextLM):
+        # (HFLM's one-token logits cache returns other values for " Paris" and " x" after the
+        # same context here than a direct forward pass does: compared without it)
+        lm = kind(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=4, logits_cache=False)
         scores[kind] = lm.loglikelihood(requests, disable_tqdm=True)
-        tokens = [([5, 7, 0], [0]), ([5, 7], [0, 0]), ([9], [3, 4])]  # right padding is 0 too
+        rows_run.clear()  # again, once the head and the packing were checked on the first call
+        assert lm.loglikelihood(requests, disable_tqdm=True) == scores[kind]
+        scores[kind, "rows"] = sum(rows_run)
+        tokens = [([5, 7, 0], [0]), ([5, 7], [0, 0]), ([9], [3, 4]), ([9], [3, 4, 0])]
         scores[kind, "tokens"] = lm._loglikelihood_tokens([(("", ""), c, k) for c, k in tokens])
-        assert (len(full_head_calls) > 0) == (kind is HFLM)  # the fast path served every batch
+    assert shared._PACKS[loaded.model] is True  # packed rows agreed with plain ones
+    # one row per distinct context (HFLM: one per request)
+    assert scores[HFLM, "rows"] == len(requests)
+    assert scores[shared.SharedContextLM, "rows"] == len({tuple(c) for _, c, _ in seen[: len(requests)]}) == 5
     for fast, reference in (
-        (scores[ContinuationLM], scores[HFLM]),
-        (scores[ContinuationLM, "tokens"], scores[HFLM, "tokens"]),
+        (scores[shared.SharedContextLM], scores[HFLM]),
+        (scores[shared.SharedContextLM, "tokens"], scores[HFLM, "tokens"]),
     ):
         assert [flag for _, flag in fast] == [flag for _, flag in reference]
-        assert [value for value, _ in fast] == pytest.approx([value for value, _ in reference], abs=1e-4)
+        expected = [value for value, _ in reference]
+        assert [value for value, _ in fast] == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    # and the definition, one request at a time: the continuation's log-probabilities after its context
+    for (_, context, continuation), (value, greedy) in zip(
+        seen[: len(requests)], scores[shared.SharedContextLM], strict=True
+    ):
+        with torch.no_grad():
+            logits = loaded.model(torch.tensor([context + continuation])).logits[0, len(context) - 1 : -1]
+        logprobs = torch.log_softmax(logits.float(), -1)
+        direct = logprobs.gather(1, torch.tensor(continuation)[:, None]).sum()
+        assert value == pytest.approx(direct.item(), rel=1e-5, abs=1e-5)
+        assert greedy == bool((logprobs.argmax(-1) == torch.tensor(continuation)).all())
+
+
+def test_packed_rows_mask_and_positions_by_hand():
+    """Context [1, 2] with continuations [3, 4] and [5]: one row [1, 2, 3] (the last token of each
+    continuation is only a target), the continuation at positions 2.., seeing the context and itself."""
+    from cps.evaluation.lm import Forward, rows_of
+
+    rows = rows_of([(None, [1, 2], [3, 4]), (None, [1, 2], [5]), (None, [7], [8])], 8, pack=True)
+    assert [(row.context, row.requests) for row in rows] == [
+        ([1, 2], [(0, [3, 4]), (1, [5])]),
+        ([7], [(2, [8])]),
+    ]
+    forward = Forward.of(rows)
+    assert forward.input_ids.tolist() == [[1, 2, 3], [7, 0, 0]]
+    assert forward.position_ids.tolist() == [[0, 1, 2], [0, 0, 0]]
+    # request 0 reads positions 1 (predicts 3) and 2 (predicts 4); request 1 position 1; request 2
+    # (second row, width 3) position 3 + 0
+    assert forward.reads == [(0, [1, 2], [3, 4]), (1, [1], [5]), (2, [3], [8])]
+    mask = forward.mask()[:, 0].int().tolist()
+    assert mask[0] == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    assert mask[1] == [[1, 0, 0], [0, 1, 1], [0, 1, 1]]  # padding sees padding only
+    assert forward.mask(window=2)[0, 0].int().tolist() == [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+    # truncation as lm-eval's: the last max_length + 1 tokens of context + continuation
+    assert rows_of([(None, [1, 2, 3, 4], [5, 6])], 4, pack=True)[0].context == [2, 3, 4]
+    # a row never grows past max_length: a context's further continuations open a second row
+    assert len(rows_of([(None, [1, 2], [3, 4, 5]), (None, [1, 2], [6, 7, 8])], 5, pack=True)) == 2
 
 
 def test_unknown_tasks_and_missing_language_data():
@@ -248,7 +304,10 @@ def test_unknown_tasks_and_missing_language_data():
 
 def _first_tokens_of_every_request(gemma, task: str, limit: int):
     first_tokens: list[torch.Tensor] = []
-    hook = gemma.model.register_forward_pre_hook(lambda module, args: first_tokens.append(args[0][:, 0]))
+    hook = gemma.model.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: first_tokens.append((args[0] if args else kwargs["input_ids"])[:, 0]),
+        with_kwargs=True,
+    )
     try:
         results = run_tasks(gemma.model, gemma.tokenizer, [task], limit=limit)
     finally:
@@ -262,6 +321,31 @@ def test_gemma3_270m_task_requests_start_with_bos(gemma):
     results, first = _first_tokens_of_every_request(gemma, "flores_next_en", limit=3)
     assert len(first) > 0 and (first == gemma.tokenizer.bos_token_id).all()
     assert {s.metric for s in results.scores} == {"acc", "acc_norm", "acc_mutual_info"}
+
+
+def test_gemma3_270m_shared_contexts_score_sib_and_xcopa_like_hflm(gemma, monkeypatch):
+    """Every choice's log-likelihood (and unconditional one) on real SIB and XCOPA items equals
+    lm-eval's HFLM (without its one-token logits cache) to 1e-5, and so does every pick."""
+    from lm_eval.models.huggingface import HFLM
+
+    from cps.evaluation import lm
+
+    tasks, limit = ["sib_sw", "xcopa_sw"], 3
+    ours = run_tasks(gemma.model, gemma.tokenizer, tasks, limit=limit)
+    monkeypatch.setattr(lm, "SharedContextLM", lambda **kwargs: HFLM(**kwargs, logits_cache=False))
+    reference = run_tasks(gemma.model, gemma.tokenizer, tasks, limit=limit)
+    for task in tasks:
+        mine, theirs = ours.items[task], reference.items[task]
+        assert len(mine) == limit
+        for column in ("loglik", "loglik_unconditional"):
+            if column in theirs.columns and theirs[column].dtype != pl.Null:
+                expected = [v for row in theirs[column].to_list() for v in row]
+                assert [v for row in mine[column].to_list() for v in row] == pytest.approx(
+                    expected, rel=1e-5, abs=1e-5
+                )
+        assert mine.drop("loglik", "loglik_unconditional", strict=False).equals(
+            theirs.drop("loglik", "loglik_unconditional", strict=False)
+        )
 
 
 @pytest.mark.slow

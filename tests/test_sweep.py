@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from cps import config as config_module
@@ -169,6 +171,16 @@ def test_sweep_skips_done_cells_and_reruns_a_crashed_one(tmp_path, store, monkey
     assert len(first.analysis_run_ids) == 1  # sw + ru still form a group
     parent = tracking.get_run(store, first.parent_run_id)
     assert parent.stage == "sweep" and parent.metrics["cells.failed"] == 1
+    # where the time went: each finished cell's prune + eval is its whole time; the crashed cell has
+    # no evaluation time; the parent's split adds up to the sweep's time
+    cells = pl.read_parquet(tracking.local_artifact_dir(store, first.parent_run_id, "cells.parquet"))
+    done = cells.filter(pl.col("error").is_null())
+    assert len(done) == 3 and (done["eval_s"] > 0).all() and (done["prune_s"] > 0).all()
+    assert (done["prune_s"] + done["eval_s"] - done["seconds"]).abs().max() < 1e-9
+    assert cells.filter(pl.col("error").is_not_null())["eval_s"].to_list() == [None]
+    split = first.time_split()
+    assert split["eval"] == pytest.approx(done["eval_s"].sum()) == parent.metrics["time.eval_s"]
+    assert split["analyses"] > 0 and sum(split.values()) == pytest.approx(first.seconds)
     assert all(r.tags["mlflow.parentRunId"] == first.parent_run_id for r in runs)
     calibrations = tracking.find_runs(store, "calibrate")  # nested under the sweep too (MLflow UI)
     assert len(calibrations) == 3
@@ -247,6 +259,7 @@ def test_sweep_resumes_after_a_killed_cell(tmp_path, store):
     rerun = _sweep_process(path, store)
     output = rerun.communicate(timeout=300)[0]
     assert rerun.returncode == 0, output[-3000:]
+    assert re.search(r"^time: prune [\d.]+ min, eval [\d.]+ min \(\d cells, [\d.]+ s each\)", output, re.M)
     assert tracking.get_run(store, killed).status == "FAILED"
     finished = tracking.find_runs(store, "prune")
     assert len(finished) == 4  # no duplicate finished runs

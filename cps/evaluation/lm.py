@@ -1,85 +1,256 @@
-"""lm-eval's HF wrapper, computing the LM head only where lm-eval reads the logits.
+"""lm-eval's HF wrapper with cps's loglikelihood: a context shared by several continuations runs once.
 
-For a loglikelihood request lm-eval runs the model over context + continuation (right-padded to the
-batch), takes the log-softmax over the whole [batch, length, vocab] logits, and then reads only the
-continuation's positions. With a large vocabulary (Gemma-3: 262k) the head and that log-softmax
-cost more than the decoder itself. `ContinuationLM` keeps the decoder pass as it is and asks the
-model (`logits_to_keep`, a per-row mask) for the positions each row reads, returning a shorter logits
-tensor laid out so that lm-eval's own slicing (`inplen + (logits_len - padding_len)`) lands on
-them: the scores are those of `HFLM`, for a fraction of the work. Anything it does not recognise
-(seq2seq, a row it cannot match to its request, a model without `logits_to_keep`) takes `HFLM`'s
-own path.
+lm-eval's `HFLM` scores a multiple-choice item as one row per choice, context + choice, and takes
+the log-softmax over the whole [batch, length, vocab] logits (Gemma-3: 262k entries). Every
+loglikelihood request of lm-eval goes through `_loglikelihood_tokens`, which `SharedContextLM`
+replaces, for the same scores:
+
+- Each request keeps lm-eval's input: context + continuation, left-truncated to `max_length` + 1
+  tokens. Requests are grouped by their (truncated) context tokens.
+- A group is one packed row: its context once, then every continuation but its last token. Each
+  continuation sits at the positions it would have right after the context (position ids) and sees
+  the context and itself only (a 4D attention mask; a sliding-window layer's mask also keeps to
+  its window). The context's last state predicts the first token of every continuation.
+- Rows are sorted by length and batched up to `batch_size` x 1024 tokens (padding stays small).
+- The LM head and its log-softmax run at the predicting positions only, over the vocabulary in
+  chunks (`OutputHead`): the continuation's summed log-probability, and whether each of its tokens
+  was the argmax (lm-eval's `is_greedy`). No [batch, length, vocab] tensor is ever built.
+
+Before packing on a model it scores its first batch both packed and as plain rows (one per request,
+a padding mask, default positions), and packs only if the two agree: an architecture that ignores
+position ids or custom masks is scored as plain rows. Requests it cannot place (an empty context, a
+continuation longer than `max_length`), a head cps cannot reproduce and seq2seq models take
+`HFLM`'s own path.
 """
 
 from __future__ import annotations
 
-import inspect
+import logging
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from lm_eval.models.huggingface import HFLM
-from transformers import modeling_utils
+from tqdm import tqdm
+
+from cps.evaluation.perplexity import OutputHead, checked_head
+from cps.evaluation.windows import length_groups
+
+log = logging.getLogger(__name__)
+
+ROW_TOKENS = 1024  # tokens per forward: batch_size x ROW_TOKENS
+_PACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> packed rows agree?
 
 
-class ContinuationLM(HFLM):
-    _spans: dict[tuple[int, ...], int] | None = None
+@dataclass
+class Row:
+    """One forward row: a context and the continuations scored after it."""
 
-    def _loglikelihood_tokens(
-        self, requests: list[Any], *args: Any, **kwargs: Any
-    ) -> list[tuple[float, bool]]:
-        # Per-row positions (a boolean logits_to_keep) came with transformers' slice_logits_to_keep.
-        supported = "logits_to_keep" in inspect.signature(self.model.forward).parameters and hasattr(
-            modeling_utils, "slice_logits_to_keep"
-        )
-        if self.backend != "causal" or not supported:
-            return super()._loglikelihood_tokens(requests, *args, **kwargs)
-        spans: dict[tuple[int, ...], int] = {}
-        for _, context, continuation in requests:
-            # Exactly lm-eval's causal input: the last max_length + 1 tokens, minus the last one.
-            inp = tuple((context + continuation)[-(self.max_length + 1) :][:-1])
-            spans[inp] = max(spans.get(inp, 0), len(continuation))
-        self._spans = spans
-        try:
-            return super()._loglikelihood_tokens(requests, *args, **kwargs)
-        finally:
-            self._spans = None
+    context: list[int]
+    requests: list[tuple[int, list[int]]] = field(default_factory=list)  # (request index, tokens)
 
-    def _row_span(self, row: list[int]) -> tuple[int, int] | None:
-        """(input length, continuation length) of a right-padded row, or None when unknown."""
-        assert self._spans is not None
-        length = len(row)
-        while length > 0:
-            contlen = self._spans.get(tuple(row[:length]))
-            if contlen is not None:
-                return length, contlen
-            if row[length - 1] != 0:  # lm-eval pads with 0: a non-zero token is no padding
-                return None
-            length -= 1
+    def __len__(self) -> int:
+        return len(self.context) + sum(len(tokens) - 1 for _, tokens in self.requests)
+
+
+def rows_of(requests: list[tuple[Any, list[int], list[int]]], max_length: int, pack: bool) -> list[Row]:
+    """lm-eval's token requests as forward rows: per distinct context one row of at most
+    `max_length` tokens (more rows where its continuations need them) when packing, else one row
+    per request. Requests a row cannot hold are left out (the caller scores them otherwise)."""
+    rows: list[Row] = []
+    open_rows: dict[tuple[int, ...], Row] = {}
+    for index, (_, context, continuation) in enumerate(requests):
+        if not continuation or len(continuation) > max_length:
+            continue
+        whole = (context + continuation)[-(max_length + 1) :]  # lm-eval's truncation
+        kept = whole[: len(whole) - len(continuation)]
+        if not kept:
+            continue
+        row = open_rows.get(tuple(kept)) if pack else None
+        if row is None or len(row) + len(continuation) - 1 > max_length:
+            row = Row(kept)
+            rows.append(row)
+            open_rows[tuple(kept)] = row
+        row.requests.append((index, continuation))
+    return rows
+
+
+@dataclass
+class Forward:
+    """A batch of rows laid out for one forward pass."""
+
+    input_ids: torch.Tensor  # [b, L], right-padded with 0
+    position_ids: torch.Tensor  # [b, L]
+    segments: torch.Tensor  # [b, L]: -1 context, j continuation j of the row, -2 padding
+    reads: list[tuple[int, list[int], list[int]]]  # (request, flat positions predicting, targets)
+
+    @classmethod
+    def of(cls, rows: list[Row]) -> Forward:
+        width = max(len(row) for row in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        positions = torch.zeros(len(rows), width, dtype=torch.long)
+        segments = torch.full((len(rows), width), -2, dtype=torch.long)
+        reads = []
+        for r, row in enumerate(rows):
+            length = len(row.context)
+            ids[r, :length] = torch.tensor(row.context)
+            positions[r, :length] = torch.arange(length)
+            segments[r, :length] = -1
+            start = length
+            for j, (request, tokens) in enumerate(row.requests):
+                inputs = tokens[:-1]
+                stop = start + len(inputs)
+                ids[r, start:stop] = torch.tensor(inputs, dtype=torch.long)
+                positions[r, start:stop] = torch.arange(length, length + len(inputs))
+                segments[r, start:stop] = j
+                predicting = [length - 1, *range(start, stop)]
+                reads.append((request, [r * width + p for p in predicting], tokens))
+                start = stop
+        return cls(ids, positions, segments, reads)
+
+    def mask(self, window: int | None = None) -> torch.Tensor:
+        """[b, 1, L, L], True where a query may attend: earlier positions of the context and of its
+        own continuation (padding sees padding), within `window` positions when given."""
+        pos_q, pos_k = self.position_ids[:, :, None], self.position_ids[:, None, :]
+        seg_q, seg_k = self.segments[:, :, None], self.segments[:, None, :]
+        allowed = (pos_k <= pos_q) & ((seg_k == seg_q) | ((seg_k == -1) & (seg_q >= 0)))
+        if window is not None:
+            allowed &= pos_q - pos_k < window
+        return allowed[:, None]
+
+
+def attention_masks(model: Any, forward: Forward) -> torch.Tensor | dict[str, torch.Tensor] | None:
+    """The packed rows' masks as the model's attention takes them (boolean for SDPA, additive for
+    eager): one 4D mask, or one per layer type for models that mix sliding-window and full layers;
+    None when cps cannot hand it such a mask (another attention kernel, a model-wide sliding window)."""
+    config = model.config.get_text_config()
+    kernel = getattr(config, "_attn_implementation", None)
+    if kernel not in ("sdpa", "eager"):
         return None
 
-    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: Any = None):
-        if self._spans is None or attn_mask is not None or labels is not None:
-            return super()._model_call(inps, attn_mask, labels)
-        spans = [self._row_span(row) for row in inps.tolist()]
-        if any(span is None for span in spans):
-            return super()._model_call(inps, attn_mask, labels)
-        # Row i reads logits[inplen - contlen : inplen]: the head runs on those positions only.
-        keep = torch.zeros(inps.shape, dtype=torch.bool, device=inps.device)
-        for row, (inplen, contlen) in enumerate(spans):
-            keep[row, inplen - contlen : inplen] = True
-        offset = min(inplen - contlen for inplen, contlen in spans)
-        with (
-            torch.no_grad(),
-            torch.autocast(
-                device_type=self.device.type,
-                dtype=self.mixed_precision_dtype,
-                enabled=self.mixed_precision_dtype is not None,
-            ),
+    def as_taken(allowed: torch.Tensor) -> torch.Tensor:
+        if kernel == "sdpa":
+            return allowed
+        additive = torch.zeros(allowed.shape, dtype=model.dtype)
+        return additive.masked_fill_(~allowed, torch.finfo(model.dtype).min)
+
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    window = getattr(config, "sliding_window", None)
+    if "sliding_attention" in layer_types:
+        if not layer_types <= {"sliding_attention", "full_attention"}:
+            return None
+        return {
+            kind: as_taken(forward.mask(window if kind == "sliding_attention" else None))
+            for kind in layer_types
+        }
+    if window is not None and getattr(config, "use_sliding_window", True):
+        return None  # a sliding window set model-wide: its mask builder would drop ours
+    return as_taken(forward.mask())
+
+
+class SharedContextLM(HFLM):
+    def _loglikelihood_tokens(
+        self,
+        requests: list[tuple[tuple[str, str], list[int], list[int]]],
+        disable_tqdm: bool = False,
+        override_bs: int | None = None,
+    ) -> list[tuple[float, bool]]:
+        if self.backend != "causal" or not requests:
+            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+        device = next(self.model.parameters()).device
+        probe = torch.tensor([requests[0][1] + requests[0][2]], device=device)
+        head = checked_head(self.model, probe)
+        if head is None:
+            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        pack = self._packs(requests, head)
+        rows = rows_of(requests, self.max_length, pack)
+        budget = max(1, int(override_bs or self.batch_size or 1)) * ROW_TOKENS
+        batches = [[rows[i] for i in group] for group in length_groups([len(row) for row in rows], budget)]
+        total = sum(len(row.requests) for row in rows)
+        with tqdm(total=total, disable=disable_tqdm, desc="loglikelihood (shared contexts)") as bar:
+            answers = self._score(batches, head, pack, bar.update)
+        for request, answer in answers.items():
+            results[request] = answer
+            self.cache_hook.add_partial("loglikelihood", requests[request][0], answer)
+        rest = [i for i, answer in enumerate(results) if answer is None]
+        if rest:  # requests no row could hold: lm-eval's own way
+            for i, answer in zip(
+                rest, super()._loglikelihood_tokens([requests[i] for i in rest], True), strict=True
+            ):
+                results[i] = answer
+        return results  # type: ignore[return-value]
+
+    def _packs(self, requests: list[Any], head: OutputHead) -> bool:
+        """Whether this model scores packed rows as it scores plain ones (checked once per model,
+        on the first rows with a shared context)."""
+        if self.model in _PACKS:
+            return _PACKS[self.model]
+        packed = [row for row in rows_of(requests, self.max_length, True) if len(row.requests) > 1][:4]
+        if not packed:
+            return False  # nothing shared here: plain rows; the check waits for a later call
+        if attention_masks(self.model, Forward.of(packed)) is None:
+            _PACKS[self.model] = False
+            return False
+        chosen = {request for row in packed for request, _ in row.requests}
+        plain = [row for row in rows_of(requests, self.max_length, False) if row.requests[0][0] in chosen]
+        together, alone = self._score([packed], head, True), self._score([plain], head, False)
+        tolerance = 1e-3 if self.model.dtype == torch.float32 else 5e-2
+        agree = all(
+            abs(together[r][0] - alone[r][0]) <= tolerance * max(1.0, abs(alone[r][0])) for r in chosen
+        )
+        if not agree:
+            log.warning(
+                "%s scores packed rows differently: each request runs alone", type(self.model).__name__
+            )
+        _PACKS[self.model] = agree
+        return agree
+
+    @torch.inference_mode()
+    def _score(
+        self, batches: list[list[Row]], head: OutputHead, pack: bool, done: Callable[[int], Any] | None = None
+    ) -> dict[int, tuple[float, bool]]:
+        """(log-likelihood, greedy) of every request in `batches` of rows: one decoder pass per batch,
+        then the LM head once over the predicting states of them all (its weights read once)."""
+        device = next(self.model.parameters()).device
+        states, targets, spans = [], [], []
+        for rows in batches:
+            forward = Forward.of(rows)
+            hidden = self._decoder(forward, pack, device)
+            where = torch.tensor([p for _, positions, _ in forward.reads for p in positions], device=device)
+            states.append(hidden.reshape(-1, hidden.shape[-1])[where])
+            targets += [t for _, _, tokens in forward.reads for t in tokens]
+            spans += [(request, len(tokens)) for request, _, tokens in forward.reads]
+            if done is not None:
+                done(sum(len(row.requests) for row in rows))
+        wanted = torch.tensor(targets, device=device)
+        nll, best = head.scores(torch.cat(states), wanted)
+        assert best is not None
+        nll_list, greedy = nll.double().cpu().tolist(), (best == wanted).cpu().tolist()
+        answers, offset = {}, 0
+        for request, count in spans:
+            answers[request] = (-sum(nll_list[offset : offset + count]), all(greedy[offset : offset + count]))
+            offset += count
+        return answers
+
+    def _decoder(self, forward: Forward, pack: bool, device: torch.device) -> torch.Tensor:
+        """The base model's final states [b, L, d] of one batch: packed rows under their masks and
+        position ids, or plain rows under a padding mask."""
+        ids = forward.input_ids.to(device)
+        if pack:
+            masks = attention_masks(self.model, forward)
+            assert masks is not None
+            masks = (
+                {k: v.to(device) for k, v in masks.items()} if isinstance(masks, dict) else masks.to(device)
+            )
+            kwargs = {"attention_mask": masks, "position_ids": forward.position_ids.to(device)}
+        else:
+            kwargs = {"attention_mask": (forward.segments != -2).long().to(device)}
+        with torch.autocast(
+            device_type=device.type,
+            dtype=self.mixed_precision_dtype,
+            enabled=self.mixed_precision_dtype is not None,
         ):
-            kept = self.model(inps, logits_to_keep=keep).logits
-        kept = kept.reshape(-1, kept.shape[-1])  # [positions kept, vocab]
-        # lm-eval slices row i at [inplen - contlen - offset, inplen - offset) when the returned
-        # length is padding_len - offset; the positions nobody reads stay 0.
-        logits = kept.new_zeros(inps.shape[0], inps.shape[1] - offset, kept.shape[-1])
-        logits[:, : inps.shape[1] - offset][keep[:, offset:]] = kept
-        return logits
+            return self.model.base_model(input_ids=ids, use_cache=False, **kwargs).last_hidden_state

@@ -124,9 +124,18 @@ class OutputHead:
 
     def nll(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(n,) fp32 NLL of each target given the state before it."""
+        return self.scores(states, targets, argmax=False)[0]
+
+    def scores(
+        self, states: torch.Tensor, targets: torch.Tensor, argmax: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(n,) fp32 NLL of each target given the state before it and, with `argmax`, (n,) the
+        first index of each row's largest logit (torch's argmax over the whole vocabulary)."""
         count = len(states)
         lse = torch.full((count,), -math.inf, device=states.device)
         target_logit = torch.zeros(count, device=states.device)
+        best = torch.full((count,), -math.inf, device=states.device) if argmax else None
+        best_index = torch.zeros(count, dtype=torch.long, device=states.device) if argmax else None
         step = max(1, HEAD_BUDGET_BYTES // (4 * VOCAB_CHUNK))
         for first in range(0, self.vocab, VOCAB_CHUNK):
             last = min(first + VOCAB_CHUNK, self.vocab)
@@ -138,14 +147,20 @@ class OutputHead:
                 wanted = targets[begin:end]
                 inside = ((wanted >= first) & (wanted < last)).nonzero()[:, 0]
                 target_logit[begin + inside] = logits[inside, wanted[inside] - first]
+                if best is not None and best_index is not None:
+                    value, index = logits.max(dim=1)
+                    better = value > best[begin:end]  # strictly: an earlier chunk keeps a tie
+                    best[begin:end] = torch.where(better, value, best[begin:end])
+                    best_index[begin:end] = torch.where(better, index + first, best_index[begin:end])
             del weight
-        return lse - target_logit
+        return lse - target_logit, best_index
 
 
 _HEAD_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _output_head(model: PreTrainedModel, sample: torch.Tensor) -> OutputHead | None:
+@torch.no_grad()
+def checked_head(model: PreTrainedModel, sample: torch.Tensor) -> OutputHead | None:
     """The chunked head when it reproduces the model's own logits (checked once per model on a few
     tokens), else None: the model's full forward is used instead. A streamed model's head is not
     checked (it cannot run whole): streaming takes the architectures whose heads cps knows."""
@@ -246,7 +261,7 @@ def score_windows(
     work = batches(windows, BATCH_TOKENS)
     source = streamed(model)
     device = source.device if source is not None else next(model.parameters()).device
-    output_head = _output_head(model, work[0].input_ids.to(device)) if head else None
+    output_head = checked_head(model, work[0].input_ids.to(device)) if head else None
     if head and output_head is None:  # a head cps cannot reproduce: the model's own full logits
         return _score_full_logits(model, work, observer, nll)
     if source is not None:

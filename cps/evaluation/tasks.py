@@ -396,9 +396,9 @@ def run_tasks(
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    from cps.evaluation.lm import ContinuationLM
+    from cps.evaluation.lm import SharedContextLM
 
-    lm = ContinuationLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = SharedContextLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
         # Indexing lm-eval's whole task library takes ~10 s: only when a task comes from it.
         manager = TaskManager(include_defaults=any(isinstance(c, str) for c in configs.values()))

@@ -240,17 +240,32 @@ class Batch:
         return before
 
 
-def batches(windows: list[Window], max_tokens: int = 8192, pad_id: int = 0) -> list[Batch]:
-    """Windows sorted by length (longest first) and packed into batches of <= max_tokens (b x L)."""
-    order = sorted(range(len(windows)), key=lambda i: -len(windows[i].input_ids))
+PADDING_SLACK = 0.85  # a row joins a batch only if at least this fraction of the longest
+
+
+def length_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices sorted by length (longest first) and cut into groups of at most `max_tokens` once
+    padded to their first (longest) member (rows x longest <= max_tokens, or a single row), each
+    member at least `PADDING_SLACK` of the longest: padding stays under 15% of a batch."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     groups: list[list[int]] = []
     for index in order:
-        if groups and len(windows[groups[-1][0]].input_ids) * (len(groups[-1]) + 1) <= max_tokens:
+        longest = lengths[groups[-1][0]] if groups else 0
+        if (
+            groups
+            and longest * (len(groups[-1]) + 1) <= max_tokens
+            and lengths[index] >= PADDING_SLACK * longest
+        ):
             groups[-1].append(index)
         else:
             groups.append([index])
+    return groups
+
+
+def batches(windows: list[Window], max_tokens: int = 8192, pad_id: int = 0) -> list[Batch]:
+    """Windows sorted by length (longest first) and packed into batches of <= max_tokens (b x L)."""
     result = []
-    for rows in groups:
+    for rows in length_groups([len(window.input_ids) for window in windows], max_tokens):
         width = len(windows[rows[0]].input_ids)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         scored = torch.zeros((len(rows), width), dtype=torch.bool)

@@ -65,7 +65,13 @@ class CellOutcome:
     plan: CellPlan
     run_id: str | None
     error: str | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole cell, in its process
+    eval_seconds: float | None = None  # of which evaluation (None: the cell failed before it)
+
+    @property
+    def prune_seconds(self) -> float | None:
+        """The rest of the cell: calibration, model load, pruning, logging."""
+        return None if self.eval_seconds is None else self.seconds - self.eval_seconds
 
 
 @dataclass
@@ -77,6 +83,16 @@ class SweepResult:
     analysis_errors: list[str]
     skipped_analyses: int
     seconds: float
+    analysis_seconds: float = 0.0
+
+    def time_split(self) -> dict[str, float]:
+        """Where this sweep's time went, seconds: its cells' pruning (with calibration, loading and
+        logging) and evaluation, the analyses, and the rest (planning, the store)."""
+        prune = sum(o.prune_seconds or 0.0 for o in self.outcomes)
+        evaluate = sum(o.eval_seconds or 0.0 for o in self.outcomes)
+        failed = sum(o.seconds for o in self.outcomes if o.eval_seconds is None)
+        split = {"prune": prune, "eval": evaluate, "failed cells": failed, "analyses": self.analysis_seconds}
+        return split | {"other": max(0.0, self.seconds - sum(split.values()))}
 
     @property
     def failed(self) -> list[CellOutcome]:
@@ -102,8 +118,11 @@ def plan_cells(study: Study, store: tracking.Store) -> list[CellPlan]:
     return plans
 
 
-def run_cell(plan: CellPlan, store: tracking.Store, tags: dict[str, str], keep: bool = False) -> str:
-    """Prune and evaluate one cell (or only evaluate its finished run); returns the run id.
+def run_cell(
+    plan: CellPlan, store: tracking.Store, tags: dict[str, str], keep: bool = False
+) -> tuple[str, float]:
+    """Prune and evaluate one cell (or only evaluate its finished run); returns the run id and the
+    seconds its evaluation took.
 
     With `keep`, a method that updates the weights (SparseGPT) leaves them in the local cache for
     the sweep's activation analyses, which would otherwise prune again to rebuild the model.
@@ -112,16 +131,21 @@ def run_cell(plan: CellPlan, store: tracking.Store, tags: dict[str, str], keep: 
     if plan.action == EVALUATE:
         assert plan.run_id is not None
         tracking.open_run(store, plan.run_id).set_tags(tags)
+        started = time.perf_counter()
         run_eval(evaluate, store, plan.run_id)
-        return plan.run_id
+        return plan.run_id, time.perf_counter() - started
+
+    evaluated: list[float] = []
 
     def then(run_id: str, loaded) -> None:
+        started = time.perf_counter()
         run_eval(evaluate, store, run_id, loaded)
+        evaluated.append(time.perf_counter() - started)
         if keep and prune.method is not None and method_class(prune.method).updates_weights:
             keep_weights(run_id, loaded.model)
 
     result = run_prune(plan.cell.prune, store, tags=tags, then=then)
-    return result.run_id
+    return result.run_id, sum(evaluated)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,8 +159,8 @@ def local_executor(
         log.info("cell: %s (%s)", plan.cell.label, ACTIONS[plan.action])
         started = time.perf_counter()
         try:
-            run_id = run_cell(plan, store, {**tags, "cps.sweep.cell": plan.cell.label}, keep)
-            yield CellOutcome(plan, run_id, seconds=time.perf_counter() - started)
+            run_id, evaluated = run_cell(plan, store, {**tags, "cps.sweep.cell": plan.cell.label}, keep)
+            yield CellOutcome(plan, run_id, seconds=time.perf_counter() - started, eval_seconds=evaluated)
         except Exception as error:  # one cell's crash is recorded (its run ended FAILED); go on
             log.exception("cell %s failed", plan.cell.label)
             message = f"{type(error).__name__}: {first_line(error)}"
@@ -147,12 +171,12 @@ def local_executor(
 
 def _ray_cell(
     plan: CellPlan, store: tracking.Store, tags: dict[str, str], threads: int, keep: bool
-) -> tuple[str, float]:
+) -> tuple[str, float, float]:
 
     torch.set_num_threads(max(1, threads))
     started = time.perf_counter()
-    run_id = run_cell(plan, store, {**tags, "cps.sweep.cell": plan.cell.label}, keep)
-    return run_id, time.perf_counter() - started
+    run_id, evaluated = run_cell(plan, store, {**tags, "cps.sweep.cell": plan.cell.label}, keep)
+    return run_id, time.perf_counter() - started, evaluated
 
 
 def ray_executor(address: str | None = None, cpus_per_cell: int = 1) -> Callable[..., Iterator[CellOutcome]]:
@@ -205,8 +229,8 @@ def ray_executor(address: str | None = None, cpus_per_cell: int = 1) -> Callable
                 (ready,), _ = ray.wait(list(pending), num_returns=1)
                 plan = pending.pop(ready)
                 try:
-                    run_id, seconds = ray.get(ready)
-                    yield CellOutcome(plan, run_id, seconds=seconds)
+                    run_id, seconds, evaluated = ray.get(ready)
+                    yield CellOutcome(plan, run_id, seconds=seconds, eval_seconds=evaluated)
                 except Exception as error:  # RayTaskError wraps the cell's exception
                     cause = getattr(error, "cause", None) or error
                     message = f"{type(cause).__name__}: {first_line(cause)}"
@@ -288,21 +312,28 @@ def run_sweep(
                 bar.update()
                 bar.set_postfix(failed=sum(1 for o in outcomes if o.error))
                 parent.log_metrics(_progress(plans, outcomes))
+        analyses_started = time.perf_counter()
         try:
             analysis_ids, analysis_errors, skipped = run_analyses(study, store, tags)
         finally:  # the kept weights served the analyses; they are not a store of models
             drop_kept_weights([run_id for run_id in _run_ids(plans, outcomes) if run_id])
+        analysis_seconds = time.perf_counter() - analyses_started
         seconds = time.perf_counter() - started
+        result = SweepResult(
+            parent.run_id, plans, outcomes, analysis_ids, analysis_errors, skipped, seconds, analysis_seconds
+        )
+        split = {f"time.{part.replace(' ', '_')}_s": value for part, value in result.time_split().items()}
         parent.log_metrics(
             {
                 **_progress(plans, outcomes),
                 "analyses.run": len(analysis_ids),
                 "analyses.failed": len(analysis_errors),
                 "time.sweep_s": seconds,
+                **split,
             }
         )
         parent.log_frame(plan_frame(plans, outcomes), "cells.parquet")
-    return SweepResult(parent.run_id, plans, outcomes, analysis_ids, analysis_errors, skipped, seconds)
+    return result
 
 
 def _run_ids(plans: list[CellPlan], outcomes: list[CellOutcome]) -> list[str | None]:
@@ -333,6 +364,8 @@ def plan_frame(plans: list[CellPlan], outcomes: Iterable[CellOutcome] = ()) -> p
                 "run_id": outcome.run_id if outcome else plan.run_id,
                 "error": outcome.error if outcome else None,
                 "seconds": outcome.seconds if outcome else None,
+                "prune_s": outcome.prune_seconds if outcome else None,
+                "eval_s": outcome.eval_seconds if outcome else None,
                 **{f"param.{k}": v for k, v in plan.cell.key.items()},
             }
         )
