@@ -1,27 +1,45 @@
-"""Perplexity under cps's protocol vs a bare Hugging Face loop, the cost of the held-out SNR, and
-what the protocol changed.
+"""Evaluation speed and memory: perplexity under cps's protocol vs a bare Hugging Face loop, one demo
+cell's evaluation against an earlier commit's, `cps eval`'s whole process, and import times.
 
-1. Throughput: cps (`score_text`: windows batched by length, LM head on the scored positions in
+Cases (`--cases`, all by default):
+
+1. throughput: cps (`score_text`: windows batched by length, LM head on the scored positions in
    chunks) against a bare loop running `model(input_ids, labels=...)` window by window on exactly
-   the same windows (FLORES dev+test of the chosen languages). Same process, side by side.
-2. Held-out SNR: the same cps pass with the SNR meter against recorded dense states, as a ratio to
-   the plain pass (the SNR needs no extra forward pass).
-3. Protocol 1 (cps <= 0.1: all documents one token stream cut into pieces of seqlen - 1, BOS only
-   before the first) against protocol 2 (each document alone, BOS first in every window), on the
-   first `--protocol-docs` documents.
+   the same windows (FLORES dev+test of `--langs`), same process; the held-out SNR meter's cost as
+   a ratio to the plain pass; protocol 1 (cps <= 0.1) against protocol 2 on a few documents.
+   Target: cps throughput >= 0.9 x the bare loop.
+2. demo-cell: what a `make demo` cell spends evaluating, this checkout against `--against` (the
+   commit issue 15 started from), one fresh process each, one after the other on this machine:
+   the first Wanda cell of studies/demo.toml is pruned (untimed) and its model evaluated in memory
+   with the study's [eval] settings (perplexity and SNR in 7 languages, xcopa/sib/flores_next),
+   twice: the first evaluation also pays the process's one-time costs (lm-eval's import, the
+   dense states for the SNR), the second is a typical cell. `--profile DIR` writes a cProfile of
+   each side's second evaluation. Target: new / old <= 0.55 (second evaluation).
+3. process: `cps eval --model gemma3-270m` with the demo's settings as a user runs it, wall time
+   and peak RSS of the whole process, each side. Target: peak <= 1.6 GB.
+4. imports: seconds to import `cps.cli` and to run `cps --help` (the start of every command).
 
-    .venv/bin/python benchmarks/eval_bench.py [--langs en,sw --seqlen 1024 --protocol-docs 20]
+    .venv/bin/python benchmarks/eval_bench.py [--cases demo-cell,process --against 13a1eb5]
 
-Target: cps throughput >= 0.9 x the bare loop.
+Memory is ru_maxrss / VmHWM in GiB, as cps's own peak_rss_gb.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+from measure import ROOT, checkout, environment, peak_since_reset_gb, reset_peak, run_measured
+
+STARTED_FROM = "13a1eb5"  # the commit issue 15 started from
+DEMO = ROOT / "studies" / "demo.toml"
 
 
 def bare_loop(model, windows) -> float:
@@ -52,21 +70,13 @@ def protocol_1_ppl(model, tokenizer, documents, seqlen: int) -> float:
     return math.exp(total / count)
 
 
-def main() -> None:
+def throughput(args) -> None:
     from cps.data import get_corpus
     from cps.evaluation.hidden import PositionSample, SnrMeter, StateRecorder
     from cps.evaluation.perplexity import perplexity, score_text, score_windows
     from cps.evaluation.windows import held_out_windows
     from cps.models import decoder_layers, load_model
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--langs", default="en,sw")
-    parser.add_argument("--seqlen", type=int, default=1024)
-    parser.add_argument("--model", default="gemma3-270m")
-    parser.add_argument("--protocol-langs", default="en,sw,zh")
-    parser.add_argument("--protocol-docs", type=int, default=20)
-    parser.add_argument("--protocol-seqlen", type=int, default=512)
-    args = parser.parse_args()
     loaded = load_model(args.model)
     model, tokenizer = loaded.model, loaded.tokenizer
     corpus = get_corpus("flores")
@@ -100,6 +110,139 @@ def main() -> None:
         old = protocol_1_ppl(model, tokenizer, documents, args.protocol_seqlen)
         new = perplexity(model, tokenizer, documents, args.protocol_seqlen).ppl
         print(f"  {lang}: {old:.1f} -> {new:.1f}")
+
+
+def demo_cell_child(profile: str | None) -> dict:
+    """In a fresh process (run by `demo_cell`): prune the demo's first Wanda cell, then evaluate
+    its model in memory twice as the sweep does. Uses only APIs both sides have."""
+    import cps  # first, as in `cps ...`
+
+    # isort: split
+    import cProfile
+
+    from cps.stages.evaluate import run_eval
+    from cps.stages.prune import run_prune
+    from cps.study import load_study
+    from cps.tracking import Store
+
+    study = load_study(DEMO)
+    cell = next(c for c in study.cells if c.prune.method == "wanda")
+    folder = tempfile.mkdtemp(prefix="cps-demo-cell-")
+    store = Store(f"sqlite:///{folder}/db.sqlite", "bench")
+    seconds, peaks = [], []
+
+    def then(run_id: str, loaded) -> None:
+        for attempt in range(2):
+            profiler = cProfile.Profile() if profile and attempt == 1 else None
+            reset_peak()
+            started = time.perf_counter()
+            if profiler:
+                profiler.enable()
+            run_eval(cell.evaluate, store, run_id, loaded)
+            if profiler:
+                profiler.disable()
+                profiler.dump_stats(profile)
+            seconds.append(time.perf_counter() - started)
+            peaks.append(peak_since_reset_gb())
+
+    run_prune(cell.prune, store, then=then)
+    return {"cps": cps.__file__, "cell": cell.label, "seconds": seconds, "peak_gb": peaks}
+
+
+def demo_cell(args, sides: dict[str, Path]) -> None:
+    print("one demo cell's evaluation (studies/demo.toml [eval]), in memory, after pruning it:")
+    rows = {}
+    for side, source in sides.items():
+        command = [sys.executable, __file__, "--demo-cell-child"]
+        if args.profile:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+            command += ["--profile", str(Path(args.profile) / f"demo_cell_{side}.pstats")]
+        cache = Path(tempfile.mkdtemp(prefix=f"cps-cache-{side}-"))
+        run = run_measured(command, environment(source, cache))
+        if run.returncode != 0:
+            raise SystemExit(f"{side}: the demo cell failed:\n{run.output[-3000:]}")
+        rows[side] = json.loads(run.output.strip().splitlines()[-1])
+        first, second = rows[side]["seconds"]
+        print(
+            f"  {side:<5} ({rows[side]['cps']}): first {first:6.1f} s, second {second:6.1f} s, "
+            f"peak while evaluating {max(rows[side]['peak_gb']):.2f} GB"
+        )
+    if len(rows) == 2:
+        ratio = rows["new"]["seconds"][1] / rows["old"]["seconds"][1]
+        first = rows["new"]["seconds"][0] / rows["old"]["seconds"][0]
+        print(f"  new / old: {ratio:.3f} (second evaluation; target <= 0.55), first evaluation {first:.3f}")
+    if args.profile:
+        print(f"  profiles: {args.profile}/demo_cell_<side>.pstats (python -m pstats)")
+
+
+def process(args, sides: dict[str, Path]) -> None:
+    print("cps eval --model gemma3-270m with the demo's [eval] settings, the whole process:")
+    limits = ["--task-limit", "xcopa=10", "--task-limit", "sib=2", "--task-limit", "flores_next=1"]
+    for side, source in sides.items():
+        folder = tempfile.mkdtemp(prefix="cps-eval-process-")
+        command = [
+            sys.executable, "-m", "cps", "eval", "--model", "gemma3-270m",
+            "--tasks", "xcopa,sib,flores_next", *limits, "--seqlen", "512", "--max-docs", "6",
+            "--tracking-uri", f"sqlite:///{folder}/db.sqlite",
+        ]  # fmt: skip
+        run = run_measured(command, environment(source, Path(folder) / "cache"))
+        if run.returncode != 0:
+            raise SystemExit(f"{side}: cps eval failed:\n{run.output[-3000:]}")
+        target = " (target <= 1.6 GB)" if side == "new" else ""
+        print(f"  {side:<5} {run.seconds:6.1f} s, peak RSS {run.peak_gb:.2f} GB{target}")
+
+
+def imports(args, sides: dict[str, Path]) -> None:
+    print("start-up: import cps.cli / cps --help (best of 3):")
+    for side, source in sides.items():
+        env = environment(source)
+        figures = []
+        for command in (
+            [sys.executable, "-c", "import cps.cli"],
+            [sys.executable, "-m", "cps", "--help"],
+        ):
+            best = min(run_measured(command, env).seconds for _ in range(3))
+            figures.append(best)
+        print(f"  {side:<5} import cps.cli {figures[0]:.2f} s, cps --help {figures[1]:.2f} s")
+    heavy = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import cps.stages.prune, cps.stages.evaluate"],
+        capture_output=True, text=True, env=environment(ROOT),
+    ).stderr  # fmt: skip
+    rows = []
+    for line in heavy.splitlines():
+        parts = line.split("|")
+        top_level = len(parts) == 3 and parts[2].startswith(" ") and not parts[2].startswith("  ")
+        if top_level and parts[0].startswith("import time:") and parts[1].strip().isdigit():
+            rows.append((int(parts[1]) / 1e6, parts[2].strip()))  # cumulative seconds
+    top = ", ".join(f"{name} {seconds:.2f} s" for seconds, name in sorted(rows, reverse=True)[:6])
+    print(f"  what a pruning or evaluation command imports, the heaviest: {top}")
+
+
+CASES = {"throughput": throughput, "demo-cell": demo_cell, "process": process, "imports": imports}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--against", default=STARTED_FROM, help="the commit to compare with ('' for none)")
+    parser.add_argument("--profile", help="folder for the demo cell's cProfile statistics")
+    parser.add_argument("--langs", default="en,sw")
+    parser.add_argument("--seqlen", type=int, default=1024)
+    parser.add_argument("--model", default="gemma3-270m")
+    parser.add_argument("--protocol-langs", default="en,sw,zh")
+    parser.add_argument("--protocol-docs", type=int, default=20)
+    parser.add_argument("--protocol-seqlen", type=int, default=512)
+    parser.add_argument("--demo-cell-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.demo_cell_child:
+        print(json.dumps(demo_cell_child(args.profile)))
+        return
+    sides = {"old": checkout(args.against)} if args.against else {}
+    sides["new"] = ROOT
+    for case in args.cases.split(","):
+        if case not in CASES:
+            raise SystemExit(f"unknown case {case!r}: one of {', '.join(CASES)}")
+        CASES[case](args) if case == "throughput" else CASES[case](args, sides)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model
 from torch import nn
 from transformers import (
@@ -365,6 +365,21 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def _tied_head_mapping(location: str) -> dict[str, str] | None:
+    """For a checkpoint that stores tied embeddings under the head's name only (cps's conversions
+    of the embedded models: `lm_head.weight`), the mapping that loads them as the input embedding.
+    Without it transformers first fills the embedding with random values (0.8 s and 0.67 GB at
+    once for Gemma-3's) before tying it to the loaded head; the weights are the same either way."""
+    path = Path(location) / "model.safetensors"
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as checkpoint:
+        keys = set(checkpoint.keys())
+    if "lm_head.weight" in keys and "model.embed_tokens.weight" not in keys:
+        return {r"^lm_head\.weight$": "model.embed_tokens.weight"}
+    return None
+
+
 def load_model(name: str, options: LoadOptions | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode, on `options.device`."""
 
@@ -380,7 +395,10 @@ def load_model(name: str, options: LoadOptions | None = None) -> LoadedModel:
             spec,
             "model",
             lambda location: AutoModelForCausalLM.from_pretrained(
-                location, dtype=dtype, trust_remote_code=options.trust_remote_code
+                location,
+                dtype=dtype,
+                trust_remote_code=options.trust_remote_code,
+                key_mapping=_tied_head_mapping(location),
             ),
         )
     model.eval()

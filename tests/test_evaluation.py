@@ -121,6 +121,65 @@ def test_summed_nll_equals_lm_evals_loglikelihood_rolling(name, tiny_bos_tokeniz
     assert all(-value > nll + 1 for value, nll in zip(twice, result.nll[:2], strict=True))
 
 
+def _resident_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of `tensor`'s pages present in this process's memory (/proc/self/pagemap, bit 63)."""
+    import os
+    import struct
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    first = tensor.data_ptr() // page
+    last = (tensor.data_ptr() + tensor.numel() * tensor.element_size() - 1) // page
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(first * 8)
+        entries = struct.unpack(f"{last - first + 1}Q", pagemap.read((last - first + 1) * 8))
+    return sum(page for entry in entries if entry >> 63)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "gemma3-270m"])
+def test_chunked_head_equals_a_float64_log_softmax(name, tiny_bos_tokenizer, request, monkeypatch, tmp_path):
+    """The LM head over position and vocabulary chunks (an online log-sum-exp; the rows of a
+    checkpoint mapped in place handed back after each chunk) gives every window's NLL of the full
+    [positions, vocab] log-softmax computed in float64 from the same states, to 1e-6 relative, and
+    the model's own fp32 forward to its rounding (which is 8e-6 off the float64 values on Gemma:
+    one [batch, seqlen, 262k] product sums in another order)."""
+    from transformers import AutoModelForCausalLM
+
+    from cps.evaluation import perplexity as ppl
+    from cps.evaluation.windows import batches
+
+    if name == "gemma3-270m":
+        loaded = request.getfixturevalue("gemma")
+        model, tokenizer, seqlen = loaded.model, loaded.tokenizer, 48
+    else:  # saved and loaded back: its weights map the checkpoint, as a real model's do
+        load_model(name).model.save_pretrained(tmp_path)
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+        tokenizer, seqlen = tiny_bos_tokenizer, 48
+        monkeypatch.setattr(ppl, "VOCAB_CHUNK", 5000)  # 10 vocabulary chunks
+        monkeypatch.setattr(ppl, "HEAD_BUDGET_BYTES", 4 * 5000 * 7)  # of 7 positions each
+    text = held_out_windows(get_corpus("flores").documents("sw")[:4], tokenizer, seqlen)
+    assert len(text.windows) > len(text.documents)  # documents longer than a window: several each
+    work = batches(text.windows, ppl.BATCH_TOKENS)
+    exact = torch.zeros(len(text.windows), dtype=torch.float64)
+    weight = model.get_output_embeddings().weight
+    with torch.inference_mode():
+        own = ppl._score_full_logits(model, work, None, torch.zeros(len(text.windows), dtype=torch.float64))
+        for batch in work:
+            states = model.base_model(input_ids=batch.input_ids, use_cache=False).last_hidden_state
+            logits = states[batch.predicting].double() @ weight.double().T
+            nll = torch.nn.functional.cross_entropy(logits, batch.input_ids[batch.scored], reduction="none")
+            exact[batch.rows] = torch.zeros(len(batch.rows), dtype=torch.float64).index_add_(
+                0, batch.scored.nonzero()[:, 0], nll
+            )
+    chunked = ppl.score_windows(model, text.windows)
+    assert chunked.tolist() == pytest.approx(exact.tolist(), rel=1e-6)
+    assert own.tolist() == pytest.approx(exact.tolist(), rel=2e-5)
+    head = ppl.checked_head(model, work[0].input_ids)
+    assert head is not None and head.pages is not None  # the checkpoint's rows were handed back
+    assert _resident_bytes(weight) < 0.2 * weight.numel() * weight.element_size()
+    again = ppl.score_windows(model, text.windows)  # re-read from the page cache: the same bits
+    assert again.tolist() == chunked.tolist()
+
+
 def _lm_eval_xcopa_utils():
     import lm_eval
 
@@ -292,6 +351,40 @@ def test_packed_rows_mask_and_positions_by_hand():
     assert rows_of([(None, [1, 2, 3, 4], [5, 6])], 4, pack=True)[0].context == [2, 3, 4]
     # a row never grows past max_length: a context's further continuations open a second row
     assert len(rows_of([(None, [1, 2], [3, 4, 5]), (None, [1, 2], [6, 7, 8])], 5, pack=True)) == 2
+
+
+def test_tasks_of_different_limits_run_in_one_call_on_the_items_lm_eval_would_take(monkeypatch):
+    """Per-task limits (a count, a fraction) cut each pack task's items beforehand, so all run in one
+    lm-eval call; the items and their scores are those of lm-eval's own `limit`, task by task."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from cps.evaluation import tasks as tasks_module
+    from cps.evaluation.lm import SharedContextLM
+
+    loaded = load_model("tiny-llama")
+    limits = {"sib_sw": 3, "xcopa_sw": 0.02}  # xcopa's 500 test items: 10
+    calls = []
+    evaluate = lm_eval.simple_evaluate
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: calls.append(kw["limit"]) or evaluate(**kw))
+    together = run_tasks(loaded.model, loaded.tokenizer, list(limits), limits=limits)
+    assert calls == [None]
+    for name, limit in limits.items():
+        manager = TaskManager(include_defaults=False)
+        leaves = {
+            name: tasks_module._leaf_tasks(
+                get_task_dict([tasks_module.pack_task_config(name, None)], manager)
+            )
+        }
+        lm = SharedContextLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=8)
+        output = evaluate(model=lm, tasks=list(leaves[name].values()), limit=limit, log_samples=True,
+                          bootstrap_iters=0, verbosity="WARNING", task_manager=manager)  # fmt: skip
+        alone = tasks_module.collect(output["samples"], leaves)
+        assert len(alone.items[name]) == {"sib_sw": 3, "xcopa_sw": 10}[name]
+        mine, theirs = together.items[name], alone.items[name]
+        assert mine.drop("loglik").equals(theirs.drop("loglik"))  # items, targets, picks, accuracies
+        flat = [[v for row in frame["loglik"].to_list() for v in row] for frame in (mine, theirs)]
+        assert flat[0] == pytest.approx(flat[1], rel=1e-5, abs=1e-5)  # batched with other tasks
 
 
 def test_unknown_tasks_and_missing_language_data():

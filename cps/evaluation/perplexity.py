@@ -33,12 +33,12 @@ from cps.errors import CpsError
 from cps.evaluation.windows import Batch, HeldOutText, Window, batches, held_out_windows
 from cps.hooks import layer_output, output_hooks
 from cps.models import decoder_layers
-from cps.streaming import StreamedModel, capture_layer_calls, move, streamed
+from cps.streaming import FilePages, StreamedModel, capture_layer_calls, move, streamed
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-HEAD_BUDGET_BYTES = 64 << 20  # fp32 logits held at once
+HEAD_BUDGET_BYTES = 32 << 20  # fp32 logits held at once
 VOCAB_CHUNK = 16384  # rows of the LM head per step of the online log-sum-exp
 BATCH_TOKENS = 8192  # window tokens (b x L) per forward
 
@@ -105,6 +105,9 @@ class OutputHead:
         self.bias = None if self.source is not None else linear.bias
         self.weight = None if self.source is not None else linear.weight
         self.vocab = int(linear.weight.shape[0])
+        # A checkpoint mapped in place: each chunk's rows leave resident memory once used (Gemma-3's
+        # tied 262k x 640 head is 0.67 GB of fp32, of which the input embedding touches a few rows).
+        self.pages = FilePages.of(self.weight) if self.weight is not None else None
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         if self.source is None:
@@ -140,46 +143,73 @@ class OutputHead:
         for first in range(0, self.vocab, VOCAB_CHUNK):
             last = min(first + VOCAB_CHUNK, self.vocab)
             weight = self.rows(first, last)
+            if self.pages is not None:
+                self.pages.populate(first, last)
             for begin in range(0, count, step):
                 end = min(begin + step, count)
                 logits = self.logits(states[begin:end], weight, first).float()
-                lse[begin:end] = torch.logaddexp(lse[begin:end], torch.logsumexp(logits, dim=1))
                 wanted = targets[begin:end]
                 inside = ((wanted >= first) & (wanted < last)).nonzero()[:, 0]
                 target_logit[begin + inside] = logits[inside, wanted[inside] - first]
                 if best is not None and best_index is not None:
-                    value, index = logits.max(dim=1)
-                    better = value > best[begin:end]  # strictly: an earlier chunk keeps a tie
-                    best[begin:end] = torch.where(better, value, best[begin:end])
+                    peak, index = logits.max(dim=1)
+                    better = peak > best[begin:end]  # strictly: an earlier chunk keeps a tie
+                    best[begin:end] = torch.where(better, peak, best[begin:end])
                     best_index[begin:end] = torch.where(better, index + first, best_index[begin:end])
+                else:
+                    peak = logits.amax(dim=1)
+                # the chunk's log-sum-exp, in place (logits is this step's own tensor)
+                chunk = logits.sub_(peak[:, None]).exp_().sum(dim=1).log_().add_(peak)
+                lse[begin:end] = torch.logaddexp(lse[begin:end], chunk)
             del weight
+            if self.pages is not None:
+                self.pages.release(first, last)
         return lse - target_logit, best_index
 
 
 _HEAD_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+CHECKED_ROWS = 4096  # vocabulary entries the head check compares
+
+
 @torch.no_grad()
 def checked_head(model: PreTrainedModel, sample: torch.Tensor) -> OutputHead | None:
-    """The chunked head when it reproduces the model's own logits (checked once per model on a few
-    tokens), else None: the model's full forward is used instead. A streamed model's head is not
-    checked (it cannot run whole): streaming takes the architectures whose heads cps knows."""
+    """The chunked head when it reproduces the model's own logits, else None: the model's full
+    forward is used instead. Checked once per model on a few tokens: the model's forward (with its
+    soft-capping or scale) runs with its head cut to the first `CHECKED_ROWS` entries, so the check
+    reads a sliver of a large head (Gemma-3's 262k x 640 would be 0.67 GB resident at once). A
+    streamed model's head is not checked (it cannot run whole): streaming takes the architectures
+    whose heads cps knows."""
     if streamed(model) is not None:
         return OutputHead(model)
     if model not in _HEAD_CHECKED:
         head = None
-        if model.base_model is not model and model.get_output_embeddings() is not None:
+        linear = model.get_output_embeddings()
+        if model.base_model is not model and isinstance(linear, torch.nn.Linear):
             candidate = OutputHead(model)
             ids = sample[:1, : min(8, sample.shape[1])]
+            rows = min(CHECKED_ROWS, candidate.vocab)
+            cut = torch.nn.Linear(linear.in_features, rows, bias=linear.bias is not None, device="meta")
+            cut.weight = torch.nn.Parameter(linear.weight[:rows], requires_grad=False)
+            if linear.bias is not None:
+                cut.bias = torch.nn.Parameter(linear.bias[:rows], requires_grad=False)
+            model.set_output_embeddings(cut)
             try:
-                reference = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1].float()
-            except TypeError:
-                reference = model(input_ids=ids, use_cache=False).logits[0, -1].float()
+                try:
+                    reference = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1]
+                except TypeError:
+                    reference = model(input_ids=ids, use_cache=False).logits[0, -1]
+            finally:
+                model.set_output_embeddings(linear)
             hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0, -1:]
-            assert candidate.weight is not None
-            mine = candidate.logits(hidden, candidate.weight)[0].float()
+            mine = candidate.logits(hidden, linear.weight[:rows])[0].float()
+            reference = reference.float()
             tolerance = 1e-4 * float(reference.abs().max()) + 1e-5
-            head = candidate if torch.allclose(mine, reference, rtol=1e-3, atol=tolerance) else None
+            same = reference.shape == mine.shape and torch.allclose(
+                mine, reference, rtol=1e-3, atol=tolerance
+            )
+            head = candidate if same else None
         _HEAD_CHECKED[model] = head
     return _HEAD_CHECKED[model]
 
@@ -247,6 +277,64 @@ def _final_states_streamed(
     return states
 
 
+class DeferredHead:
+    """Decoder passes now, the LM head later: `add` runs the decoder over a list of windows (its
+    observer sees every layer) and keeps the final states at the predicting positions; `nlls` then
+    runs the head once over the states of everything added, so its weights are read once however
+    many texts (languages) there are. A head cps cannot reproduce is replaced by the model's own
+    full logits, batch by batch, in `add`."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self.source = streamed(model)
+        self.device = self.source.device if self.source is not None else next(model.parameters()).device
+        self.added: list[tuple[list[Batch], list[torch.Tensor] | None, torch.Tensor]] = []
+
+    @torch.inference_mode()
+    def add(self, windows: list[Window], observer: LayerObserver | None = None) -> None:
+        work = batches(windows, BATCH_TOKENS)
+        nll = torch.zeros(len(windows), dtype=torch.float64)
+        if checked_head(self.model, work[0].input_ids.to(self.device)) is None:
+            self.added.append((work, None, _score_full_logits(self.model, work, observer, nll)))
+            return
+        states = final_states(self.model, work, observer, keep=True)
+        self.added.append((work, states, nll))
+
+    @torch.inference_mode()
+    def nlls(self) -> list[torch.Tensor]:
+        """Per `add`: the summed NLL of each window's scored tokens (float64, in window order)."""
+        pending = [(work, states) for work, states, _ in self.added if states is not None]
+        if pending:
+            head = checked_head(self.model, pending[0][0][0].input_ids.to(self.device))
+            assert head is not None
+            targets = torch.cat([b.input_ids[b.scored] for work, _ in pending for b in work]).to(self.device)
+            token_nll = (
+                head.nll(torch.cat([s for _, states in pending for s in states]), targets).double().cpu()
+            )
+            offset = 0
+            for work, states, nll in self.added:
+                if states is None:
+                    continue
+                for batch in work:
+                    count = int(batch.scored.sum())
+                    per_row = torch.zeros(len(batch.rows), dtype=torch.float64)
+                    per_row.index_add_(0, batch.scored.nonzero()[:, 0], token_nll[offset : offset + count])
+                    nll[batch.rows] = per_row
+                    offset += count
+        return [nll for _, _, nll in self.added]
+
+
+def final_states(
+    model: PreTrainedModel, work: list[Batch], observer: LayerObserver | None, keep: bool
+) -> list[torch.Tensor]:
+    """Per batch: the base model's output at the predicting positions (after the final norm), in
+    memory or streamed; with `keep=False` only the observer's pass (nothing returned)."""
+    source = streamed(model)
+    if source is not None:
+        return _final_states_streamed(source, work, observer, keep)
+    return _final_states_in_memory(model, work, observer, keep)
+
+
 @torch.inference_mode()
 def score_windows(
     model: PreTrainedModel,
@@ -257,31 +345,12 @@ def score_windows(
     """Summed NLL of each window's scored tokens (float64, in window order); with `head=False` only
     the decoder runs (for observers) and the NLLs are zero. The LM head runs once, after the
     decoder, over the predicting positions of every batch."""
-    nll = torch.zeros(len(windows), dtype=torch.float64)
-    work = batches(windows, BATCH_TOKENS)
-    source = streamed(model)
-    device = source.device if source is not None else next(model.parameters()).device
-    output_head = checked_head(model, work[0].input_ids.to(device)) if head else None
-    if head and output_head is None:  # a head cps cannot reproduce: the model's own full logits
-        return _score_full_logits(model, work, observer, nll)
-    if source is not None:
-        states = _final_states_streamed(source, work, observer, head)
-    else:
-        states = _final_states_in_memory(model, work, observer, head)
     if not head:
-        return nll
-    assert output_head is not None
-    targets = torch.cat([batch.input_ids[batch.scored] for batch in work]).to(device)
-    token_nll = output_head.nll(torch.cat(states), targets).double().cpu()
-    offset = 0
-    for batch in work:
-        count = int(batch.scored.sum())
-        rows = batch.scored.nonzero()[:, 0]
-        per_row = torch.zeros(len(batch.rows), dtype=torch.float64)
-        per_row.index_add_(0, rows, token_nll[offset : offset + count])
-        nll[batch.rows] = per_row
-        offset += count
-    return nll
+        final_states(model, batches(windows, BATCH_TOKENS), observer, keep=False)
+        return torch.zeros(len(windows), dtype=torch.float64)
+    deferred = DeferredHead(model)
+    deferred.add(windows, observer)
+    return deferred.nlls()[0]
 
 
 def _score_full_logits(
@@ -307,7 +376,11 @@ def score_text(
     model: PreTrainedModel, text: HeldOutText, observer: LayerObserver | None = None
 ) -> PerplexityResult:
     """Per-document NLL, tokens and bytes of held-out text already cut into windows."""
-    per_window = score_windows(model, text.windows, observer)
+    return text_result(text, score_windows(model, text.windows, observer))
+
+
+def text_result(text: HeldOutText, per_window: torch.Tensor) -> PerplexityResult:
+    """Per-document NLL, tokens and bytes from the NLL of each of the text's windows."""
     per_document = [0.0] * len(text.documents)
     for window, value in zip(text.windows, per_window.tolist(), strict=True):
         per_document[window.document] += value

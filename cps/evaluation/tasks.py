@@ -235,8 +235,21 @@ def _dataset(items: Callable[[], dict[str, list[dict]]], **_: Any) -> Any:
     return datasets.DatasetDict({split: datasets.Dataset.from_list(rows) for split, rows in items().items()})
 
 
-def pack_task_config(name: str, data_dir: str | None) -> dict[str, Any]:
-    """The lm-eval config of a pack task, its data built from the data dir when lm-eval asks."""
+def _first_items(
+    items: Callable[[], dict[str, list[dict]]], split: str, limit: float
+) -> dict[str, list[dict]]:
+    """`items` with the split lm-eval evaluates cut to its first `limit` items (a fraction when
+    below 1, rounded up): exactly the items lm-eval's own `limit` would evaluate."""
+    everything = items()
+    rows = everything[split]
+    count = math.ceil(len(rows) * limit) if limit < 1.0 else int(limit)
+    return {**everything, split: rows[:count]}
+
+
+def pack_task_config(name: str, data_dir: str | None, limit: float | None = None) -> dict[str, Any]:
+    """The lm-eval config of a pack task, its data built from the data dir when lm-eval asks;
+    with `limit`, only the items lm-eval's `limit` would evaluate (so that tasks of different
+    limits run in one lm-eval call, their requests scored together)."""
     family, lang = split_task(name)
     if pack_family(name) is None or lang is None:
         raise CpsError(f"{name!r} is not a task of the cps pack")
@@ -246,6 +259,10 @@ def pack_task_config(name: str, data_dir: str | None) -> dict[str, Any]:
         raise CpsError(f"task {name}: no {family} data for language {lang!r} in the data dir")
     items = partial(builder.items, lang, data_dir)
     items()  # read and validate now: missing or broken data is a user error before lm-eval runs
+    if limit is not None:
+        lm_eval_config = spec["lm_eval"]
+        split = lm_eval_config.get("test_split") or lm_eval_config["validation_split"]
+        items = partial(_first_items, items, split, limit)
     config = {**spec["lm_eval"], "task": name, "custom_dataset": partial(_dataset, items)}
     if "scorer" in spec:  # a family scored by cps's own per-item function (MKQA's metrics)
         config["process_results"] = partial(SCORERS[spec["scorer"]], lang=lang)
@@ -294,12 +311,16 @@ def _standard_task_names() -> frozenset[str]:
     return frozenset(TaskManager().all_tasks)
 
 
-def task_configs(names: list[str], data_dir: str | None) -> list[str | dict[str, Any]]:
+def task_configs(
+    names: list[str], data_dir: str | None, limits: Mapping[str, float | None] | None = None
+) -> list[str | dict[str, Any]]:
+    """lm-eval's config for each name: a pack task's own (its items cut to `limits[name]`), else
+    the name of an lm-eval task."""
     configs: list[str | dict[str, Any]] = []
     standard: frozenset[str] | None = None
     for name in names:
         if pack_family(name) is not None:
-            configs.append(pack_task_config(name, data_dir))
+            configs.append(pack_task_config(name, data_dir, (limits or {}).get(name)))
             continue
         resolved = suite_task(name)
         if resolved is not None:
@@ -385,11 +406,18 @@ def run_tasks(
     data_dir: str | None = None,
     limit: float | None = None,
     batch_size: int = 8,
+    limits: Mapping[str, float | None] | None = None,
 ) -> TaskResults:
-    """Evaluate `names` with lm-eval on the model as it is in memory (no save and reload)."""
+    """Evaluate `names` with lm-eval on the model as it is in memory (no save and reload), each
+    task on its first `limits[name]` items (default `limit`; None: all). The pack's tasks run in
+    one lm-eval call whatever their limits (their items are cut beforehand), so their requests are
+    scored together; other lm-eval tasks run in one call per distinct limit."""
     if not names:
         return TaskResults([], {})
-    configs = dict(zip(names, task_configs(names, data_dir), strict=True))
+    wanted = {name: (limits or {}).get(name, limit) for name in names}
+    calls: dict[float | None, dict[str, str | dict[str, Any]]] = {}
+    for name, config in zip(names, task_configs(names, data_dir, wanted), strict=True):
+        calls.setdefault(None if isinstance(config, dict) else wanted[name], {})[name] = config
     for noisy in ("lm-eval", "lm_eval", "datasets"):  # per-task chatter about custom datasets
         logging.getLogger(noisy).setLevel(logging.ERROR)
     # lm-eval takes seconds to import: only when tasks run, not for listing or checking them
@@ -399,24 +427,29 @@ def run_tasks(
     from cps.evaluation.lm import SharedContextLM
 
     lm = SharedContextLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    samples: dict[str, list[dict[str, Any]]] = {}
+    leaves: dict[str, dict[str, Any]] = {}
     try:
-        # Indexing lm-eval's whole task library takes ~10 s: only when a task comes from it.
-        manager = TaskManager(include_defaults=any(isinstance(c, str) for c in configs.values()))
-        # each name's leaf tasks (a group such as global_mmlu_full_sw has many), kept: items need
-        # each task's choices
-        leaves = {name: _leaf_tasks(get_task_dict([config], manager)) for name, config in configs.items()}
-        output = simple_evaluate(
-            model=lm,
-            tasks=[task for tasks in leaves.values() for task in tasks.values()],
-            limit=limit,
-            log_samples=True,
-            bootstrap_iters=0,
-            verbosity="WARNING",
-            task_manager=manager,
-        )
+        for call_limit, configs in calls.items():
+            # Indexing lm-eval's whole task library takes ~10 s: only when a task comes from it.
+            manager = TaskManager(include_defaults=any(isinstance(c, str) for c in configs.values()))
+            # each name's leaf tasks (a group such as global_mmlu_full_sw has many), kept: items
+            # need each task's choices
+            these = {name: _leaf_tasks(get_task_dict([config], manager)) for name, config in configs.items()}
+            output = simple_evaluate(
+                model=lm,
+                tasks=[task for tasks in these.values() for task in tasks.values()],
+                limit=call_limit,
+                log_samples=True,
+                bootstrap_iters=0,
+                verbosity="WARNING",
+                task_manager=manager,
+            )
+            samples |= output.get("samples", {})
+            leaves |= these
     except (ConnectionError, OSError, FileNotFoundError) as error:
         raise CpsError(f"lm-eval could not load its task data: {first_line(error)[:200]}") from None
-    return collect(output.get("samples", {}), leaves)
+    return collect(samples, {name: leaves[name] for name in names})
 
 
 def collect(

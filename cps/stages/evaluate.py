@@ -18,7 +18,7 @@ from cps.config import DENSE, EVAL_FINGERPRINT_TAG, EvalConfig
 from cps.data import get_corpus
 from cps.errors import CpsError
 from cps.evaluation.hidden import DenseStates, SnrMeter, StateRecorder, reference_plan, save_reference
-from cps.evaluation.perplexity import score_text
+from cps.evaluation.perplexity import DeferredHead, text_result
 from cps.evaluation.tasks import check_eval_inputs, run_tasks
 from cps.evaluation.windows import HeldOutText, cached_windows, protocol
 from cps.metrics import companion, layer_series, metric
@@ -93,14 +93,13 @@ def run_eval(
         return_freed_memory(collect=True)
     held_out = held_out_scores(loaded, record, texts, options)
     rows, metrics, items = held_out.rows, held_out.metrics, held_out.items
-    by_limit: dict[float | None, list[str]] = {}
-    for name in task_names:
-        by_limit.setdefault(config.limit_for(name), []).append(name)
-    for limit, names in by_limit.items():
-        results = run_tasks(loaded.model, loaded.tokenizer, names, config.data_dir, limit, config.batch_size)
-        for score in results.scores:
-            rows.append((score.task, score.metric, score.value, score.stderr, score.ci_low, score.ci_high))
-        items |= {f"items/{task}.parquet": frame for task, frame in results.items.items()}
+    limits = {name: config.limit_for(name) for name in task_names}
+    results = run_tasks(
+        loaded.model, loaded.tokenizer, task_names, config.data_dir, None, config.batch_size, limits
+    )
+    for score in results.scores:
+        rows.append((score.task, score.metric, score.value, score.stderr, score.ci_low, score.ci_high))
+    items |= {f"items/{task}.parquet": frame for task, frame in results.items.items()}
     scores = pl.DataFrame(
         rows, schema=["name", "metric", "value", "stderr", "ci_low", "ci_high"], orient="row"
     )
@@ -176,6 +175,8 @@ def held_out_scores(
         states.release()
     scores = HeldOutScores([], {}, {}, {})
     layers = len(decoder_layers(loaded.model))
+    deferred = DeferredHead(loaded.model)  # the LM head once, over every language's states
+    snr_rows: dict[str, tuple] = {}
     for lang, text in tqdm(texts.items(), desc="perplexity", unit="lang"):
         key, sample = plans[lang]
         observer: SnrMeter | StateRecorder | None = None
@@ -183,22 +184,30 @@ def held_out_scores(
             observer = SnrMeter(sample, states.get(key, sample, text))
         elif not key.path.is_file():
             observer = StateRecorder(sample, layers)
-        result = score_text(loaded.model, text, observer)
+        deferred.add(text.windows, observer)
+        if isinstance(observer, StateRecorder) and observer.states is not None:
+            save_reference(key, observer.states)
+        if isinstance(observer, SnrMeter):
+            per_layer = observer.snr_db
+            finite = [value for value in per_layer if math.isfinite(value)]
+            snr_rows[lang] = (
+                lang,
+                "snr_db",
+                sum(finite) / len(finite) if finite else math.inf,
+                None,
+                None,
+                None,
+            )
+            scores.series[layer_series("snr_db", lang)] = per_layer
+            scores.metrics[metric("snr_positions", lang)] = float(sample.size)
+    states.release()
+    for (lang, text), per_window in zip(texts.items(), deferred.nlls(), strict=True):
+        result = text_result(text, per_window)
         scores.rows += [
             (lang, "ppl", result.ppl, None, None, None),
             (lang, "bpb", result.bpb, None, None, None),
         ]
         scores.metrics[metric("eval_tokens", lang)] = float(result.total_tokens)
         scores.items[f"items/ppl_{lang}.parquet"] = result.frame()
-        if isinstance(observer, StateRecorder) and observer.states is not None:
-            save_reference(key, observer.states)
-        if isinstance(observer, SnrMeter):
-            per_layer = observer.snr_db
-            finite = [value for value in per_layer if math.isfinite(value)]
-            scores.rows.append(
-                (lang, "snr_db", sum(finite) / len(finite) if finite else math.inf, None, None, None)
-            )
-            scores.series[layer_series("snr_db", lang)] = per_layer
-            scores.metrics[metric("snr_positions", lang)] = float(sample.size)
-    states.release()
+        scores.rows += [snr_rows[lang]] if lang in snr_rows else []
     return scores
