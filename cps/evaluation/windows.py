@@ -240,22 +240,20 @@ class Batch:
         return before
 
 
-PADDING_SLACK = 0.85  # a row joins a batch only if at least this fraction of the longest
+PADDING_SLACK = 0.85  # a row joins a batch if at least this fraction of the batch's longest ...
+PADDING_TOKENS = 32  # ... or no more than this many tokens shorter (a forward's fixed cost is larger)
 
 
 def length_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
     """Indices sorted by length (longest first) and cut into groups of at most `max_tokens` once
     padded to their first (longest) member (rows x longest <= max_tokens, or a single row), each
-    member at least `PADDING_SLACK` of the longest: padding stays under 15% of a batch."""
+    member padded by at most 15% of the longest or `PADDING_TOKENS` tokens."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     groups: list[list[int]] = []
     for index in order:
         longest = lengths[groups[-1][0]] if groups else 0
-        if (
-            groups
-            and longest * (len(groups[-1]) + 1) <= max_tokens
-            and lengths[index] >= PADDING_SLACK * longest
-        ):
+        close = lengths[index] >= min(PADDING_SLACK * longest, longest - PADDING_TOKENS)
+        if groups and longest * (len(groups[-1]) + 1) <= max_tokens and close:
             groups[-1].append(index)
         else:
             groups.append([index])

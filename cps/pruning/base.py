@@ -79,6 +79,13 @@ class PruningMethod(ABC):
     def prune(self, weight: torch.Tensor, stats: InputStats, target: SparsityTarget) -> Pruned:
         """Masks (and optionally new weights) for one linear. `weight` is fp32 (out, in)."""
 
+    def prune_group(
+        self, weights: list[torch.Tensor], stats: InputStats, target: SparsityTarget
+    ) -> list[Pruned]:
+        """`prune` for each linear of an input group (the linears reading the same inputs, e.g.
+        q, k and v); a method may do them together where that saves work, with the same results."""
+        return [self.prune(weight, stats, target) for weight in weights]
+
 
 METHODS: Registry[PruningMethod] = Registry()
 register = METHODS.register

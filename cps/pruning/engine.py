@@ -137,20 +137,19 @@ class _Group:
     tokens: int = 0
 
 
-GRAM_PANEL = 256
-
-
 def accumulate_upper_gram(gram: torch.Tensor, X: torch.Tensor) -> None:
     """gram += X^T X on and above the diagonal (X: tokens x in), in row panels of the upper
-    triangle: about half a full matmul's work for wide inputs. `symmetrize` fills in the lower
-    triangle once all batches are in. (BLAS syrk through scipy was measured slower inside the
-    forward passes: its thread pool competes with torch's.)"""
+    triangle (128 rows up to 1024 inputs, else 256; measured on 2 CPU cores: 0.67x the time of
+    the full product at 640 inputs, 0.62x at 2048). `symmetrize` fills in the lower triangle once
+    all batches are in. (BLAS syrk through scipy was measured slower inside the forward passes:
+    its thread pool competes with torch's.)"""
     width = X.shape[1]
-    if width < 3 * GRAM_PANEL:
+    if width < 512:
         gram.addmm_(X.T, X)
         return
-    for start in range(0, width, GRAM_PANEL):
-        stop = min(start + GRAM_PANEL, width)
+    panel = 128 if width <= 1024 else 256
+    for start in range(0, width, panel):
+        stop = min(start + panel, width)
         gram[start:stop, start:].addmm_(X[:, start:stop].T, X[:, start:])
 
 
@@ -205,7 +204,7 @@ class _StatsHooks:
                 flat = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
                 group.tokens += flat.shape[0]
                 if self.squares:
-                    squares = torch.linalg.vector_norm(flat, dim=0).square()
+                    squares = flat.mul(flat).sum(dim=0)  # 5-10x faster than vector_norm(dim=0) on CPU
                     group.squares = squares if group.squares is None else group.squares.add_(squares)
                 if self.sample is None:
                     if group.gram is None:
@@ -263,15 +262,22 @@ def _prune_group(
             return torch.sum((sample @ matrix.T) ** 2).item()
 
     results = {}
-    for name in group.names:
+    weights = [linears[name].weight.data.float() for name in group.names]  # the weights when fp32
+    # a method that updates weights works on its own copies; a mask-only one reads them as they are
+    outcome = method.prune_group(
+        [W.clone() for W in weights] if method.updates_weights else weights, stats, target
+    )
+    for name, W, pruned in zip(group.names, weights, outcome, strict=True):
         linear = linears[name]
-        W = linear.weight.data.float().clone()  # (out, in); a copy even when already fp32
-        pruned = method.prune(W, stats, target)
-        new_weight = pruned.weight if pruned.weight is not None else W.masked_fill(pruned.mask, 0)
-        linear.weight.data.copy_(new_weight.to(linear.weight.dtype))
-        delta = W - linear.weight.data.float()  # what the stored weights really changed by
-        error, signal = energy(delta), energy(W)
-        stored = float((linear.weight == 0).float().mean())
+        if pruned.weight is None:  # the stored weights lose exactly the masked values
+            error, signal = energy(torch.where(pruned.mask.to(W.device), W, 0.0)), energy(W)
+            linear.weight.data.masked_fill_(pruned.mask.to(W.device), 0)
+        else:
+            new_weight = pruned.weight.to(linear.weight.dtype)
+            delta = W - new_weight.float()  # what the stored weights really change by
+            error, signal = energy(delta), energy(W)
+            linear.weight.data.copy_(new_weight)
+        stored = 1.0 - torch.count_nonzero(linear.weight).item() / linear.weight.numel()
         results[name] = (pruned.mask.cpu(), error, signal, stored)
     return results
 

@@ -199,12 +199,17 @@ def run_prune(
             )
         else:
             # The model stays on the CPU; the engine moves one layer at a time to the device.
-            loaded = load_model(config.model, LoadOptions(config.dtype, "cpu"))
+            # The tokenizer only once pruned, for a saved model or an evaluation next (the
+            # calibration set came by its fingerprint): not held through the pruning.
+            loaded = load_model(config.model, LoadOptions(config.dtype, "cpu"), tokenizer=False)
             if loaded.model.dtype != torch.float32 and device == "cpu":
                 log.info("pruning in %s on the CPU", loaded.model.dtype)
             method = get_method(config.method_name, config.options)
             engine = replace(config.engine, device=device)
             result = prune_model(loaded.model, calib.input_ids, method, config.target, engine)
+            if loaded.tokenizer is None and (config.save_model or then is not None):
+                return_freed_memory(collect=True)  # the pruning's blocks, before the tokenizer's
+                loaded.tokenizer = load_tokenizer(config.model)
             stats, metrics = _log_outputs(run, config, loaded, result)
         if then is not None:
             assert loaded is not None
