@@ -240,6 +240,31 @@ def test_cholesky_failure_raises_dampening_instead_of_crashing(caplog):
     assert torch.equal(factor, torch.triu(factor))
 
 
+def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_inverse():
+    """U upper with a positive diagonal and U^T U = (H + damp I)^-1: the float64 factor, to fp32."""
+    X = _correlated_inputs(2048, 96, seed=7)
+    H = 2 * X.T @ X / 2048
+    U = inverse_hessian_factor(H, dampening=0.01)
+    damped = H.double() + 0.01 * torch.diagonal(H).double().mean() * torch.eye(96, dtype=torch.float64)
+    expected = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
+    assert torch.equal(U, torch.triu(U)) and (torch.diagonal(U) > 0).all()
+    assert torch.allclose(U.double(), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sparsegpt_group_of_linears_equals_each_alone(pattern):
+    """q, k and v (or gate and up) in one pass over their stacked rows: bitwise the masks and
+    weights of pruning each alone with the same inputs (each mask chosen among its own rows)."""
+    X = _correlated_inputs(1024, 128, seed=8)
+    weights = [torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows)) for rows in (48, 16, 16)]
+    method, target = get_method("sparsegpt", MethodOptions(blocksize=64)), SparsityTarget.parse(pattern, 0.5)
+    together = method.prune_group(weights, _stats(X), target)
+    for W, joint in zip(weights, together, strict=True):
+        alone = method.prune(W, _stats(X), target)
+        assert torch.equal(joint.mask, alone.mask) and torch.equal(joint.weight, alone.weight)
+        assert int(joint.mask.sum()) == W.numel() // 2  # each linear pruned to its own 50%
+
+
 def test_unknown_method_and_bad_options():
     with pytest.raises(CpsError, match="unknown method 'obc'"):
         get_method("obc")
