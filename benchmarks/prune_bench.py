@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-from measure import ROOT, run_measured
+from measure import ROOT, checkout, environment, run_measured
 
 
 def dense_forward_seconds(model, input_ids, batch_tokens: int) -> float:
@@ -85,39 +85,40 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--batch-tokens", type=int, default=2048)
     parser.add_argument("--no-process", action="store_true", help="skip the whole `cps prune` process")
+    parser.add_argument("--against", help="also measure this commit's cps, one after the other")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(args.one, args.nsamples, args.seqlen, args.batch_tokens)))
         return
+    sides = {"old": checkout(args.against), "new": ROOT} if args.against else {"new": ROOT}
     targets = {"wanda": 2.05, "sparsegpt": 3.0}
     print(f"gemma3-270m, {args.nsamples} x {args.seqlen} sw NTREX tokens, 50% unstructured")
-    print(f"{'method':<10} {'prune s':>8} {'dense fwd s':>11} {'ratio':>6} {'target':>7} {'peak RSS GB':>11}")
-    for method in args.methods.split(","):
-        command = [
-            sys.executable,
-            __file__,
-            "--one",
-            method,
-            "--nsamples",
-            str(args.nsamples),
-            "--seqlen",
-            str(args.seqlen),
-            "--batch-tokens",
-            str(args.batch_tokens),
-        ]
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        row = json.loads(output.strip().splitlines()[-1])
-        target = f"<={targets[method]}x" if method in targets else "-"
-        print(
-            f"{method:<10} {row['prune_s']:>8.1f} {row['dense_forward_s']:>11.2f} {row['ratio']:>6.2f} "
-            f"{target:>7} {row['peak_rss_gb']:>11.2f}"
-        )
+    print(
+        f"{'side':<5} {'method':<10} {'prune s':>8} {'dense fwd s':>11} {'ratio':>6} {'target':>7} "
+        f"{'peak RSS GB':>11}"
+    )
+    for side, source in sides.items():
+        for method in args.methods.split(","):
+            command = [
+                sys.executable, __file__, "--one", method, "--nsamples", str(args.nsamples),
+                "--seqlen", str(args.seqlen), "--batch-tokens", str(args.batch_tokens),
+            ]  # fmt: skip
+            run = run_measured(command, environment(source))
+            if run.returncode != 0:
+                raise SystemExit(f"{side} {method} failed:\n{run.output[-3000:]}")
+            row = json.loads(run.output.strip().splitlines()[-1])
+            target = f"<={targets[method]}x" if method in targets else "-"
+            print(
+                f"{side:<5} {method:<10} {row['prune_s']:>8.1f} {row['dense_forward_s']:>11.2f} "
+                f"{row['ratio']:>6.2f} {target:>7} {row['peak_rss_gb']:>11.2f}"
+            )
     if not args.no_process:
-        whole_process(args.nsamples, args.seqlen)
+        for side, source in sides.items():
+            whole_process(side, source, args.nsamples, args.seqlen)
 
 
-def whole_process(nsamples: int, seqlen: int) -> None:
+def whole_process(side: str, source: Path, nsamples: int, seqlen: int) -> None:
     from cps import tracking
 
     folder = tempfile.mkdtemp(prefix="cps-prune-process-")
@@ -127,16 +128,14 @@ def whole_process(nsamples: int, seqlen: int) -> None:
         "--lang", "sw", "--corpus", "ntrex", "--nsamples", str(nsamples), "--seqlen", str(seqlen),
         "--tracking-uri", store.uri, "--experiment", store.experiment,
     ]  # fmt: skip
-    run = run_measured(command, cwd=str(ROOT))
+    # (from a folder of its own: `-m cps` would import the cps of the current folder first)
+    run = run_measured(command, environment(source), cwd=folder)
     if run.returncode != 0:
         raise SystemExit(f"cps prune failed:\n{run.output[-3000:]}")
     (record,) = tracking.find_runs(store, "prune")
     pruning = record.metrics["time.prune_s"]
     print(
-        f"cps prune --method wanda, whole process: {run.seconds:.1f} s, of which pruning {pruning:.1f} s: "
-        f"+{run.seconds - pruning:.1f} s (target <= 15), peak RSS {run.peak_gb:.2f} GB (target <= 2.0)"
+        f"{side:<5} cps prune --method wanda, whole process: {run.seconds:.1f} s, of which pruning "
+        f"{pruning:.1f} s: +{run.seconds - pruning:.1f} s (target <= 15), peak RSS {run.peak_gb:.2f} GB "
+        f"(target <= 2.0)"
     )
-
-
-if __name__ == "__main__":
-    main()
