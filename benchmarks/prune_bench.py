@@ -4,7 +4,7 @@ Prunes gemma3-270m with 32 x 512 Swahili NTREX tokens with each method, each in 
 and prints seconds, peak RSS and the ratio of pruning time to one dense forward pass of the decoder
 layers over the same tokens, measured in the same process just before pruning.
 
-    .venv/bin/python benchmarks/prune_bench.py [--nsamples 32 --seqlen 512 --methods wanda,sparsegpt]
+    .venv/bin/python benchmarks/prune_bench.py [--methods wanda,sparsegpt --against 13a1eb5]
 
 Then `cps prune` as a user runs it (Wanda, the same tokens, default options), the whole process:
 its wall time and peak RSS against the pruning time the run logged (`time.prune_s`).
