@@ -139,3 +139,7 @@ def whole_process(side: str, source: Path, nsamples: int, seqlen: int) -> None:
         f"{pruning:.1f} s: +{run.seconds - pruning:.1f} s (target <= 15), peak RSS {run.peak_gb:.2f} GB "
         f"(target <= 2.0)"
     )
+
+
+if __name__ == "__main__":
+    main()
