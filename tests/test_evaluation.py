@@ -174,7 +174,10 @@ def test_chunked_head_equals_a_float64_log_softmax(name, tiny_bos_tokenizer, req
     assert chunked.tolist() == pytest.approx(exact.tolist(), rel=1e-6)
     assert own.tolist() == pytest.approx(exact.tolist(), rel=2e-5)
     head = ppl.checked_head(model, work[0].input_ids)
-    assert head is not None and head.pages is not None  # the checkpoint's rows were handed back
+    assert head is not None
+    if not Path("/proc/self/pagemap").exists():
+        pytest.skip("no /proc/self/pagemap (not Linux): the head's pages are not handed back here")
+    assert head.pages is not None  # the checkpoint's rows were handed back
     assert _resident_bytes(weight) < 0.2 * weight.numel() * weight.element_size()
     again = ppl.score_windows(model, text.windows)  # re-read from the page cache: the same bits
     assert again.tolist() == chunked.tolist()
