@@ -163,8 +163,8 @@ def drop_kept_weights(run_ids: list[str]) -> None:
 def load_run_model(
     store: tracking.Store, record: tracking.RunRecord, options: LoadOptions, tokenizer: bool = True
 ) -> LoadedModel:
-    """The weights a prune run produced, as a model in memory. A streamed model comes without its
-    tokenizer unless `tokenizer` (a model in memory always has it)."""
+    """The weights a prune run produced, as a model in memory. A streamed model, or the dense one,
+    comes without its tokenizer unless `tokenizer` (a pruned model rebuilt in memory always has it)."""
     params = record.params
     if params.get("method") == DENSE:
         return load(params["model"], options, tokenizer)

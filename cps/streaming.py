@@ -467,10 +467,10 @@ def wants_stream(name: str, options: LoadOptions) -> bool:
 
 
 def load(name: str, options: LoadOptions, tokenizer: bool = True) -> LoadedModel:
-    """The model in memory (`cps.models.load_model`), or streamed when `wants_stream` (with its
-    tokenizer only if `tokenizer`)."""
+    """The model in memory (`cps.models.load_model`), or streamed when `wants_stream`; with its
+    tokenizer only if `tokenizer`."""
     if not wants_stream(name, options):
-        return load_model(name, options)
+        return load_model(name, options, tokenizer)
     return open_loaded(name, weights_folder(resolve_model(name)), options, tokenizer)
 
 
