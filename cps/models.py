@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import shutil
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -336,9 +337,57 @@ def _load_from_cache(spec: ModelSpec, what: str, loader: Callable[[str], Any]) -
     raise AssertionError("unreachable")
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+TOKENIZERS_KEPT = 2  # tokenizers a process keeps loaded (a sweep alternates at most a few models)
+_TOKENIZERS: OrderedDict[tuple, tuple[PreTrainedTokenizerBase, tuple]] = OrderedDict()
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".h5", ".msgpack")
 
+
+def _tokenizer_key(spec: ModelSpec, trust_remote_code: bool) -> tuple:
+    """What a loaded tokenizer depends on: where it is read from and, for a folder, the size and
+    modification time of every file in it but the weights (a rebuilt cache folder is a new key)."""
+    location = model_location(spec)
+    folder = Path(location)
+    files: tuple = ()
+    if folder.is_dir():
+        files = tuple(
+            (entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
+            for entry in sorted(folder.iterdir())
+            if entry.is_file() and not entry.name.endswith(_WEIGHT_SUFFIXES)
+        )
+    return (location, trust_remote_code, files)
+
+
+def _tokenizer_state(tokenizer: PreTrainedTokenizerBase) -> tuple:
+    """The settings a caller could change on a shared tokenizer (checked before each reuse)."""
+    return (
+        len(tokenizer),
+        tokenizer.pad_token,
+        tokenizer.padding_side,
+        tokenizer.truncation_side,
+        tokenizer.model_max_length,
+        repr(tokenizer.special_tokens_map),
+    )
+
+
+def tokenizer_loaded(name: str, trust_remote_code: bool = False) -> bool:
+    """Whether `load_tokenizer(name)` would return a tokenizer this process already holds."""
+    kept = _TOKENIZERS.get(_tokenizer_key(resolve_model(name), trust_remote_code))
+    return kept is not None and _tokenizer_state(kept[0]) == kept[1]
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, its pad token set to EOS where it has none.
+
+    One process loads a tokenizer once: later calls for the same files return the same object
+    (Gemma-3's takes ~3 s and 0.3 GB to load; a sweep asks for it in every cell and analysis).
+    Callers must not change it; one that was changed (its pad token, padding side, length,
+    special tokens) is loaded afresh rather than handed out."""
     spec = resolve_model(name)
+    key = _tokenizer_key(spec, trust_remote_code)
+    kept = _TOKENIZERS.get(key)
+    if kept is not None and _tokenizer_state(kept[0]) == kept[1]:
+        _TOKENIZERS.move_to_end(key)
+        return kept[0]
     tokenizer = _load_from_cache(
         spec,
         "the tokenizer",
@@ -346,6 +395,9 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    _TOKENIZERS[_tokenizer_key(spec, trust_remote_code)] = (tokenizer, _tokenizer_state(tokenizer))
+    while len(_TOKENIZERS) > TOKENIZERS_KEPT:
+        _TOKENIZERS.popitem(last=False)
     return tokenizer
 
 

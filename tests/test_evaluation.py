@@ -183,6 +183,41 @@ def test_chunked_head_equals_a_float64_log_softmax(name, tiny_bos_tokenizer, req
     assert again.tolist() == chunked.tolist()
 
 
+def test_head_greedy_flags_are_torchs_first_argmax(monkeypatch):
+    """`OutputHead.scores` flags a target as greedy exactly when torch's argmax over the whole row
+    (its first maximum) is the target, with exact ties within and across vocabulary chunks and
+    position steps: integer weights and states make every logit exact, and only 40 distinct head
+    rows make each row's maximum appear many times."""
+    from cps.evaluation import perplexity as ppl
+
+    model = load_model("tiny-llama").model
+    head = ppl.OutputHead(model)
+    generator = torch.Generator().manual_seed(0)
+    distinct = torch.randint(-2, 3, (40, model.config.hidden_size), generator=generator).float()
+    head.weight = distinct[torch.randint(0, 40, (head.vocab,), generator=generator)]
+    states = torch.randint(-2, 3, (90, model.config.hidden_size), generator=generator).float()
+    logits = states @ head.weight.T
+    first_max = logits.argmax(dim=1)
+    tied = [(row == row.max()).nonzero()[:, 0] for row in logits]
+    targets = torch.stack(
+        [
+            first_max[i] if i % 3 == 0 else tied[i][-1] if i % 3 == 1 else torch.randint(0, head.vocab, ())
+            for i in range(len(states))
+        ]
+    )
+    assert all(len(t) > 1 for t in tied)  # every row's maximum is tied
+    monkeypatch.setattr(ppl, "VOCAB_CHUNK", 7)  # ties across chunk borders
+    monkeypatch.setattr(ppl, "HEAD_BUDGET_BYTES", 4 * 7 * 16)  # 16 positions a step
+    nll, greedy = head.scores(states, targets)
+    assert greedy.tolist() == (first_max == targets).tolist()
+    assert 20 <= int(greedy.sum()) < len(states)
+    exact = torch.nn.functional.cross_entropy(logits.double(), targets, reduction="none")
+    # (thousands of 7-entry chunks, each a float32 log-add-exp: 1e-6 holds for real chunk sizes,
+    # tested above)
+    assert nll.tolist() == pytest.approx(exact.tolist(), rel=1e-4)
+    assert head.scores(states, targets, greedy=False)[1] is None
+
+
 def _lm_eval_xcopa_utils():
     import lm_eval
 
@@ -307,7 +342,7 @@ def test_shared_context_scores_like_lm_evals_hflm(name, monkeypatch):
         scores[kind, "rows"] = sum(rows_run)
         tokens = [([5, 7, 0], [0]), ([5, 7], [0, 0]), ([9], [3, 4]), ([9], [3, 4, 0])]
         scores[kind, "tokens"] = lm._loglikelihood_tokens([(("", ""), c, k) for c, k in tokens])
-    assert shared._PACKS[loaded.model] is True  # packed rows agreed with plain ones
+    assert shared._PACKS[shared.packing_key(loaded.model)] is True  # packed rows agreed with plain ones
     # one row per distinct context (HFLM: one per request)
     assert scores[HFLM, "rows"] == len(requests)
     assert scores[shared.SharedContextLM, "rows"] == len({tuple(c) for _, c, _ in seen[: len(requests)]}) == 5

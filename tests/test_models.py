@@ -133,3 +133,26 @@ def test_smollm2_135m_loads_from_its_package():
     with torch.no_grad():
         next_token = loaded.model(ids).logits[0, -1].argmax()
     assert "Paris" in loaded.tokenizer.decode(next_token)
+
+
+def test_a_process_loads_a_tokenizer_once_unless_it_changed(tmp_path):
+    """The second load of the same tokenizer files is the object already loaded; a tokenizer a
+    caller changed, or files changed on disk, are loaded afresh."""
+    loaded = load_model("tiny-llama")
+    loaded.model.save_pretrained(tmp_path)
+    loaded.tokenizer.save_pretrained(tmp_path)
+    name = str(tmp_path)
+    first = models.load_tokenizer(name)
+    assert models.load_tokenizer(name) is first and models.tokenizer_loaded(name)
+    side = first.padding_side
+    first.padding_side = "left" if side == "right" else "right"  # a caller changed it
+    assert not models.tokenizer_loaded(name)
+    second = models.load_tokenizer(name)
+    assert second is not first and second.padding_side == side
+    assert models.load_tokenizer(name) is second
+    config = tmp_path / "tokenizer_config.json"
+    stat = config.stat()
+    os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the files changed
+    third = models.load_tokenizer(name)
+    assert third is not second
+    assert third("Habari ya asubuhi").input_ids == loaded.tokenizer("Habari ya asubuhi").input_ids

@@ -26,7 +26,6 @@ continuation longer than `max_length`), a head cps cannot reproduce and seq2seq 
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +40,21 @@ from cps.evaluation.windows import length_groups
 log = logging.getLogger(__name__)
 
 ROW_TOKENS = 512  # tokens per forward: batch_size x ROW_TOKENS (activations ~50 KB a token on Gemma-3 270M)
-_PACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> packed rows agree?
+_PACKS: dict[tuple, bool] = {}  # packing_key(model) -> packed rows agree with plain ones?
+
+
+def packing_key(model: torch.nn.Module) -> tuple:
+    """What decides whether packed rows score as plain ones: the architecture's code, its config
+    (attention implementation, sliding windows), dtype and device, never the weight values: a
+    sweep's pruned models share the dense model's check."""
+    config = model.config
+    return (
+        type(model).__qualname__,
+        config.to_json_string(use_diff=False),
+        getattr(config, "_attn_implementation", None),
+        str(next(model.parameters()).dtype),
+        next(model.parameters()).device.type,
+    )
 
 
 @dataclass
@@ -184,15 +197,16 @@ class SharedContextLM(HFLM):
         return results  # type: ignore[return-value]
 
     def _packs(self, requests: list[Any], head: OutputHead) -> bool:
-        """Whether this model scores packed rows as it scores plain ones (checked once per model,
-        on the first rows with a shared context)."""
-        if self.model in _PACKS:
-            return _PACKS[self.model]
+        """Whether this model scores packed rows as it scores plain ones (checked once per
+        `packing_key`, on the first rows with a shared context)."""
+        key = packing_key(self.model)
+        if key in _PACKS:
+            return _PACKS[key]
         packed = [row for row in rows_of(requests, self.max_length, True) if len(row.requests) > 1][:4]
         if not packed:
             return False  # nothing shared here: plain rows; the check waits for a later call
         if attention_masks(self.model, Forward.of(packed)) is None:
-            _PACKS[self.model] = False
+            _PACKS[key] = False
             return False
         chosen = {request for row in packed for request, _ in row.requests}
         plain = [row for row in rows_of(requests, self.max_length, False) if row.requests[0][0] in chosen]
@@ -205,7 +219,7 @@ class SharedContextLM(HFLM):
             log.warning(
                 "%s scores packed rows differently: each request runs alone", type(self.model).__name__
             )
-        _PACKS[self.model] = agree
+        _PACKS[key] = agree
         return agree
 
     @torch.inference_mode()
@@ -226,9 +240,9 @@ class SharedContextLM(HFLM):
             if done is not None:
                 done(sum(len(row.requests) for row in rows))
         wanted = torch.tensor(targets, device=device)
-        nll, best = head.scores(torch.cat(states), wanted)
-        assert best is not None
-        nll_list, greedy = nll.double().cpu().tolist(), (best == wanted).cpu().tolist()
+        nll, flags = head.scores(torch.cat(states), wanted)
+        assert flags is not None
+        nll_list, greedy = nll.double().cpu().tolist(), flags.cpu().tolist()
         answers, offset = {}, 0
         for request, count in spans:
             answers[request] = (-sum(nll_list[offset : offset + count]), all(greedy[offset : offset + count]))

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from importlib import resources
@@ -436,20 +437,36 @@ def run_tasks(
             # each name's leaf tasks (a group such as global_mmlu_full_sw has many), kept: items
             # need each task's choices
             these = {name: _leaf_tasks(get_task_dict([config], manager)) for name, config in configs.items()}
-            output = simple_evaluate(
-                model=lm,
-                tasks=[task for tasks in these.values() for task in tasks.values()],
-                limit=call_limit,
-                log_samples=True,
-                bootstrap_iters=0,
-                verbosity="WARNING",
-                task_manager=manager,
-            )
+            with _without_environment_report():
+                output = simple_evaluate(
+                    model=lm,
+                    tasks=[task for tasks in these.values() for task in tasks.values()],
+                    limit=call_limit,
+                    log_samples=True,
+                    bootstrap_iters=0,
+                    verbosity="WARNING",
+                    task_manager=manager,
+                )
             samples |= output.get("samples", {})
             leaves |= these
     except (ConnectionError, OSError, FileNotFoundError) as error:
         raise CpsError(f"lm-eval could not load its task data: {first_line(error)[:200]}") from None
     return collect(samples, {name: leaves[name] for name in names})
+
+
+@contextmanager
+def _without_environment_report() -> Iterator[None]:
+    """lm-eval ends each call by describing the machine (torch's collect_env: pip, git and
+    compiler subprocesses, ~0.3 s, and a "fatal: not a git repository" on stderr outside a git
+    checkout); cps keeps only the samples and records its own environment on the run."""
+    from lm_eval import evaluator
+
+    saved = evaluator.add_env_info, evaluator.get_git_commit_hash
+    evaluator.add_env_info, evaluator.get_git_commit_hash = (lambda results: None), (lambda: None)
+    try:
+        yield
+    finally:
+        evaluator.add_env_info, evaluator.get_git_commit_hash = saved
 
 
 def collect(

@@ -27,6 +27,7 @@ from cps.models import (
     load_tokenizer,
     resolve_device,
     resolve_model,
+    tokenizer_loaded,
     weights_folder,
 )
 from cps.pruning.base import get_method
@@ -208,7 +209,8 @@ def run_prune(
             engine = replace(config.engine, device=device)
             result = prune_model(loaded.model, calib.input_ids, method, config.target, engine)
             if loaded.tokenizer is None and (config.save_model or then is not None):
-                return_freed_memory(collect=True)  # the pruning's blocks, before the tokenizer's
+                if not tokenizer_loaded(config.model):  # the pruning's blocks, before the tokenizer's
+                    return_freed_memory(collect=True)
                 loaded.tokenizer = load_tokenizer(config.model)
             stats, metrics = _log_outputs(run, config, loaded, result)
         if then is not None:
