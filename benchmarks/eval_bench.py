@@ -130,9 +130,34 @@ def demo_cell_child(profile: str | None) -> dict:
     folder = tempfile.mkdtemp(prefix="cps-demo-cell-")
     store = Store(f"sqlite:///{folder}/db.sqlite", "bench")
     seconds, peaks = [], []
+    work = {"decoder_tokens": 0, "head_rows": 0}  # of the second evaluation
 
     def then(run_id: str, loaded) -> None:
+        model = loaded.model
+
+        def count_tokens(module, args, kwargs) -> None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            work["decoder_tokens"] += 0 if ids is None else ids.numel()
+
+        model.base_model.register_forward_pre_hook(count_tokens, with_kwargs=True)
+        head = model.get_output_embeddings()  # the model's own head ran: the rows are not counted
+        head.register_forward_pre_hook(lambda module, args: work.__setitem__("head_rows", -1))
+        try:
+            from cps.evaluation.perplexity import OutputHead
+        except ImportError:
+            OutputHead = None
+        if OutputHead is not None and hasattr(OutputHead, "scores"):
+            scores = OutputHead.scores
+
+            def counted(self, states, *args, **kwargs):
+                if work["head_rows"] >= 0:
+                    work["head_rows"] += len(states)
+                return scores(self, states, *args, **kwargs)
+
+            OutputHead.scores = counted
         for attempt in range(2):
+            for key in work:
+                work[key] = 0
             profiler = cProfile.Profile() if profile and attempt == 1 else None
             reset_peak()
             started = time.perf_counter()
@@ -146,7 +171,30 @@ def demo_cell_child(profile: str | None) -> dict:
             peaks.append(peak_since_reset_gb())
 
     run_prune(cell.prune, store, then=then)
-    return {"cps": cps.__file__, "cell": cell.label, "seconds": seconds, "peak_gb": peaks}
+    row = {"cps": cps.__file__, "cell": cell.label, "seconds": seconds, "peak_gb": peaks}
+    return row | _compute_floor(work)
+
+
+def _compute_floor(work: dict[str, int]) -> dict[str, float]:
+    """What the second evaluation's linears alone cost at this machine's fp32 matmul rate: the
+    decoder's over every token it ran, the LM head's over every position it scored (counted by
+    wrapping `OutputHead.scores`: -1 where the model's own head ran instead, i.e. the old code)."""
+    from cps.models import decoder_layers, load_model
+
+    if work["head_rows"] < 0:
+        return work
+    model = load_model("gemma3-270m", tokenizer=False).model
+    linears = [m for m in decoder_layers(model).modules() if isinstance(m, torch.nn.Linear)]
+    layers = sum(m.weight.numel() for m in linears)
+    vocab, width = model.get_output_embeddings().weight.shape
+    states, weight = torch.randn(2048, width), torch.randn(4096, width)
+    torch.nn.functional.linear(states, weight)
+    started = time.perf_counter()
+    for _ in range(10):
+        torch.nn.functional.linear(states, weight)
+    rate = 10 * 2 * states.shape[0] * weight.numel() / (time.perf_counter() - started)
+    flops = 2 * layers * work["decoder_tokens"] + 2 * vocab * width * max(work["head_rows"], 0)
+    return {**work, "matmul_gflops": rate / 1e9, "floor_s": flops / rate}
 
 
 def demo_cell(args, sides: dict[str, Path]) -> None:
@@ -167,10 +215,20 @@ def demo_cell(args, sides: dict[str, Path]) -> None:
             f"  {side:<5} ({rows[side]['cps']}): first {first:6.1f} s, second {second:6.1f} s, "
             f"peak while evaluating {max(rows[side]['peak_gb']):.2f} GB"
         )
+        if rows[side]["head_rows"] >= 0:
+            print(
+                f"        second evaluation: {rows[side]['decoder_tokens']} decoder tokens, "
+                f"{rows[side]['head_rows']} positions through the LM head; their linears alone at "
+                f"this machine's fp32 matmul rate ({rows[side]['matmul_gflops']:.0f} GFLOP/s): "
+                f"{rows[side]['floor_s']:.1f} s"
+            )
     if len(rows) == 2:
         ratio = rows["new"]["seconds"][1] / rows["old"]["seconds"][1]
         first = rows["new"]["seconds"][0] / rows["old"]["seconds"][0]
         print(f"  new / old: {ratio:.3f} (second evaluation; target <= 0.55), first evaluation {first:.3f}")
+        if rows["new"]["head_rows"] >= 0:
+            floor = rows["new"]["floor_s"] / rows["old"]["seconds"][1]
+            print(f"  the new side's linears alone would be {floor:.3f} of the old side's evaluation")
     if args.profile:
         print(f"  profiles: {args.profile}/demo_cell_<side>.pstats (python -m pstats)")
 

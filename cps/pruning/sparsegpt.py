@@ -73,11 +73,13 @@ def sparsegpt_prune(
     With `splits`, W is several linears of the same inputs stacked by rows (their row counts):
     rows are processed independently by the algorithm, so one pass over the columns serves them
     all, and each linear's unstructured mask is chosen among its own rows, as if pruned alone."""
-    W = weight.clone().float()  # (out, in)
+    # The algorithm runs on W^T (in, out): a column of W is a contiguous row there, so each
+    # column's error and its rank-1 update read and write contiguous memory.
+    WT = weight.float().T.contiguous()  # (in, out), our own copy
     Hinv, dead = factor if factor is not None else hessian_factor(hessian, dampening)  # U: (in, in)
-    rows, columns = W.shape
-    W[:, dead] = 0
-    mask = torch.zeros_like(W, dtype=torch.bool)
+    columns, rows = WT.shape
+    WT[dead] = 0
+    maskT = torch.zeros_like(WT, dtype=torch.bool)
     if target.is_nm:
         group, pruned = int(target.group), target.pruned_per_group
         if columns % group:
@@ -91,38 +93,40 @@ def sparsegpt_prune(
     to_prune = [part * columns * target.sparsity for part in splits]
     for start in range(0, columns, blocksize):
         end = min(start + blocksize, columns)
-        W1 = W[:, start:end].clone()  # (out, B)
+        W1 = WT[start:end]  # (B, out): a view, updated in place
         Hinv1 = Hinv[start:end, start:end]  # (B, B)
         d = torch.diagonal(Hinv1)  # (B,)
-        errors = torch.zeros_like(W1)  # (out, B)
+        diagonal = d.tolist()
+        errors = torch.zeros_like(W1)  # (B, out)
         if target.is_nm:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        else:  # per linear: an exact share of its whole count, chosen over this block
-            scores = W1**2 / d.reshape(1, -1) ** 2
+        else:  # per linear: an exact share of its whole count, chosen over this block (row-major
+            scores = W1.T**2 / d.reshape(1, -1) ** 2  # over W's (out, B), as the reference ranks)
             parts = []
             for part, total in zip(scores.split(splits), to_prune, strict=True):
                 count = int(total * end / columns) - int(total * start / columns)
                 parts.append(_prune_smallest(part.reshape(1, -1), count).reshape(part.shape))
-            mask1 = torch.cat(parts)
+            mask1 = torch.cat(parts).T.contiguous()
+        pruned_share = mask1.float()  # 1 where pruned: err = w * 1 / d, 0 where kept
         width = end - start
         for first in range(0, width, step):
             last = min(first + step, width)
             for i in range(first, last):
                 if target.is_nm and i % group == 0:
-                    scores = W1[:, i : i + group] ** 2 / d[i : i + group].reshape(1, -1) ** 2
-                    mask1[:, i : i + group] = _prune_smallest(scores, pruned)
+                    scores = W1[i : i + group].T ** 2 / d[i : i + group].reshape(1, -1) ** 2
+                    mask1[i : i + group] = _prune_smallest(scores, pruned).T
+                    pruned_share[i : i + group] = mask1[i : i + group]
                 # the pruned weights' error (zero where kept), spread over the sub-block's later
                 # columns by a rank-1 update; column i itself is zeroed where pruned at the end
-                err = torch.where(mask1[:, i], W1[:, i], 0.0).div_(d[i])  # (out,)
+                err = torch.mul(W1[i], pruned_share[i], out=errors[i]).div_(diagonal[i])  # (out,)
                 if i + 1 < last:
-                    W1[:, i + 1 : last].addr_(err, Hinv1[i, i + 1 : last], alpha=-1)
-                errors[:, i] = err
+                    W1[i + 1 : last].addr_(Hinv1[i, i + 1 : last], err, alpha=-1)
             if last < width:  # the sub-block's errors reach the rest of the block at once
-                W1[:, last:].addmm_(errors[:, first:last], Hinv1[first:last, last:], alpha=-1)
-        W[:, start:end] = W1.masked_fill_(mask1, 0)
-        mask[:, start:end] = mask1
-        W[:, end:] -= errors @ Hinv[start:end, end:]
-    return W, mask
+                W1[last:].addmm_(Hinv1[first:last, last:].T, errors[first:last], alpha=-1)
+        W1.masked_fill_(mask1, 0)
+        maskT[start:end] = mask1
+        WT[end:].addmm_(Hinv[start:end, end:].T, errors, alpha=-1)
+    return WT.T.contiguous(), maskT.T.contiguous()
 
 
 @register("sparsegpt")
