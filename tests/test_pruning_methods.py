@@ -308,3 +308,17 @@ def test_a_new_method_is_one_file(tmp_path, monkeypatch, store):
     finally:
         base.METHODS.pop("smallest_rows", None)
         base._discover_methods.cache_clear()
+
+
+@pytest.mark.parametrize("size", [7, 128, 301, 700])
+def test_triangular_inverse_by_halves_is_the_inverse(size):
+    """L^-1 by halves (uneven halves included) equals the float64 inverse to fp32 accuracy and is
+    lower triangular."""
+    from cps.pruning.sparsegpt import lower_triangular_inverse
+
+    X = _correlated_inputs(4 * size, size, seed=size)
+    lower = torch.linalg.cholesky(X.T @ X / (4 * size) + 0.01 * torch.eye(size))
+    inverse = lower_triangular_inverse(lower)
+    exact = torch.linalg.inv(lower.double())
+    assert torch.equal(inverse, torch.tril(inverse))
+    assert (inverse.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
