@@ -35,7 +35,7 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -n 2 --dist loadfile -m ""
 
-# The embedded study (studies/demo.toml, ~15 min on 2 CPU cores); rerunning resumes where it stopped.
+# The embedded study (studies/demo.toml, ~11 min on 2 CPU cores); rerunning resumes where it stopped.
 demo: setup
 	$(BIN)/cps sweep studies/demo.toml
 	$(BIN)/cps report --filter study=demo --pivot eval_lang --metrics ppl,snr,acc --out reports/demo
