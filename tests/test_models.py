@@ -155,4 +155,6 @@ def test_a_process_loads_a_tokenizer_once_unless_it_changed(tmp_path):
     os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the files changed
     third = models.load_tokenizer(name)
     assert third is not second
+    models.forget_tokenizers()  # (a streamed run drops them)
+    assert not models.tokenizer_loaded(name) and models.load_tokenizer(name) is not third
     assert third("Habari ya asubuhi").input_ids == loaded.tokenizer("Habari ya asubuhi").input_ids

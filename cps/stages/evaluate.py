@@ -26,6 +26,7 @@ from cps.models import (
     LoadedModel,
     LoadOptions,
     decoder_layers,
+    forget_tokenizers,
     model_id,
     resolve_device,
     resolve_model,
@@ -90,6 +91,7 @@ def run_eval(
     the_protocol = protocol(config.seqlen, config.stride, labels.pop())
     if stream:
         loaded.tokenizer = tokenizer = None  # type: ignore[assignment]  # windowed already
+        forget_tokenizers()
         return_freed_memory(collect=True)
     held_out = held_out_scores(loaded, record, texts, options)
     rows, metrics, items = held_out.rows, held_out.metrics, held_out.items

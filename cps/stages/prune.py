@@ -24,6 +24,7 @@ from cps.errors import CpsError
 from cps.models import (
     LoadedModel,
     LoadOptions,
+    forget_tokenizers,
     load_model,
     load_tokenizer,
     resolve_device,
@@ -130,7 +131,8 @@ def _prune_streamed(
     same skeleton, streamed from the dense shards with the pruned layers over them."""
     spec = resolve_model(config.model)
     folder = weights_folder(spec)
-    return_freed_memory(collect=True)  # what tokenizing the calibration text left behind
+    forget_tokenizers()  # the calibration text is tokenized: its tokenizer's memory, and what
+    return_freed_memory(collect=True)  # tokenizing it left behind, go to the layers
     loaded = open_loaded(config.model, folder, options, tokenizer=False)
     source = streamed(loaded.model)
     assert source is not None
