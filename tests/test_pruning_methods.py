@@ -322,3 +322,15 @@ def test_triangular_inverse_by_halves_is_the_inverse(size):
     exact = torch.linalg.inv(lower.double())
     assert torch.equal(inverse, torch.tril(inverse))
     assert (inverse.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+
+
+@pytest.mark.parametrize("rows", [1, 16])
+def test_sparsegpt_leaves_the_callers_weight_alone(rows):
+    """sparsegpt_prune works on its own copy, also for a one-row weight (whose transpose is already
+    contiguous)."""
+    X = _correlated_inputs(256, 32, seed=9)
+    W = torch.randn(rows, 32, generator=torch.Generator().manual_seed(rows))
+    before = W.clone()
+    new_weight, mask = sparsegpt_prune(W, 2 * X.T @ X / 256, SparsityTarget(0.5), blocksize=16)
+    assert torch.equal(W, before)
+    assert int(mask.sum()) == rows * 16 and (new_weight[mask] == 0).all()

@@ -95,7 +95,8 @@ def sparsegpt_prune(
     all, and each linear's unstructured mask is chosen among its own rows, as if pruned alone."""
     # The algorithm runs on W^T (in, out): a column of W is a contiguous row there, so each
     # column's error and its rank-1 update read and write contiguous memory.
-    WT = weight.float().T.contiguous()  # (in, out), our own copy
+    # (a copy always: W^T of a one-row W is already contiguous, and `.contiguous()` would alias it)
+    WT = weight.float().T.clone(memory_format=torch.contiguous_format)  # (in, out)
     Hinv, dead = factor if factor is not None else hessian_factor(hessian, dampening)  # U: (in, in)
     columns, rows = WT.shape
     WT[dead] = 0
