@@ -375,10 +375,15 @@ def forget_tokenizers() -> None:
     _TOKENIZERS.clear()
 
 
+def _held(key: tuple) -> PreTrainedTokenizerBase | None:
+    """The tokenizer this process holds under `key`, unless a caller changed it since."""
+    kept = _TOKENIZERS.get(key)
+    return kept[0] if kept is not None and _tokenizer_state(kept[0]) == kept[1] else None
+
+
 def tokenizer_loaded(name: str, trust_remote_code: bool = False) -> bool:
     """Whether `load_tokenizer(name)` would return a tokenizer this process already holds."""
-    kept = _TOKENIZERS.get(_tokenizer_key(resolve_model(name), trust_remote_code))
-    return kept is not None and _tokenizer_state(kept[0]) == kept[1]
+    return _held(_tokenizer_key(resolve_model(name), trust_remote_code)) is not None
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -390,10 +395,10 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
     special tokens) is loaded afresh rather than handed out."""
     spec = resolve_model(name)
     key = _tokenizer_key(spec, trust_remote_code)
-    kept = _TOKENIZERS.get(key)
-    if kept is not None and _tokenizer_state(kept[0]) == kept[1]:
+    held = _held(key)
+    if held is not None:
         _TOKENIZERS.move_to_end(key)
-        return kept[0]
+        return held
     tokenizer = _load_from_cache(
         spec,
         "the tokenizer",
