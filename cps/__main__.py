@@ -1,5 +1,5 @@
 """`python -m cps` is the `cps` command."""
 
-from cps.cli import main
+from cps.cli import run
 
-main()
+run()

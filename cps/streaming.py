@@ -565,7 +565,9 @@ def capture_layer_calls(
 ) -> LayerCalls:
     """Run the base model with recording layers over each batch of token ids: the embeddings,
     masks and rotary embeddings are computed by the model's own code, so every layer gets exactly
-    what it would in a real forward. A streamed model reads only the embedding rows it needs."""
+    what it would in a real forward. A streamed model reads only the embedding rows it needs; an
+    embedding mapped from its checkpoint gives its pages back once read (the kernel maps whole
+    neighbourhoods around each row read: ~0.45 GB of Gemma-3's 0.67 GB for 16k Swahili tokens)."""
     layers = decoder_layers(model)
     base = model.base_model
     source = streamed(model)
@@ -587,6 +589,11 @@ def capture_layer_calls(
             else:
                 with source.embedding_rows(batch) as local:
                     base(input_ids=local.to(source.device), use_cache=False)
+    if source is None:  # the embedding's rows are read: the pages the kernel mapped around them go
+        embedding = base.get_input_embeddings().weight
+        pages = FilePages.of(embedding)
+        if pages is not None:
+            pages.release(0, embedding.shape[0])
     memo: dict[int, Any] = {}
     calls.kwargs = [move(per_shape, device, memo) for per_shape in calls.kwargs]
     return calls

@@ -77,3 +77,16 @@ def tiny_bos_tokenizer(tiny_tokenizer):
         single=f"{bos[0]} $A", pair=f"{bos[0]} $A $B", special_tokens=[bos]
     )
     return tokenizer
+
+
+def resident_bytes(tensor) -> int:
+    """Bytes of `tensor`'s pages present in this process's memory (/proc/self/pagemap, bit 63)."""
+    import struct
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    first = tensor.data_ptr() // page
+    last = (tensor.data_ptr() + tensor.numel() * tensor.element_size() - 1) // page
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(first * 8)
+        entries = struct.unpack(f"{last - first + 1}Q", pagemap.read((last - first + 1) * 8))
+    return sum(page for entry in entries if entry >> 63)

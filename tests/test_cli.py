@@ -322,3 +322,38 @@ def test_sigterm_ends_a_prune_run_killed(store):
     process.communicate(timeout=60)
     (run,) = tracking.find_runs(store, "prune", status=None)
     assert run.status == "KILLED"
+
+
+WORKER = "threading.Thread(target=lambda: (time.sleep(0.5), print('worker done', flush=True))).start()"
+
+
+@pytest.mark.parametrize(
+    "ending, status, says",
+    [
+        ("", 0, "gemma3-270m"),  # the command's output, then the handlers
+        ("sys.exit('stopped here')", 1, "stopped here"),
+        ("sys.exit(3)", 3, ""),
+        # a thread still working: the ordinary exit, which waits for it
+        (
+            "threading.Thread(target=lambda: (time.sleep(0.5), print('worker done', flush=True))).start()",
+            0,
+            "worker done",
+        ),
+    ],
+)
+def test_the_console_script_ends_without_teardown_but_runs_every_exit_handler(ending, status, says):
+    """`run` skips the interpreter's teardown only: exit handlers (MLflow's, logging's, temporary
+    folders') run, the output is complete, the status is the command's."""
+    script = (
+        "import atexit, sys, threading, time\n"
+        "from cps import cli\n"
+        "atexit.register(lambda: print('handler ran', flush=True))\n"
+        "atexit.register(lambda: sys.stdout.write('unflushed tail'))\n"
+        f"cli.main = lambda: (print('gemma3-270m'), {ending or 'None'})\n"
+        "cli.run()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == status, done.stderr
+    output = done.stdout + done.stderr
+    assert says in output and "handler ran" in done.stdout and "unflushed tail" in done.stdout
+    assert "Traceback" not in done.stderr

@@ -7,6 +7,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
+from conftest import resident_bytes
 
 from cps import tracking
 from cps.config import CalibrationConfig, EvalConfig, PruneConfig
@@ -121,20 +122,6 @@ def test_summed_nll_equals_lm_evals_loglikelihood_rolling(name, tiny_bos_tokeniz
     assert all(-value > nll + 1 for value, nll in zip(twice, result.nll[:2], strict=True))
 
 
-def _resident_bytes(tensor: torch.Tensor) -> int:
-    """Bytes of `tensor`'s pages present in this process's memory (/proc/self/pagemap, bit 63)."""
-    import os
-    import struct
-
-    page = os.sysconf("SC_PAGE_SIZE")
-    first = tensor.data_ptr() // page
-    last = (tensor.data_ptr() + tensor.numel() * tensor.element_size() - 1) // page
-    with open("/proc/self/pagemap", "rb") as pagemap:
-        pagemap.seek(first * 8)
-        entries = struct.unpack(f"{last - first + 1}Q", pagemap.read((last - first + 1) * 8))
-    return sum(page for entry in entries if entry >> 63)
-
-
 @pytest.mark.parametrize("name", ["tiny-llama", "gemma3-270m"])
 def test_chunked_head_equals_a_float64_log_softmax(name, tiny_bos_tokenizer, request, monkeypatch, tmp_path):
     """The LM head over position and vocabulary chunks (an online log-sum-exp; the rows of a
@@ -178,7 +165,7 @@ def test_chunked_head_equals_a_float64_log_softmax(name, tiny_bos_tokenizer, req
     if not Path("/proc/self/pagemap").exists():
         pytest.skip("no /proc/self/pagemap (not Linux): the head's pages are not handed back here")
     assert head.pages is not None  # the checkpoint's rows were handed back
-    assert _resident_bytes(weight) < 0.2 * weight.numel() * weight.element_size()
+    assert resident_bytes(weight) < 0.2 * weight.numel() * weight.element_size()
     again = ppl.score_windows(model, text.windows)  # re-read from the page cache: the same bits
     assert again.tolist() == chunked.tolist()
 

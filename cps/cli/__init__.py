@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
+import os
 import signal
 import sys
+import threading
 from typing import NoReturn
 
 import typer
@@ -64,3 +68,34 @@ def main() -> None:
     except CpsError as error:
         print(f"cps: error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def run() -> NoReturn:
+    """The console script (`cps`, `python -m cps`): `main`, then the process ends without the
+    interpreter's teardown. Once a command has imported torch, transformers and mlflow (~5,000
+    modules), tearing them down one by one takes ~2 s and does nothing a finished process needs:
+    the exit handlers still run (MLflow's, logging's flush, temporary folders' cleanup), the output
+    is flushed, and the exit status is the command's. A process with threads still working (an
+    executor's workers) ends the ordinary way, which waits for them."""
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        if exit_.code is None or isinstance(exit_.code, int):
+            code = exit_.code or 0
+        else:  # sys.exit("message"): printed, status 1, as the interpreter does
+            print(exit_.code, file=sys.stderr)
+            code = 1
+    working = [
+        thread
+        for thread in threading.enumerate()
+        if thread is not threading.main_thread() and not thread.daemon and thread.is_alive()
+    ]
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
+    if working or run_exit_handlers is None:
+        sys.exit(code)
+    run_exit_handlers()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing left to say there
+            stream.flush()
+    os._exit(code)
