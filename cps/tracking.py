@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -345,25 +346,70 @@ def log_datasets(run: TrackedRun, datasets: list[DatasetRecord]) -> None:
 def log_transformers_model(run: TrackedRun, model: Any, tokenizer: Any, name: str = "model") -> str:
     """The model as an MLflow model of the run (transformers flavor, the UI's Models column):
     `mlflow.transformers.load_model("runs:/<run>/model")` loads it, `mlflow.register_model`
-    registers it; its `model/` folder loads with `from_pretrained`. Returns the model id."""
+    registers it; its `model/` folder loads with `from_pretrained`. Returns the model id.
+
+    A store that keeps artifacts on this machine gets the model written in place: MLflow's own
+    `log_model` writes it to a temporary folder and then copies it into the store (Gemma-3 270M:
+    1 GB written twice, ~2 s; an 8B model: 16 GB, and as much room in the temporary folder). The
+    model is the same either way: a logged model linked to the run and its metrics, READY once
+    written (FAILED, its files removed, when writing fails). Other stores take `log_model`."""
     import mlflow
     import mlflow.transformers  # imports transformers pipelines: only runs that save a model pay
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model
 
     versions = library_tags()
-    requirements = [
-        f"{package}=={versions[f'cps.version.{package}']}" for package in ("torch", "transformers")
-    ]
+    options: dict[str, Any] = {
+        "task": "text-generation",
+        "pip_requirements": [
+            f"{package}=={versions[f'cps.version.{package}']}" for package in ("torch", "transformers")
+        ],
+    }
+    components = {"model": model, "tokenizer": tokenizer}
     mlflow.set_tracking_uri(run.store.resolved_uri)
     mlflow.set_experiment(experiment_id=experiment_id(run.store))
     logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)  # no hub model card offline
-    info = mlflow.transformers.log_model(
-        transformers_model={"model": model, "tokenizer": tokenizer},
-        name=name,
-        task="text-generation",
-        run_id=run.run_id,
-        pip_requirements=requirements,
+    logged = mlflow.initialize_logged_model(
+        name=name, source_run_id=run.run_id, experiment_id=experiment_id(run.store)
     )
-    return str(info.model_id)
+    if not logged.artifact_location.startswith("file:"):
+        info = mlflow.transformers.log_model(
+            transformers_model=components, name=name, run_id=run.run_id, model_id=logged.model_id, **options
+        )
+        return str(info.model_id)
+    folder = Path(unquote(urlparse(logged.artifact_location).path))
+    try:
+        run._client.log_outputs(run.run_id, [LoggedModelOutput(logged.model_id, step=0)])
+        described = Model(
+            artifact_path=logged.artifact_location,
+            model_uuid=logged.model_id,
+            run_id=run.run_id,
+            model_id=logged.model_id,
+        )
+        mlflow.transformers.save_model(
+            transformers_model=components, path=str(folder), mlflow_model=described, **options
+        )
+        _link_metrics(run, logged.model_id)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        mlflow.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    mlflow.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    return str(logged.model_id)
+
+
+def _link_metrics(run: TrackedRun, model_id: str) -> None:
+    """The run's metrics so far as the logged model's too (the UI's Models tab shows them), as
+    MLflow's `log_model` links them: every metric of step 0 not yet linked to a model."""
+    metrics = []
+    for key in run._client.get_run(run.run_id).data.metrics:
+        metrics += [
+            Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id, run_id=run.run_id)
+            for m in run._client.get_metric_history(run.run_id, key)
+            if m.step == 0 and m.model_id is None
+        ]
+    if metrics:
+        run._client.log_batch(run.run_id, metrics=metrics)
 
 
 def logged_model_folder(store: Store, run_id: str, scratch: str | Path, name: str = "model") -> Path | None:

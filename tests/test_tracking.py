@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -121,3 +122,82 @@ def test_runs_follow_mlflow_conventions_datasets_and_a_transformers_model(store,
         assert torch.equal(pipeline.model(ids).logits, result.model.model(ids).logits)
     folder = tracking.logged_model_folder(store, result.run_id, tmp_path)
     assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def test_a_model_written_in_place_is_the_model_mlflows_log_model_writes(store):
+    """`log_transformers_model` writes into a local store's folder what `mlflow.transformers.log_model`
+    would copy there: the same files byte for byte, the same MLmodel but for the ids and times, a
+    READY logged model linked to its run and to the run's metrics."""
+    import mlflow
+    import mlflow.transformers
+    import yaml
+
+    from cps.models import load_model
+
+    loaded = load_model("tiny-llama")
+    versions = tracking.library_tags()
+    mlflow_client = tracking.client(store)
+    folders, models = [], []
+    for way in ("in place", "log_model"):
+        with tracking.start_run(store, "prune", {"way": way}) as run:
+            run.log_metrics({"sparsity.actual": 0.5, "time.prune_s": 1.0})
+            if way == "in place":
+                model_id = tracking.log_transformers_model(run, loaded.model, loaded.tokenizer)
+            else:
+                model_id = mlflow.transformers.log_model(
+                    transformers_model={"model": loaded.model, "tokenizer": loaded.tokenizer},
+                    name="model",
+                    task="text-generation",
+                    run_id=run.run_id,
+                    pip_requirements=[
+                        f"{p}=={versions[f'cps.version.{p}']}" for p in ("torch", "transformers")
+                    ],
+                ).model_id
+        logged = mlflow_client.get_logged_model(model_id)
+        assert logged.status.to_int() == mlflow.entities.LoggedModelStatus.READY.to_int()
+        assert logged.source_run_id == run.run_id and logged.name == "model"
+        (output,) = mlflow_client.get_run(run.run_id).outputs.model_outputs
+        assert output.model_id == model_id
+        models.append(logged)
+        folders.append(Path(logged.artifact_location.removeprefix("file://")))
+    assert (
+        {m.key: m.value for m in models[0].metrics}
+        == {m.key: m.value for m in models[1].metrics}
+        == {
+            "sparsity.actual": 0.5,
+            "time.prune_s": 1.0,
+        }
+    )
+    files = [sorted(p.relative_to(f).as_posix() for p in f.rglob("*") if p.is_file()) for f in folders]
+    assert files[0] == files[1] and "model/model.safetensors" in files[0]
+    for relative in files[0]:
+        if relative != "MLmodel":
+            assert (folders[0] / relative).read_bytes() == (folders[1] / relative).read_bytes(), relative
+    described = [yaml.safe_load((f / "MLmodel").read_text()) for f in folders]
+    varying = {"artifact_path", "model_id", "model_uuid", "run_id", "utc_time_created"}
+    assert {k: v for k, v in described[0].items() if k not in varying} == {
+        k: v for k, v in described[1].items() if k not in varying
+    }
+    assert described[0]["model_id"] == models[0].model_id
+
+
+def test_a_model_that_fails_to_write_is_failed_and_leaves_no_files(store, monkeypatch):
+    import mlflow
+    import mlflow.transformers
+
+    from cps.models import load_model
+
+    def full_disk(**kwargs):
+        Path(kwargs["path"], "model").mkdir(parents=True)
+        Path(kwargs["path"], "model", "model.safetensors").write_bytes(b"half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(mlflow.transformers, "save_model", full_disk)
+    loaded = load_model("tiny-llama")
+    with pytest.raises(OSError), tracking.start_run(store, "prune", {}) as run:
+        tracking.log_transformers_model(run, loaded.model, loaded.tokenizer)
+    mlflow_client = tracking.client(store)
+    (logged,) = mlflow_client.search_logged_models(experiment_ids=[tracking.experiment_id(store)])
+    assert logged.status.to_int() == mlflow.entities.LoggedModelStatus.FAILED.to_int()
+    assert not Path(logged.artifact_location.removeprefix("file://")).exists()
+    assert mlflow_client.get_run(run.run_id).info.status == "FAILED"
