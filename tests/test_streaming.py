@@ -179,13 +179,14 @@ def test_weights_kept_by_a_streamed_prune_load_like_the_in_memory_ones(store):
     runs.drop_kept_weights([streamed.run_id])
 
 
-def test_capture_hands_back_the_pages_around_the_embedding_rows_it_read(tmp_path):
+def test_capture_and_evaluation_hand_back_the_pages_around_the_embedding_rows_they_read(tmp_path):
     """The kernel maps whole neighbourhoods of a checkpoint around each embedding row a batch reads
     (Gemma-3: ~0.45 GB of its 0.67 GB embedding for 16k Swahili tokens). Once the layer inputs are
-    captured they are handed back; the inputs, and a pruning from them, are those of the same model
-    in ordinary memory."""
+    captured they are handed back, and an evaluated model hands them back after each lookup; the
+    states, and a pruning from them, are those of the same model in ordinary memory."""
     from pathlib import Path
 
+    from cps.evaluation.perplexity import checked_head
     from cps.pruning.engine import calibration_batches
     from cps.streaming import capture_layer_calls
 
@@ -207,6 +208,12 @@ def test_capture_hands_back_the_pages_around_the_embedding_rows_it_read(tmp_path
         plain = capture_layer_calls(copied, calibration_batches(ids, 96), "cpu")
     assert len(calls.hidden) == len(plain.hidden) > 1
     assert all(torch.equal(calls.hidden[i], plain.hidden[i]) for i in range(len(calls.hidden)))
+    # an evaluated model hands them back after every lookup (the decoder passes before the head's)
+    assert checked_head(mapped, ids[:1]) is not None
+    with torch.inference_mode():
+        states = mapped.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        assert resident_bytes(embedding) < 0.05 * size
+        assert torch.equal(states, copied.base_model(input_ids=ids, use_cache=False).last_hidden_state)
     target = SparsityTarget(0.5)
     engine = EngineConfig(batch_tokens=96)
     masks = [prune_model(m, ids, get_method("wanda"), target, engine).masks for m in (mapped, copied)]

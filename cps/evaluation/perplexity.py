@@ -33,7 +33,14 @@ from cps.errors import CpsError
 from cps.evaluation.windows import Batch, HeldOutText, Window, batches, held_out_windows
 from cps.hooks import layer_output, output_hooks
 from cps.models import decoder_layers
-from cps.streaming import FilePages, StreamedModel, capture_layer_calls, move, streamed
+from cps.streaming import (
+    FilePages,
+    StreamedModel,
+    capture_layer_calls,
+    hand_back_after_lookups,
+    move,
+    streamed,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -110,6 +117,8 @@ class OutputHead:
         # A checkpoint mapped in place: each chunk's rows leave resident memory once used (Gemma-3's
         # tied 262k x 640 head is 0.67 GB of fp32, of which the input embedding touches a few rows).
         self.pages = FilePages.of(self.weight) if self.weight is not None else None
+        if self.source is None:
+            hand_back_after_lookups(model.get_input_embeddings())
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         if self.source is None:
