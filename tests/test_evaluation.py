@@ -376,6 +376,10 @@ def test_packed_rows_mask_and_positions_by_hand():
     assert rows_of([(None, [1, 2, 3, 4], [5, 6])], 4, pack=True)[0].context == [2, 3, 4]
     # a row never grows past max_length: a context's further continuations open a second row
     assert len(rows_of([(None, [1, 2], [3, 4, 5]), (None, [1, 2], [6, 7, 8])], 5, pack=True)) == 2
+    # nor past `cap` once it holds a request; one request alone may fill max_length
+    shared = [(None, [1], [2, 3, 4]), (None, [1], [5, 6, 7]), (None, [1], [8, 9, 10, 11, 12, 13])]
+    capped = rows_of(shared, 100, pack=True, cap=6)
+    assert [len(row) for row in capped] == [5, 6] and [len(r.requests) for r in capped] == [2, 1]
 
 
 def test_tasks_of_different_limits_run_in_one_call_on_the_items_lm_eval_would_take(monkeypatch):

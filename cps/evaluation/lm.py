@@ -6,7 +6,8 @@ loglikelihood request of lm-eval goes through `_loglikelihood_tokens`, which `Sh
 replaces, for the same scores:
 
 - Each request keeps lm-eval's input: context + continuation, left-truncated to `max_length` + 1
-  tokens. Requests are grouped by their (truncated) context tokens.
+  tokens. Requests are grouped by their (truncated) context tokens, a row holding up to 512
+  tokens of them (one request alone may fill `max_length`).
 - A group is one packed row: its context once, then every continuation but its last token. Each
   continuation sits at the positions it would have right after the context (position ids) and sees
   the context and itself only (a 4D attention mask; a sliding-window layer's mask also keeps to
@@ -68,10 +69,16 @@ class Row:
         return len(self.context) + sum(len(tokens) - 1 for _, tokens in self.requests)
 
 
-def rows_of(requests: list[tuple[Any, list[int], list[int]]], max_length: int, pack: bool) -> list[Row]:
-    """lm-eval's token requests as forward rows: per distinct context one row of at most
-    `max_length` tokens (more rows where its continuations need them) when packing, else one row
-    per request. Requests a row cannot hold are left out (the caller scores them otherwise)."""
+def rows_of(
+    requests: list[tuple[Any, list[int], list[int]]], max_length: int, pack: bool, cap: int = ROW_TOKENS
+) -> list[Row]:
+    """lm-eval's token requests as forward rows: per distinct context one row (more rows where its
+    continuations need them) when packing, else one row per request. A packed row takes further
+    continuations up to `cap` tokens only: its attention costs the square of its length, whatever
+    the mask keeps (unconditional requests all share the context [BOS]; with Gemma-3's 32k
+    `max_length`, 100 next-sentence items in 7 languages would be one 140k-token row). A single
+    request fills a row up to `max_length`. Requests a row cannot hold are left out (the caller
+    scores them otherwise)."""
     rows: list[Row] = []
     open_rows: dict[tuple[int, ...], Row] = {}
     for index, (_, context, continuation) in enumerate(requests):
@@ -82,7 +89,7 @@ def rows_of(requests: list[tuple[Any, list[int], list[int]]], max_length: int, p
         if not kept:
             continue
         row = open_rows.get(tuple(kept)) if pack else None
-        if row is None or len(row) + len(continuation) - 1 > max_length:
+        if row is None or len(row) + len(continuation) - 1 > min(max_length, cap):
             row = Row(kept)
             rows.append(row)
             open_rows[tuple(kept)] = row
