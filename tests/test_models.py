@@ -158,3 +158,38 @@ def test_a_process_loads_a_tokenizer_once_unless_it_changed(tmp_path):
     models.forget_tokenizers()  # (a streamed run drops them)
     assert not models.tokenizer_loaded(name) and models.load_tokenizer(name) is not third
     assert third("Habari ya asubuhi").input_ids == loaded.tokenizer("Habari ya asubuhi").input_ids
+
+
+def test_tokenizers_let_go_of_the_copies_they_were_built_from(tmp_path):
+    """Gemma-3's tokenizer drops the 0.14 GB of Python vocabulary and merges its class keeps after
+    building the Rust tokenizer from them; it tokenizes, decodes and saves exactly as a fresh load,
+    and the installed transformers reads those copies nowhere but in `__init__`."""
+    import importlib
+    import inspect
+    import re
+
+    import transformers
+    from transformers import AutoTokenizer
+
+    from cps.data import get_corpus
+    from cps.models import BUILT_FROM_COPIES, load_tokenizer, model_location, resolve_model
+
+    for name in BUILT_FROM_COPIES:
+        source = inspect.getsource(inspect.getmodule(getattr(transformers, name)))
+        uses = [line for line in source.splitlines() if re.search(r"self\._(vocab|merges)\b", line)]
+        assert all(re.search(r"self\._(vocab|merges) = |=self\._(vocab|merges),", u) for u in uses), name
+    for base in ("tokenization_utils_base", "tokenization_utils_tokenizers"):
+        module = importlib.import_module(f"transformers.{base}")
+        assert not re.search(r"\._(vocab|merges)\b", inspect.getsource(module)), base
+
+    kept = load_tokenizer("gemma3-270m")
+    fresh = AutoTokenizer.from_pretrained(model_location(resolve_model("gemma3-270m")))
+    assert kept._merges == [] and len(fresh._merges) > 500_000
+    texts = [d.text for d in get_corpus("flores").documents("sw")[:20]] + ["你好 Привет <bos> \n\n"]
+    assert kept(texts)["input_ids"] == fresh(texts)["input_ids"]
+    ids = kept(texts[0])["input_ids"]
+    assert kept.decode(ids) == fresh.decode(ids)
+    kept.save_pretrained(tmp_path / "kept")
+    fresh.save_pretrained(tmp_path / "fresh")
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "kept" / file).read_bytes() == (tmp_path / "fresh" / file).read_bytes()
