@@ -391,8 +391,9 @@ class FilePages:
             return None
         if len(raw) != count * 8:
             return None
-        entries = torch.frombuffer(bytearray(raw), dtype=torch.int64) if count else None
-        return entries if entries is not None else torch.zeros(0, dtype=torch.int64)
+        if not count:  # (frombuffer refuses an empty buffer)
+            return torch.zeros(0, dtype=torch.int64)
+        return torch.frombuffer(bytearray(raw), dtype=torch.int64)
 
     def populate(self, first: int, last: int) -> None:
         """Map rows [first, last) in one call (MADV_POPULATE_READ, Linux >= 5.14) rather than a
@@ -595,12 +596,14 @@ def capture_layer_calls(
     """Run the base model with recording layers over each batch of token ids: the embeddings,
     masks and rotary embeddings are computed by the model's own code, so every layer gets exactly
     what it would in a real forward. A streamed model reads only the embedding rows it needs; an
-    embedding mapped from its checkpoint gives its pages back once read (the kernel maps whole
-    neighbourhoods around each row read: ~0.45 GB of Gemma-3's 0.67 GB for 16k Swahili tokens)."""
+    embedding mapped from its checkpoint gives its pages back after each lookup
+    (`hand_back_after_lookups`: ~0.45 GB of Gemma-3's 0.67 GB for 16k Swahili tokens otherwise)."""
     layers = decoder_layers(model)
     base = model.base_model
     source = streamed(model)
     calls = LayerCalls(hidden=ActivationBuffer(offload), kwargs=[{} for _ in layers])
+    if source is None:
+        hand_back_after_lookups(base.get_input_embeddings())
     for batch in batches:
         shape = tuple(batch.shape[:2])
 
@@ -618,10 +621,6 @@ def capture_layer_calls(
             else:
                 with source.embedding_rows(batch) as local:
                     base(input_ids=local.to(source.device), use_cache=False)
-    if source is None:  # the embedding's rows are read: the pages the kernel mapped around them go
-        pages = FilePages.of(base.get_input_embeddings().weight)
-        if pages is not None:
-            pages.release(0, pages.rows)
     memo: dict[int, Any] = {}
     calls.kwargs = [move(per_shape, device, memo) for per_shape in calls.kwargs]
     return calls

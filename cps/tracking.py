@@ -366,18 +366,17 @@ def log_transformers_model(run: TrackedRun, model: Any, tokenizer: Any, name: st
         ],
     }
     components = {"model": model, "tokenizer": tokenizer}
+    experiment = experiment_id(run.store)
     mlflow.set_tracking_uri(run.store.resolved_uri)
-    mlflow.set_experiment(experiment_id=experiment_id(run.store))
+    mlflow.set_experiment(experiment_id=experiment)
     logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)  # no hub model card offline
-    logged = mlflow.initialize_logged_model(
-        name=name, source_run_id=run.run_id, experiment_id=experiment_id(run.store)
-    )
+    logged = mlflow.initialize_logged_model(name=name, source_run_id=run.run_id, experiment_id=experiment)
     if not logged.artifact_location.startswith("file:"):
         info = mlflow.transformers.log_model(
             transformers_model=components, name=name, run_id=run.run_id, model_id=logged.model_id, **options
         )
         return str(info.model_id)
-    folder = Path(unquote(urlparse(logged.artifact_location).path))
+    folder = _file_path(logged.artifact_location)
     try:
         run._client.log_outputs(run.run_id, [LoggedModelOutput(logged.model_id, step=0)])
         described = Model(
@@ -528,9 +527,14 @@ def open_run(store: Store, run_id: str) -> TrackedRun:
     return TrackedRun(run_id, store, client(store))
 
 
+def _file_path(uri: str) -> Path:
+    """The folder of a `file:` artifact location."""
+    return Path(unquote(urlparse(uri).path))
+
+
 def _on_this_machine(uri: str, path: str) -> Path | None:
     """`path` under an artifact location kept on this machine (`file:`), if it exists there."""
-    local = Path(unquote(urlparse(uri).path)) / path
+    local = _file_path(uri) / path
     return local if local.exists() else None
 
 
