@@ -73,7 +73,7 @@ def run_eval(
             "zero-shot tasks run the whole model (lm-eval): evaluate them with --no-stream, "
             "perplexity and SNR with --stream"
         )
-    if loaded is None:  # streamed: no tokenizer (Gemma-3's holds 0.3 GB) unless text is new to it
+    if loaded is None:  # streamed: no tokenizer (Gemma-3's holds 0.12 GB) unless text is new to it
         loaded = load_run_model(store, record, options, tokenizer=not stream)
     elif not stream:
         loaded.model.to(resolve_device(config.device))
