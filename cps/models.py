@@ -14,7 +14,7 @@ import json
 import logging
 import shutil
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import transformers
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_model
+from safetensors.torch import save_file
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -34,7 +34,7 @@ from transformers import (
 )
 
 from cps.errors import CpsError, first_line
-from cps.paths import cache_dir, discard, publish, staging
+from cps.paths import cache_dir, discard, publish, remove, staging
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -80,6 +80,7 @@ class LoadedModel:
     spec: ModelSpec
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase  # None only where a caller asked for no tokenizer
+    origin: str = "the model's checkpoint"  # where the weights came from (`cps.runs.ORIGINS` for a run)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -180,16 +181,27 @@ def _gguf_path(spec: ModelSpec, workdir: Path) -> Path:
     return gemma_package.assemble(workdir / str(spec.gguf_file))
 
 
+# The layout of a converted folder. 1 (before issue 23) stored tied embeddings under the head's
+# name only, which cps loaded with a key mapping that transformers 5 reverses on every later save.
+CONVERSION_LAYOUT = 2
+
+
 def embedded_model_dir(spec: ModelSpec) -> Path:
     """The converted safetensors folder of an embedded model, converting it on first use."""
-    target = cache_dir() / "models" / f"{spec.name}-{_package_version(spec.package)}"
+    version = _package_version(spec.package)
+    target = cache_dir() / "models" / f"{spec.name}-{version}-layout{CONVERSION_LAYOUT}"
 
     def build(staging: Path, work: Path) -> None:
         log.warning("converting %s from its PyPI package once into %s (about a minute)", spec.name, target)
         _convert_gguf(_gguf_path(spec, work), staging, with_model=True)
         (staging / "cps_source.json").write_text(json.dumps({"model_id": model_id(spec)}))
 
-    return _cached_folder(target, "config.json", build)
+    folder = _cached_folder(target, "config.json", build)
+    superseded = cache_dir() / "models" / f"{spec.name}-{version}"  # layout 1: 0.3-1 GB nobody reads
+    if (superseded / "config.json").is_file():
+        log.warning("removing %s: converted in an earlier layout, superseded by %s", superseded, folder)
+        remove(superseded)
+    return folder
 
 
 def _cached_folder(target: Path, marker: str, build: Callable[[Path, Path], None]) -> Path:
@@ -214,13 +226,35 @@ def _convert_gguf(gguf: Path, out: Path, with_model: bool) -> None:
     tokenizer.save_pretrained(out)
     if not with_model:
         return
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = pretrained(f"{gguf} (GGUF)", gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are dequantized now: drop the GGUF marker so the folder loads as a plain model.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.config.architectures = [type(model).__name__]  # as `save_pretrained` writes it
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
-    save_model(model, str(out / "model.safetensors"))  # handles tied embeddings
+    save_file(checkpoint_state(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def name_architecture(config_file: Path, model: nn.Module) -> None:
+    """Write the model's class into a copied `config.json` that lacks it, as `save_pretrained`
+    does: MLflow's loader and serving engines (vLLM) pick the model class from it."""
+    config = json.loads(config_file.read_text())
+    if not config.get("architectures"):
+        config["architectures"] = [type(model).__name__]
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors `save_pretrained` would write, under the names it would write them: the state
+    dict with each tied tensor once, under its first name (the input embedding, not the head)."""
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen and tensor.numel():
+            continue
+        seen.add(tensor.data_ptr())
+        state[name] = tensor.detach().contiguous()
+    return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,10 +361,12 @@ def _load_from_cache(spec: ModelSpec, what: str, loader: Callable[[str], Any]) -
         location = model_location(spec)
         try:
             return loader(location)
-        except (OSError, ValueError, SafetensorError) as error:
+        except (OSError, ValueError, SafetensorError, CpsError) as error:
             if attempt == 1 and spec.source in ("embedded", "tiny"):
                 discard(Path(location), first_line(error))
                 continue
+            if isinstance(error, CpsError):  # names the folder and the keys already
+                raise
             raise CpsError(
                 f"cannot load {what} of {spec.name!r} from {location}: {first_line(error)}"
             ) from None
@@ -448,19 +484,74 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def _tied_head_mapping(location: str) -> dict[str, str] | None:
-    """For a checkpoint that stores tied embeddings under the head's name only (cps's conversions
-    of the embedded models: `lm_head.weight`), the mapping that loads them as the input embedding.
-    Without it transformers first fills the embedding with random values (0.8 s and 0.67 GB at
-    once for Gemma-3's) before tying it to the loaded head; the weights are the same either way."""
-    path = Path(location) / "model.safetensors"
-    if not path.is_file():
-        return None
-    with safe_open(str(path), "pt") as checkpoint:
-        keys = set(checkpoint.keys())
-    if "lm_head.weight" in keys and "model.embed_tokens.weight" not in keys:
-        return {r"^lm_head\.weight$": "model.embed_tokens.weight"}
-    return None
+def _no_warnings(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.WARNING
+
+
+def pretrained(what: str, location: str | Path, **options: Any) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained(location, **options)`, refused when its loading info
+    names a key: a parameter the checkpoint lacks would be left at its random initialisation, a
+    tensor the model has no place for dropped (either way the scores would be of another model)."""
+    report = logging.getLogger("transformers.modeling_utils")  # its load report: `check_keys` says it
+    report.addFilter(_no_warnings)  # in one line (a filter: its level changes what transformers does)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            location, output_loading_info=True, ignore_mismatched_sizes=True, **options
+        )
+    except RuntimeError as error:  # transformers' own refusals: a state dict it could not load
+        raise CpsError(f"cannot load the weights of {what}: {first_line(error)}") from None
+    finally:
+        report.removeFilter(_no_warnings)
+    check_keys(what, info.get("missing_keys", ()), info.get("unexpected_keys", ()), info)
+    return model
+
+
+def check_keys(
+    what: str, missing: Iterable[str], unexpected: Iterable[str], info: Mapping | None = None
+) -> None:
+    """One line naming every key that does not fit (missing, unexpected, of another shape)."""
+    problems = [
+        (label, sorted(keys))
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            (
+                "of another shape",
+                [str(k[0]) if isinstance(k, tuple) else k for k in (info or {}).get("mismatched_keys", ())],
+            ),
+            ("unreadable", (info or {}).get("error_msgs", ())),
+        )
+        if keys
+    ]
+    if problems:
+        named = "; ".join(f"{label}: {', '.join(_shortened(keys))}" for label, keys in problems)
+        raise CpsError(
+            f"the weights of {what} do not fit the model ({named}); refusing to use random weights"
+        )
+
+
+def check_saved(what: str, folder: Path, model: nn.Module) -> None:
+    """A folder just written for `model` holds what `from_pretrained` will look for: every
+    parameter (a tied one under any of its names), nothing the model has no place for, in the
+    model's shapes. A save that renamed a tensor fails here, not in whoever loads it later."""
+    stored: dict[str, tuple[int, ...]] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as checkpoint:
+            stored |= {key: tuple(checkpoint.get_slice(key).get_shape()) for key in checkpoint.keys()}  # noqa: SIM118
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict(keep_vars=True).items()}
+    aliases: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(parameter), []).append(name)
+    check_keys(
+        what,
+        [names[0] for names in aliases.values() if not any(name in stored for name in names)],
+        [name for name in stored if name not in shapes],
+        {"mismatched_keys": [name for name in stored if name in shapes and stored[name] != shapes[name]]},
+    )
+
+
+def _shortened(keys: list[str], shown: int = 6) -> list[str]:
+    return keys[:shown] + ([f"... {len(keys) - shown} more"] if len(keys) > shown else [])
 
 
 def load_model(name: str, options: LoadOptions | None = None, tokenizer: bool = True) -> LoadedModel:
@@ -479,11 +570,11 @@ def load_model(name: str, options: LoadOptions | None = None, tokenizer: bool = 
         model = _load_from_cache(
             spec,
             "model",
-            lambda location: AutoModelForCausalLM.from_pretrained(
+            lambda location: pretrained(
+                f"model {name!r} ({location})",
                 location,
                 dtype=dtype,
                 trust_remote_code=options.trust_remote_code,
-                key_mapping=_tied_head_mapping(location),
             ),
         )
     model.eval()

@@ -65,6 +65,11 @@ def publish(built: Path, target: Path) -> Path:
 def discard(entry: Path, why: str) -> None:
     """Drop an unreadable cache entry, with one warning line, so that it is built again."""
     log.warning("cache entry %s is unreadable (%s); building it again", entry, why)
+    remove(entry)
+
+
+def remove(entry: Path) -> None:
+    """Delete a cache entry (file or folder)."""
     if entry.is_dir():
         # Renamed away first: a concurrent reader never sees a half-deleted folder.
         away = staging(entry)

@@ -21,7 +21,6 @@ from pathlib import Path
 import polars as pl
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
 
 from cps import tracking
 from cps.config import DENSE, PruneConfig
@@ -30,10 +29,12 @@ from cps.errors import CpsError
 from cps.models import (
     LoadedModel,
     LoadOptions,
+    check_keys,
     decoder_layers,
     load_model,
     load_tokenizer,
     model_id,
+    pretrained,
     resolve_device,
     resolve_dtype,
     resolve_model,
@@ -167,16 +168,21 @@ def load_run_model(
     comes without its tokenizer unless `tokenizer` (a pruned model rebuilt in memory always has it)."""
     params = record.params
     if params.get("method") == DENSE:
-        return load(params["model"], options, tokenizer)
+        return replace(load(params["model"], options, tokenizer), origin=ORIGINS["dense"])
     stream = wants_stream(params["model"], options)
     with tempfile.TemporaryDirectory() as scratch:
         # A streamed model reads its shards while it lives: a downloaded copy goes to the cache.
         where = cache_dir() / "downloads" / record.run_id if stream else Path(scratch)
         saved = tracking.logged_model_folder(store, record.run_id, where)
-        if saved is None:  # runs of earlier cps versions kept it as a plain `model/` artifact
+        if (
+            saved is None
+        ):  # earlier cps versions (and streamed runs before issue 23): a plain `model/` artifact
             saved = tracking.artifact_if_any(store, record.run_id, "model", where)
+        if saved is not None and _misnamed_embedding(store, record, saved):
+            saved = None
         if saved is not None and stream:
-            return open_loaded(params["model"], saved, options, tokenizer)
+            loaded = open_loaded(params["model"], saved, options, tokenizer)
+            return replace(loaded, origin=ORIGINS["saved"])
         if saved is not None:
             return _load_saved(record, options, saved)
     if stream:
@@ -184,6 +190,44 @@ def load_run_model(
     if kept_weights_path(record.run_id).is_file():
         return _load_kept(store, record, options)
     return _rebuild(store, record, options)
+
+
+# Where `load_run_model` took a run's weights from (`LoadedModel.origin`; `cps eval` tags it).
+ORIGINS = {
+    "dense": "the dense checkpoint",
+    "saved": "the run's saved model",
+    "kept": "weights kept by a sweep",
+    "masks": "the dense checkpoint x the run's masks",
+    "pruned_again": "pruned again from the run's calibration set",
+    "pruned": "pruned in this process",
+}
+SAVED_MODEL_TAG = "cps.saved_model"  # set on a prune run whose saved model cannot be used
+
+
+def _misnamed_embedding(store: tracking.Store, record: tracking.RunRecord, folder: Path) -> bool:
+    """Whether the run's saved model is one that cps wrote before issue 23: its embedding stored
+    under the text of a key mapping's pattern (`lm_head.weight$`), so that every loader leaves the
+    embedding and the head random. Says so in one line and tags the run; the caller rebuilds it."""
+    names = [name for path in sorted(folder.glob("*.safetensors")) for name in WeightReader(path).entries]
+    misnamed = [name for name in names if any(char in name for char in "$^\\")]
+    if not misnamed:
+        return False
+    instead = (
+        "pruned again from its calibration run"
+        if method_class(record.params["method"]).updates_weights
+        else "rebuilt from the dense model and its masks"
+    )
+    log.warning(
+        "run %s: its saved model stores the embedding under %r (cps before issue 23), so any loader "
+        "would leave the embedding and head random; evaluating the run %s instead",
+        record.run_id,
+        misnamed[0],
+        instead,
+    )
+    reason = f"unusable: embedding saved under {misnamed[0]!r} (written before cps fixed issue 23)"
+    if record.tags.get(SAVED_MODEL_TAG) != reason:
+        tracking.open_run(store, record.run_id).set_tags({SAVED_MODEL_TAG: reason})
+    return True
 
 
 def _streamed_run_model(
@@ -197,12 +241,13 @@ def _streamed_run_model(
     source = streamed(loaded.model)
     assert source is not None
     if kept_weights_path(record.run_id).is_file():
-        source.overlay = WeightReader(kept_weights_path(record.run_id))
-        return loaded
+        source.use_overlay(WeightReader(kept_weights_path(record.run_id)))
+        return replace(loaded, origin=ORIGINS["kept"])
     masks = run_masks(store, record.run_id)
     if not method_class(params["method"]).updates_weights:
+        _check_masks(record, masks, loaded.model)
         source.overrides = {f"{name}.weight": partial(_masked, mask=mask) for name, mask in masks.items()}
-        return loaded
+        return replace(loaded, origin=ORIGINS["masks"])
     folder = cache_dir() / "pruned" / f"{record.run_id}.layers"
     if not (folder / "model.safetensors.index.json").is_file():
         writer = ShardWriter(staging(folder))
@@ -211,8 +256,8 @@ def _streamed_run_model(
         )
         writer.close()
         publish(writer.folder, folder)
-    source.overlay = WeightReader(folder)
-    return loaded
+    source.use_overlay(WeightReader(folder))
+    return replace(loaded, origin=ORIGINS["pruned_again"])
 
 
 def _masked(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -222,36 +267,68 @@ def _masked(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def _load_saved(record: tracking.RunRecord, options: LoadOptions, folder: Path) -> LoadedModel:
 
     device = resolve_device(options.device)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(options.dtype, device))
+    model = pretrained(
+        f"run {record.run_id}'s saved model ({folder})", folder, dtype=resolve_dtype(options.dtype, device)
+    )
     # The tokenizer of the source model, exactly as pruning used it: a copy reloaded beside another
     # architecture's config can come back as that architecture's tokenizer class.
     tokenizer = load_tokenizer(record.params["model"], options.trust_remote_code)
     model.eval().to(device)
-    return LoadedModel(resolve_model(record.params["model"]), model, tokenizer)
+    return LoadedModel(resolve_model(record.params["model"]), model, tokenizer, ORIGINS["saved"])
 
 
 def _load_kept(store: tracking.Store, record: tracking.RunRecord, options: LoadOptions) -> LoadedModel:
     masks = run_masks(store, record.run_id)
     loaded = load_model(record.params["model"], options)
     state = load_file(str(kept_weights_path(record.run_id)))
+    expected = {name: loaded.model.get_parameter(name).shape for name in _linear_weights(loaded.model)}
+    check_keys(
+        f"the weights kept for run {record.run_id} ({kept_weights_path(record.run_id)})",
+        expected.keys() - state.keys(),
+        state.keys() - expected.keys(),
+        {
+            "mismatched_keys": [
+                name for name in state.keys() & expected.keys() if state[name].shape != expected[name]
+            ]
+        },
+    )
     with torch.no_grad():
         for name, weight in state.items():
             target, module = loaded.model.get_parameter(name), name.removesuffix(".weight")
             if module in masks and bool((weight[masks[module]] != 0).any()):
                 raise CpsError(f"kept weights of run {record.run_id} disagree with its masks ({module})")
             target.copy_(weight.to(target.dtype))
-    return loaded
+    return replace(loaded, origin=ORIGINS["kept"])
 
 
 def _rebuild(store: tracking.Store, record: tracking.RunRecord, options: LoadOptions) -> LoadedModel:
     masks = run_masks(store, record.run_id)
     loaded = load_model(record.params["model"], options)
     if not method_class(record.params["method"]).updates_weights:  # the dense weights, masked
+        _check_masks(record, masks, loaded.model)
         with torch.no_grad():
             for name, mask in masks.items():
                 loaded.model.get_submodule(name).weight.mul_(~mask.to(loaded.model.device))
-        return loaded
-    return _prune_again(store, record, loaded, masks)
+        return replace(loaded, origin=ORIGINS["masks"])
+    return replace(_prune_again(store, record, loaded, masks), origin=ORIGINS["pruned_again"])
+
+
+def _check_masks(record: tracking.RunRecord, masks: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Every mask names a linear of the model, of its weight's shape."""
+    shapes = {
+        name.removesuffix(".weight"): shape
+        for name, shape in ((n, p.shape) for n, p in model.named_parameters())
+    }
+    check_keys(
+        f"the masks of run {record.run_id}",
+        (),
+        [name for name in masks if name not in shapes],
+        {
+            "mismatched_keys": [
+                name for name, mask in masks.items() if name in shapes and mask.shape != shapes[name]
+            ]
+        },
+    )
 
 
 def _prune_again(

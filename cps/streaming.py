@@ -20,6 +20,7 @@ import gc
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -41,6 +42,7 @@ from cps.errors import CpsError
 from cps.models import (
     LoadedModel,
     LoadOptions,
+    check_keys,
     decoder_layers,
     load_model,
     load_tokenizer,
@@ -243,16 +245,23 @@ class StreamedModel:
     overlay: WeightReader | None = None
     overrides: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
 
-    def source_name(self, name: str) -> str:
+    def source_name(self, name: str, reader: WeightReader | None = None) -> str:
         """The checkpoint's name for a parameter: tied embeddings are stored once, under either name
         (`save_pretrained` keeps the input embedding, safetensors' `save_model` the LM head)."""
-        if name in self.reader:
+        reader = reader or self.reader
+        if name in reader:
             return name
         if self.tied and name in (self.head_name, self.embed_name):
             other = self.embed_name if name == self.head_name else self.head_name
-            if other in self.reader:
+            if other in reader:
                 return other
-        raise CpsError(f"{self.reader.folder} has no tensor {name!r}: cannot stream this model")
+        raise CpsError(f"{reader.folder} has no tensor {name!r}: cannot stream this model")
+
+    def use_overlay(self, reader: WeightReader) -> None:
+        """Read the tensors of `reader` (pruned layers: kept, re-pruned or just written) instead of
+        the checkpoint's, once they are checked to be parameters of this model, of its shapes."""
+        self.check(reader, whole=False)
+        self.overlay = reader
 
     @property
     def embed_name(self) -> str:
@@ -273,6 +282,30 @@ class StreamedModel:
             getattr(config, "tie_word_embeddings", False)
             or getattr(config.get_text_config(), "tie_word_embeddings", False)
         )
+
+    def check(self, reader: WeightReader, whole: bool = True) -> None:
+        """The tensors of `reader` fit the skeleton, as `from_pretrained`'s loading info would
+        say: every parameter stored (`whole`; an overlay replaces only some), none the model has no
+        place for, none of another shape. Anything else is a `CpsError` naming the keys."""
+        model = self.model
+        shapes = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+        ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+        unexpected = [
+            name for name in reader.entries if name not in shapes and not any(p.search(name) for p in ignored)
+        ]
+        mismatched = [
+            (name, entry.shape)
+            for name, entry in reader.entries.items()
+            if name in shapes and entry.shape != shapes[name]
+        ]
+        missing = []
+        if whole:
+            for name, _ in model.named_parameters():
+                try:
+                    self.source_name(name, reader)
+                except CpsError:
+                    missing.append(name)
+        check_keys(str(reader.folder), missing, unexpected, {"mismatched_keys": mismatched})
 
     def read(self, name: str) -> torch.Tensor:
         """A parameter as the in-memory model would hold it: in the run's dtype (floating point)."""
@@ -467,11 +500,18 @@ def open_streamed(
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.eval()
     target = torch.device(device)
-    for module in model.modules():  # buffers (rotary frequencies, Gemma's embedding scale) are real
+    stored = {name for name, _ in model.named_buffers()} & set(model.state_dict(keep_vars=True))
+    for prefix, module in model.named_modules():
+        # Buffers (rotary frequencies, Gemma's embedding scale) are real: as the config makes
+        # them, or as the checkpoint stores them (persistent ones), as `from_pretrained` loads them.
         for name, buffer in list(module._buffers.items()):
+            full = f"{prefix}.{name}" if prefix else name
+            if full in stored and full in reader:
+                buffer = reader.read(full)
             if buffer is not None:
                 module._buffers[name] = buffer.to(target)
     streamed = StreamedModel(model, reader, dtype, target, {id(m): n for n, m in model.named_modules()})
+    streamed.check(reader)
     streamed.materialize_outside()
     model._cps_streamed = streamed  # how the engine and the evaluation recognise a streamed model
     return streamed

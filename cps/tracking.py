@@ -7,6 +7,7 @@ success, FAILED on an error, KILLED on Ctrl-C or SIGTERM — never left RUNNING.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import json
 import logging
@@ -343,10 +344,15 @@ def log_datasets(run: TrackedRun, datasets: list[DatasetRecord]) -> None:
             time.sleep(0.2 * (attempt + 1))
 
 
-def log_transformers_model(run: TrackedRun, model: Any, tokenizer: Any, name: str = "model") -> str:
+def log_transformers_model(
+    run: TrackedRun, model: Any, tokenizer: Any, name: str = "model", checkpoint: Path | None = None
+) -> str:
     """The model as an MLflow model of the run (transformers flavor, the UI's Models column):
     `mlflow.transformers.load_model("runs:/<run>/model")` loads it, `mlflow.register_model`
     registers it; its `model/` folder loads with `from_pretrained`. Returns the model id.
+    With `checkpoint`, the model is that folder (a streamed prune's shards and its tokenizer's
+    files: never whole in memory), copied as it is; `model` is then its skeleton.
+    What is written is checked against `model` (`models.check_saved`) before the model is READY.
 
     A store that keeps artifacts on this machine gets the model written in place: MLflow's own
     `log_model` writes it to a temporary folder and then copies it into the store (Gemma-3 270M:
@@ -358,6 +364,8 @@ def log_transformers_model(run: TrackedRun, model: Any, tokenizer: Any, name: st
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
     from mlflow.models import Model
 
+    from cps.models import check_saved  # torch and transformers: only runs that save a model pay
+
     versions = library_tags()
     options: dict[str, Any] = {
         "task": "text-generation",
@@ -365,16 +373,23 @@ def log_transformers_model(run: TrackedRun, model: Any, tokenizer: Any, name: st
             f"{package}=={versions[f'cps.version.{package}']}" for package in ("torch", "transformers")
         ],
     }
-    components = {"model": model, "tokenizer": tokenizer}
+    components: Any = str(checkpoint) if checkpoint else {"model": model, "tokenizer": tokenizer}
     experiment = experiment_id(run.store)
     mlflow.set_tracking_uri(run.store.resolved_uri)
     mlflow.set_experiment(experiment_id=experiment)
     logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)  # no hub model card offline
     logged = mlflow.initialize_logged_model(name=name, source_run_id=run.run_id, experiment_id=experiment)
     if not logged.artifact_location.startswith("file:"):
-        info = mlflow.transformers.log_model(
-            transformers_model=components, name=name, run_id=run.run_id, model_id=logged.model_id, **options
-        )
+        if checkpoint:
+            check_saved(f"run {run.run_id}'s model ({checkpoint})", checkpoint, model)
+        with _pipeline_classes_resolved():
+            info = mlflow.transformers.log_model(
+                transformers_model=components,
+                name=name,
+                run_id=run.run_id,
+                model_id=logged.model_id,
+                **options,
+            )
         return str(info.model_id)
     folder = _file_path(logged.artifact_location)
     try:
@@ -385,9 +400,11 @@ def log_transformers_model(run: TrackedRun, model: Any, tokenizer: Any, name: st
             run_id=run.run_id,
             model_id=logged.model_id,
         )
-        mlflow.transformers.save_model(
-            transformers_model=components, path=str(folder), mlflow_model=described, **options
-        )
+        with _pipeline_classes_resolved():
+            mlflow.transformers.save_model(
+                transformers_model=components, path=str(folder), mlflow_model=described, **options
+            )
+        check_saved(f"run {run.run_id}'s logged model ({folder / 'model'})", folder / "model", model)
         _link_metrics(run, logged.model_id)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
@@ -395,6 +412,30 @@ def log_transformers_model(run: TrackedRun, model: Any, tokenizer: Any, name: st
         raise
     mlflow.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
     return str(logged.model_id)
+
+
+@contextmanager
+def _pipeline_classes_resolved() -> Iterator[None]:
+    """While inside, transformers' `pipelines.check_task` names each pipeline by its class: MLflow
+    (3.17) reads `check_task(task)[1]["impl"].__name__` when it saves a model from a checkpoint
+    folder, where transformers 5 gives the class's dotted path as a string. Nothing changes where
+    it is a class already."""
+    from transformers import pipelines
+
+    original = pipelines.check_task
+
+    def check_task(task: str) -> Any:
+        normalized, targeted, options = original(task)
+        if isinstance(targeted.get("impl"), str):
+            module, _, name = targeted["impl"].rpartition(".")
+            targeted = {**targeted, "impl": getattr(importlib.import_module(module), name)}
+        return normalized, targeted, options
+
+    pipelines.check_task = check_task
+    try:
+        yield
+    finally:
+        pipelines.check_task = original
 
 
 def _link_metrics(run: TrackedRun, model_id: str) -> None:

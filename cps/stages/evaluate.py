@@ -124,6 +124,7 @@ def run_eval(
             "cps.eval.task_limits": dict(config.task_limits),
             "cps.eval.max_documents": config.max_docs,
             "cps.eval.protocol": json.dumps(the_protocol),
+            "cps.eval.weights": loaded.origin,
             EVAL_FINGERPRINT_TAG: config.fingerprint(),
         }
     )

@@ -27,6 +27,7 @@ from cps.models import (
     forget_tokenizers,
     load_model,
     load_tokenizer,
+    name_architecture,
     resolve_device,
     resolve_model,
     tokenizer_loaded,
@@ -35,7 +36,7 @@ from cps.models import (
 from cps.pruning.base import get_method
 from cps.pruning.engine import EngineResult, prune_model
 from cps.pruning.masks import save_masks
-from cps.runs import DENSE_METRICS, load_calibration_run, prune_params
+from cps.runs import DENSE_METRICS, ORIGINS, load_calibration_run, prune_params
 from cps.stages.calibrate import calibration_dataset, run_calibrate
 from cps.streaming import (
     ShardWriter,
@@ -152,9 +153,10 @@ def _prune_streamed(
     for extra in ("config.json", "generation_config.json"):
         if (folder / extra).is_file():
             shutil.copyfile(folder / extra, work / "model" / extra)
+    name_architecture(work / "model" / "config.json", loaded.model)
     # Every layer is released again: the same skeleton reads the pruned layers from now on. The
     # tokenizer (0.12 GB for Gemma-3, 0.45 GB while loading) only when the model is saved or evaluated next.
-    source.overlay = WeightReader(work / "model")
+    source.use_overlay(WeightReader(work / "model"))
     if tokenizer or config.save_model:
         loaded.tokenizer = _tokenizer(config.model, options.trust_remote_code)
     stats, metrics = _log_outputs(run, config, loaded, result, saved=work / "model")
@@ -217,6 +219,8 @@ def run_prune(
             if loaded.tokenizer is None and (config.save_model or then is not None):
                 loaded.tokenizer = _tokenizer(config.model)
             stats, metrics = _log_outputs(run, config, loaded, result)
+        if loaded is not None:
+            loaded.origin = ORIGINS["dense" if calib is None else "pruned"]
         if then is not None:
             assert loaded is not None
             then(run.run_id, loaded)
@@ -243,7 +247,7 @@ def _log_outputs(
     saved: Path | None = None,
 ) -> tuple[pl.DataFrame, dict[str, float]]:
     """Metrics, series, layer stats, masks, the plot and (`save_model`) the weights: as an MLflow
-    model from memory, or the folder a streamed prune wrote (`saved`) as the `model/` artifact."""
+    model from memory, or from the folder a streamed prune wrote (`saved`)."""
     stats = stats_frame(result)
     metrics = summary_metrics(stats, result.seconds)
     run.log_metrics(metrics)
@@ -275,7 +279,6 @@ def _log_outputs(
         run.log_artifact(Path(folder) / "plots", "plots")
         if config.save_model and saved is not None:
             loaded.tokenizer.save_pretrained(saved)
-            run.log_artifact(saved, "model")
-        elif config.save_model:
-            tracking.log_transformers_model(run, loaded.model, loaded.tokenizer)
+        if config.save_model:
+            tracking.log_transformers_model(run, loaded.model, loaded.tokenizer, checkpoint=saved)
     return stats, metrics
