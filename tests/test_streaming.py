@@ -100,7 +100,7 @@ def test_streamed_prune_run_writes_a_loadable_model_and_evaluates_the_same(store
     ]
     assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[1])
     saved = AutoModelForCausalLM.from_pretrained(
-        tracking.download_artifact(store, streamed.run_id, "model", tmp_path)
+        tracking.logged_model_folder(store, streamed.run_id, tmp_path)
     )
     ids = streamed.calib.input_ids
     with torch.no_grad():
