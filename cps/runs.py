@@ -174,9 +174,8 @@ def load_run_model(
         # A streamed model reads its shards while it lives: a downloaded copy goes to the cache.
         where = cache_dir() / "downloads" / record.run_id if stream else Path(scratch)
         saved = tracking.logged_model_folder(store, record.run_id, where)
-        if (
-            saved is None
-        ):  # earlier cps versions (and streamed runs before issue 23): a plain `model/` artifact
+        # earlier cps versions (and streamed runs before issue 23): a plain `model/` artifact
+        if saved is None:
             saved = tracking.artifact_if_any(store, record.run_id, "model", where)
         if saved is not None and _misnamed_embedding(store, record, saved):
             saved = None
