@@ -12,6 +12,7 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
+import re
 import shutil
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -502,12 +503,22 @@ def pretrained(what: str, location: str | Path, **options: Any) -> PreTrainedMod
         raise CpsError(f"cannot load the weights of {what}: {first_line(error)}") from None
     finally:
         report.removeFilter(_no_warnings)
-    check_keys(what, info.get("missing_keys", ()), info.get("unexpected_keys", ()), info)
+    check_keys(
+        what,
+        info["missing_keys"],
+        info["unexpected_keys"],
+        [key[0] if isinstance(key, tuple) else key for key in info["mismatched_keys"]],
+        info["error_msgs"],
+    )
     return model
 
 
 def check_keys(
-    what: str, missing: Iterable[str], unexpected: Iterable[str], info: Mapping | None = None
+    what: str,
+    missing: Iterable[str],
+    unexpected: Iterable[str],
+    mismatched: Iterable[str] = (),
+    unreadable: Iterable[str] = (),
 ) -> None:
     """One line naming every key that does not fit (missing, unexpected, of another shape)."""
     problems = [
@@ -515,11 +526,8 @@ def check_keys(
         for label, keys in (
             ("missing", missing),
             ("unexpected", unexpected),
-            (
-                "of another shape",
-                [str(k[0]) if isinstance(k, tuple) else k for k in (info or {}).get("mismatched_keys", ())],
-            ),
-            ("unreadable", (info or {}).get("error_msgs", ())),
+            ("of another shape", mismatched),
+            ("unreadable", unreadable),
         )
         if keys
     ]
@@ -530,6 +538,25 @@ def check_keys(
         )
 
 
+def check_shapes(
+    what: str,
+    stored: Mapping[str, Iterable[int]],
+    expected: Mapping[str, Iterable[int]],
+    missing: Iterable[str] = (),
+    ignored: Iterable[re.Pattern] = (),
+) -> None:
+    """`check_keys` for tensors stored under names (name -> shape) against those a model expects:
+    a name it does not expect (but for `ignored` patterns) is unexpected, one it expects in another
+    shape mismatched; `missing` is the caller's (tied names, partial overlays)."""
+    ignored = list(ignored)
+    check_keys(
+        what,
+        missing,
+        [name for name in stored if name not in expected and not any(p.search(name) for p in ignored)],
+        [name for name in stored if name in expected and tuple(stored[name]) != tuple(expected[name])],
+    )
+
+
 def check_saved(what: str, folder: Path, model: nn.Module) -> None:
     """A folder just written for `model` holds what `from_pretrained` will look for: every
     parameter (a tied one under any of its names), nothing the model has no place for, in the
@@ -538,15 +565,14 @@ def check_saved(what: str, folder: Path, model: nn.Module) -> None:
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), "pt") as checkpoint:
             stored |= {key: tuple(checkpoint.get_slice(key).get_shape()) for key in checkpoint.keys()}  # noqa: SIM118
-    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict(keep_vars=True).items()}
     aliases: dict[int, list[str]] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(parameter), []).append(name)
-    check_keys(
+    check_shapes(
         what,
+        stored,
+        {name: tensor.shape for name, tensor in model.state_dict(keep_vars=True).items()},
         [names[0] for names in aliases.values() if not any(name in stored for name in names)],
-        [name for name in stored if name not in shapes],
-        {"mismatched_keys": [name for name in stored if name in shapes and stored[name] != shapes[name]]},
     )
 
 

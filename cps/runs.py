@@ -29,7 +29,7 @@ from cps.errors import CpsError
 from cps.models import (
     LoadedModel,
     LoadOptions,
-    check_keys,
+    check_shapes,
     decoder_layers,
     load_model,
     load_tokenizer,
@@ -281,15 +281,11 @@ def _load_kept(store: tracking.Store, record: tracking.RunRecord, options: LoadO
     loaded = load_model(record.params["model"], options)
     state = load_file(str(kept_weights_path(record.run_id)))
     expected = {name: loaded.model.get_parameter(name).shape for name in _linear_weights(loaded.model)}
-    check_keys(
+    check_shapes(
         f"the weights kept for run {record.run_id} ({kept_weights_path(record.run_id)})",
+        {name: weight.shape for name, weight in state.items()},
+        expected,
         expected.keys() - state.keys(),
-        state.keys() - expected.keys(),
-        {
-            "mismatched_keys": [
-                name for name in state.keys() & expected.keys() if state[name].shape != expected[name]
-            ]
-        },
     )
     with torch.no_grad():
         for name, weight in state.items():
@@ -314,19 +310,10 @@ def _rebuild(store: tracking.Store, record: tracking.RunRecord, options: LoadOpt
 
 def _check_masks(record: tracking.RunRecord, masks: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
     """Every mask names a linear of the model, of its weight's shape."""
-    shapes = {
-        name.removesuffix(".weight"): shape
-        for name, shape in ((n, p.shape) for n, p in model.named_parameters())
-    }
-    check_keys(
+    check_shapes(
         f"the masks of run {record.run_id}",
-        (),
-        [name for name in masks if name not in shapes],
-        {
-            "mismatched_keys": [
-                name for name, mask in masks.items() if name in shapes and mask.shape != shapes[name]
-            ]
-        },
+        {name: mask.shape for name, mask in masks.items()},
+        {name.removesuffix(".weight"): parameter.shape for name, parameter in model.named_parameters()},
     )
 
 

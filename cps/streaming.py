@@ -42,7 +42,7 @@ from cps.errors import CpsError
 from cps.models import (
     LoadedModel,
     LoadOptions,
-    check_keys,
+    check_shapes,
     decoder_layers,
     load_model,
     load_tokenizer,
@@ -288,16 +288,6 @@ class StreamedModel:
         say: every parameter stored (`whole`; an overlay replaces only some), none the model has no
         place for, none of another shape. Anything else is a `CpsError` naming the keys."""
         model = self.model
-        shapes = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
-        ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
-        unexpected = [
-            name for name in reader.entries if name not in shapes and not any(p.search(name) for p in ignored)
-        ]
-        mismatched = [
-            (name, entry.shape)
-            for name, entry in reader.entries.items()
-            if name in shapes and entry.shape != shapes[name]
-        ]
         missing = []
         if whole:
             for name, _ in model.named_parameters():
@@ -305,7 +295,13 @@ class StreamedModel:
                     self.source_name(name, reader)
                 except CpsError:
                     missing.append(name)
-        check_keys(str(reader.folder), missing, unexpected, {"mismatched_keys": mismatched})
+        check_shapes(
+            str(reader.folder),
+            {name: entry.shape for name, entry in reader.entries.items()},
+            {name: tensor.shape for name, tensor in model.state_dict(keep_vars=True).items()},
+            missing,
+            [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()],
+        )
 
     def read(self, name: str) -> torch.Tensor:
         """A parameter as the in-memory model would hold it: in the run's dtype (floating point)."""
