@@ -14,7 +14,7 @@ export CPS_DATA_DIR := $(abspath ../shared/corpora)
 endif
 endif
 
-.PHONY: setup test test-all demo lint format ui clean
+.PHONY: setup test test-all demo findings lint format ui clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,12 @@ demo: setup
 	$(BIN)/cps sweep studies/demo.toml
 	$(BIN)/cps report --filter study=demo --pivot eval_lang --metrics ppl,snr,acc --out reports/demo
 	@echo "report: reports/demo/report.md (and .html); browse every run with: make ui"
+
+# The paper's claims decided (studies/findings.toml, ~1 h on 2 CPU cores: README, Findings); resumable.
+findings: setup
+	$(BIN)/cps sweep studies/findings.toml
+	$(BIN)/cps report --filter study=findings --pivot eval_lang --metrics ppl,snr,acc,margin --out reports/findings
+	@echo "report: reports/findings/report.md (the findings table first)"
 
 lint: setup
 	$(BIN)/ruff check cps tests benchmarks

@@ -4,6 +4,7 @@
     <kind>.<subject>.layer           per layer:    snr_db.sw.layer (step = layer)  calib_snr_db.layer
     <accuracy>_stderr.<task>         lm-eval's standard error
     <accuracy>_ci_low.<task>, _ci_high  Wilson 95% interval over the items
+    margin.<task> (and _norm, _mutual_info)  mean gold-over-best-other margin, t 95% interval
 
 The subject of a held-out metric is a language code; of a task metric the task, named
 `<family>_<lang>` when it ends in a language code (sib_sw, flores_next_zh, global_mmlu_sw) and
@@ -15,7 +16,11 @@ from __future__ import annotations
 from cps.languages import LANGUAGES
 
 ACCURACIES = ("acc", "acc_norm", "acc_mutual_info")
-SCORES = (*ACCURACIES, "exact_match", "f1")  # what task evaluations log per task
+# Per multiple-choice item: the gold choice's score minus the best other's, under each accuracy's
+# score (log-likelihood, per character, minus the unconditional log-likelihood).
+MARGIN_OF = {"acc": "margin", "acc_norm": "margin_norm", "acc_mutual_info": "margin_mutual_info"}
+MARGINS = tuple(MARGIN_OF.values())
+SCORES = (*ACCURACIES, "exact_match", "f1", *MARGINS)  # what task evaluations log per task
 BINARY = (*ACCURACIES, "exact_match")  # per-item 0/1 scores, which carry Wilson intervals
 INTERVAL = ("ci_low", "ci_high")
 LAYER = "layer"

@@ -250,7 +250,16 @@ def test_each_task_family_runs_through_lm_eval():
     assert names == ["sib_sw", "sib_en", "flores_next_sw", "flores_next_en", "xcopa_sw"]
     results = run_tasks(loaded.model, loaded.tokenizer, ["sib_sw", "flores_next_en", "xcopa_sw"], limit=4)
     scores = results.scores
-    found = {(s.task, s.metric) for s in scores}
+    found = {(s.task, s.metric) for s in scores if not s.metric.startswith("margin")}
+    assert {(s.task, s.metric) for s in scores} - found == {
+        ("sib_sw", "margin"),
+        ("sib_sw", "margin_norm"),
+        ("flores_next_en", "margin"),
+        ("flores_next_en", "margin_norm"),
+        ("flores_next_en", "margin_mutual_info"),
+        ("xcopa_sw", "margin"),
+        ("xcopa_sw", "margin_norm"),
+    }
     assert found == {
         ("sib_sw", "acc"),
         ("sib_sw", "acc_norm"),
@@ -259,7 +268,7 @@ def test_each_task_family_runs_through_lm_eval():
         ("flores_next_en", "acc_mutual_info"),
         ("xcopa_sw", "acc"),
     }
-    assert all(0 <= s.value <= 1 and s.samples == 4 for s in scores)
+    assert all(0 <= s.value <= 1 and s.samples == 4 for s in scores if not s.metric.startswith("margin"))
     # the per-item results recompute every accuracy: each metric's choice from the log-likelihoods
     picks = {
         "acc": lambda row: row["loglik"],
@@ -269,6 +278,8 @@ def test_each_task_family_runs_through_lm_eval():
         ],
     }
     for score in scores:
+        if score.metric.startswith("margin"):
+            continue
         items = results.items[score.task]
         assert items.height == 4 and set(items["lang"]) == {score.task.rsplit("_", 1)[1]}
         correct = [
@@ -279,6 +290,26 @@ def test_each_task_family_runs_through_lm_eval():
         assert sum(correct) / len(correct) == pytest.approx(score.value, rel=1e-12)
         assert (score.ci_low, score.ci_high) == pytest.approx(wilson_interval(sum(correct), 4))
     assert results.items["sib_sw"]["correct"].to_list() == [a == 1.0 for a in results.items["sib_sw"]["acc"]]
+    # margins: the gold choice's score over the best other one's, by hand; positive exactly when right
+    margins = {"acc": "margin", "acc_norm": "margin_norm", "acc_mutual_info": "margin_mutual_info"}
+    for score in scores:
+        if score.metric not in margins:
+            continue
+        items = results.items[score.task]
+        for row in items.iter_rows(named=True):
+            values = picks[score.metric](row)
+            gold = values[row["target"]]
+            others = [v for i, v in enumerate(values) if i != row["target"]]
+            assert row[margins[score.metric]] == pytest.approx(gold - max(others), abs=1e-12)
+            assert (row[margins[score.metric]] > 0) == (row[score.metric] == 1.0)
+    by_name = {(s.task, s.metric): s for s in scores}
+    margin = by_name["flores_next_en", "margin_mutual_info"]
+    values = results.items["flores_next_en"]["margin_mutual_info"].to_list()
+    mean = sum(values) / 4
+    stderr = math.sqrt(sum((v - mean) ** 2 for v in values) / 3 / 4)
+    assert margin.value == pytest.approx(mean) and margin.stderr == pytest.approx(stderr)
+    # Student t with 3 degrees of freedom: t(0.975) = 3.182446 (tables)
+    assert (margin.ci_low, margin.ci_high) == pytest.approx((mean - 3.182446 * stderr, mean + 3.182446 * stderr))
 
 
 def test_wilson_interval_against_hand_computed_values():

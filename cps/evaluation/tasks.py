@@ -30,7 +30,7 @@ from cps.data.xcopa import XcopaCorpus
 from cps.errors import CpsError, first_line
 from cps.evaluation import mkqa
 from cps.languages import Language, get_language
-from cps.metrics import BINARY, SCORES, split_task
+from cps.metrics import BINARY, MARGINS, SCORES, split_task
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -281,7 +281,7 @@ class TaskScore:
     value: float
     stderr: float | None
     samples: int
-    ci_low: float | None  # Wilson 95% interval over the items (0/1 scores only)
+    ci_low: float | None  # 95% interval over the items: Wilson (0/1 scores), Student t (margins)
     ci_high: float | None
 
 
@@ -302,6 +302,16 @@ def wilson_interval(successes: float, trials: int, z: float = 1.959963984540054)
     low = 0.0 if successes <= 0 else max(0.0, center - half)  # exact at the ends, not 1e-17 off
     high = 1.0 if successes >= trials else min(1.0, center + half)
     return low, high
+
+
+def t_interval(mean: float, stderr: float | None, n: int) -> tuple[float | None, float | None]:
+    """The Student t 95% interval of a mean from its standard error over n items."""
+    if stderr is None or n < 2:
+        return None, None
+    from scipy.stats import t
+
+    half = float(t.ppf(0.975, n - 1)) * stderr
+    return mean - half, mean + half
 
 
 @lru_cache(maxsize=1)
@@ -350,10 +360,22 @@ def _argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
+def margin(scores: list[float], gold: int) -> float | None:
+    """How far the gold choice's score lies above the best other choice's (nats for
+    log-likelihoods): positive when the item is answered right, and by how much. None without a
+    gold choice among at least two."""
+    if not 0 <= gold < len(scores) or len(scores) < 2:
+        return None
+    return scores[gold] - max(score for index, score in enumerate(scores) if index != gold)
+
+
 def item_frame(name: str, task: Any, samples: list[dict[str, Any]]) -> pl.DataFrame:
     """One row per item: its id, language, target and lm-eval's per-item metrics; for multiple
     choice also the choices, each choice's log-likelihood (and the unconditional one for
-    acc_mutual_info) and the choice each metric picked, enough to recompute every accuracy."""
+    acc_mutual_info), the choice each metric picked, enough to recompute every accuracy, and the
+    gold choice's margin over the best other under each metric's score (`margin`: log-likelihood,
+    nats; `margin_norm`: per character, as acc_norm; `margin_mutual_info`: minus the unconditional
+    log-likelihood, as acc_mutual_info)."""
 
     lang = split_task(name)[1]
     rows = []
@@ -370,12 +392,16 @@ def item_frame(name: str, task: Any, samples: list[dict[str, Any]]) -> pl.DataFr
             conditional = loglik[: len(choices)]
             unconditional = loglik[len(choices) :] or None
             row |= {"choices": choices, "loglik": conditional, "loglik_unconditional": unconditional}
+            gold = row["target"]
+            normalised = [ll / len(c) for ll, c in zip(conditional, choices, strict=True)]
             row["chosen"] = _argmax(conditional)
-            row["chosen_norm"] = _argmax([ll / len(c) for ll, c in zip(conditional, choices, strict=True)])
+            row["chosen_norm"] = _argmax(normalised)
+            row["margin"] = margin(conditional, gold)
+            row["margin_norm"] = margin(normalised, gold)
             if unconditional:
-                row["chosen_mutual_info"] = _argmax(
-                    [c - u for c, u in zip(conditional, unconditional, strict=True)]
-                )
+                mutual_info = [c - u for c, u in zip(conditional, unconditional, strict=True)]
+                row["chosen_mutual_info"] = _argmax(mutual_info)
+                row["margin_mutual_info"] = margin(mutual_info, gold)
         elif getattr(task, "OUTPUT_TYPE", None) == "generate_until":
             response = (sample.get("filtered_resps") or [""])[0]
             row["response"] = response if isinstance(response, str) else str(response)
@@ -473,8 +499,9 @@ def collect(
     samples: Mapping[str, list[dict[str, Any]]], leaves: Mapping[str, Mapping[str, Any]]
 ) -> TaskResults:
     """Per cps task name: its items (the samples of all its leaf tasks, numbered one after another
-    in leaf-name order) and its accuracies computed from them: the mean over items (a group's
-    accuracy weighted by its tasks' sizes), lm-eval's standard error of a mean, Wilson intervals."""
+    in leaf-name order) and its accuracies and margins computed from them: the mean over items (a
+    group's accuracy weighted by its tasks' sizes), lm-eval's standard error of a mean, Wilson
+    intervals for accuracies, Student t intervals for margins."""
     items: dict[str, pl.DataFrame] = {}
     for name, tasks in leaves.items():
         frames, offset = [], 0
@@ -489,11 +516,18 @@ def collect(
     for name, frame in items.items():
         for metric in SCORES:
             if metric in frame.columns:
-                values = frame[metric].to_list()
+                values = frame[metric].drop_nulls().to_list()
+                if not values:
+                    continue
                 n = len(values)
                 value = sum(values) / n
                 stderr = math.sqrt(sum((v - value) ** 2 for v in values) / (n - 1) / n) if n > 1 else None
-                low, high = wilson_interval(sum(values), n) if metric in BINARY else (None, None)
+                if metric in BINARY:
+                    low, high = wilson_interval(sum(values), n)
+                elif metric in MARGINS:
+                    low, high = t_interval(value, stderr, n)
+                else:
+                    low, high = None, None
                 scores.append(TaskScore(name, metric, value, stderr, n, low, high))
     return TaskResults(scores, items)
 
