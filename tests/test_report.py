@@ -139,18 +139,19 @@ def test_held_out_snr_matrix(filled):
 
 def test_group_by_any_param_and_every_format(filled, tmp_path):
     by_method = build_report(filled, ReportConfig(group_by=("method",), filters=(("model", "tiny-llama"),)))
-    metrics = by_method.sections[0]
+    assert by_method.sections[0].title.startswith("Findings")  # the findings table first
+    metrics = by_method.main
     values = [m["ppl.zh"] for m in _from_store(filled, model="tiny-llama", method="wanda")]
     assert _row(metrics, method="wanda")["ppl.zh"] == pytest.approx(statistics.mean(values))
     assert _row(metrics, method="wanda")["n"] == 4
     by_seed = build_report(filled, ReportConfig(group_by=("seed",), metrics=("ppl",), include_dense=False))
     # two models in the selection: rows never mix them
-    assert by_seed.sections[0].key == ["model", "method", "seed"]
+    assert by_seed.main.key == ["model", "method", "seed"]
     for fmt in ("table", "markdown", "csv", "json", "html"):
         text = render(by_method, fmt)
         assert "ppl.zh" in text
     parsed = json.loads(render(by_method, "json"))
-    assert parsed[0]["rows"][0]["n"] >= 1
+    assert parsed[1]["rows"][0]["n"] >= 1
     pivoted = build_report(filled, ReportConfig(pivot="eval_lang", filters=(("model", "tiny-llama"),)))
     written = write_report(pivoted, tmp_path / "out")
     names = {path.name for path in written}
@@ -191,7 +192,7 @@ def test_csv_is_one_table_a_csv_reader_reads(filled):
     report = build_report(filled, ReportConfig(pivot="eval_lang", filters=(("model", "tiny-llama"),)))
     assert len(report.sections) > 1
     parsed = pl.read_csv(io.StringIO(render(report, "csv")))
-    assert parsed.equals(report.sections[0].frame)
+    assert parsed.equals(report.main.frame)  # the first table after the findings
 
 
 def test_heatmaps_star_every_tie_and_keep_their_titles_inside(filled):
@@ -275,18 +276,18 @@ def test_significance_from_per_item_results(store):
                 )
             run.log_frames(items)
     report = build_report(store, ReportConfig(pivot="eval_lang", metrics=("ppl",)))
-    detail = next(s for s in report.sections if s.title.startswith("Own-language"))
+    detail = next(s for s in report.sections if s.title.startswith("Appendix: own-language"))
     xcopa_sw = _row(detail, task="xcopa", eval_lang="sw")
     assert xcopa_sw["other"] == "zh" and xcopa_sw["own - other"] == pytest.approx(0.3)
     assert xcopa_sw["significant"] == "true" and 0 < xcopa_sw["own - other.ci_low"] < 0.3
     assert _row(detail, task="xcopa", eval_lang="zh")["significant"] == "false"
     ppl_sw = _row(detail, task="ppl", eval_lang="sw")
     assert ppl_sw["own - other"] == pytest.approx(math.exp(1.5) - math.exp(2.0))
-    lines = next(s for s in report.sections if s.title.startswith("Does calibrating"))
+    lines = next(s for s in report.sections if s.title.startswith("Appendix: does calibrating"))
     assert _row(lines, task="xcopa")["line"] == (
         "own-language calibration wins significantly in 1 of 2 languages, loses significantly in 0"
     )
     text = render(report, "markdown")
     assert "| xcopa | sw | zh | 0.3 (" in text
     without = build_report(store, ReportConfig(pivot="eval_lang", metrics=("ppl",), significance=False))
-    assert not any(s.title.startswith("Own-language") for s in without.sections)
+    assert not any(s.title.startswith("Appendix: own-language") for s in without.sections)

@@ -9,8 +9,8 @@ For two calibration languages A and B evaluated on the same n items, with k_A an
      perplexity = exp(sum NLL / sum tokens) over the drawn documents, averaged over the drawn seeds;
   3. the difference A - B is the observed one; its 95% interval the 2.5th and 97.5th percentiles of
      the replicates' differences (percentile bootstrap, 10,000 replicates, seeded); it is
-     significant when the interval excludes 0 and there are at least MIN_ITEMS (5) shared items
-     (with one item every replicate is that item, and the interval collapses to a point).
+     significant when the interval excludes 0 and there are at least MIN_ITEMS (30) shared items;
+     a comparison on fewer is too small to test (its percentile interval understates the spread).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import polars as pl
 
 RESAMPLES = 10_000
 CONFIDENCE = 0.95
-MIN_ITEMS = 5  # below this the resamples repeat a handful of items: never called significant
+MIN_ITEMS = 30  # below this a comparison is listed as too small, never tested
 
 
 @dataclass(frozen=True)
@@ -37,13 +37,14 @@ class Comparison:
         return self.items >= MIN_ITEMS and (self.low > 0 or self.high < 0)
 
 
-def _counts(rng: np.random.Generator, size: int, resamples: int) -> np.ndarray:
+def resample_counts(rng: np.random.Generator, size: int, resamples: int) -> np.ndarray:
     """(resamples, size) how often each of `size` units is drawn in each replicate."""
     return rng.multinomial(size, np.full(size, 1 / size), size=resamples).astype(np.float64)
 
 
-def _accuracy(correct: np.ndarray, seeds: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """Per replicate: the weighted mean of `correct` (k, n) under seed (R, k) and item (R, n) counts."""
+def weighted_means(correct: np.ndarray, seeds: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Per replicate: the weighted mean of `correct` (k, n: 0/1 or any per-item score) under seed
+    (R, k) and item (R, n) counts."""
     per_seed = correct @ items.T  # (k, R): correct answers among the drawn items
     return (seeds * per_seed.T).sum(1) / (seeds.sum(1) * items.sum(1))
 
@@ -67,16 +68,23 @@ def paired_bootstrap(
     if b[kind].shape[1] != n:
         raise ValueError(f"paired sides need the same items (got {n} and {b[kind].shape[1]})")
     rng = np.random.default_rng(seed)
-    items = _counts(rng, n, resamples)
-    seeds_a, seeds_b = _counts(rng, a[kind].shape[0], resamples), _counts(rng, b[kind].shape[0], resamples)
+    items = resample_counts(rng, n, resamples)
+    seeds_a, seeds_b = (
+        resample_counts(rng, a[kind].shape[0], resamples),
+        resample_counts(rng, b[kind].shape[0], resamples),
+    )
     once_items, once_a, once_b = (
         np.ones((1, n)),
         np.ones((1, a[kind].shape[0])),
         np.ones((1, b[kind].shape[0])),
     )
     if kind == "correct":
-        replicates = _accuracy(a["correct"], seeds_a, items) - _accuracy(b["correct"], seeds_b, items)
-        observed = _accuracy(a["correct"], once_a, once_items) - _accuracy(b["correct"], once_b, once_items)
+        replicates = weighted_means(a["correct"], seeds_a, items) - weighted_means(
+            b["correct"], seeds_b, items
+        )
+        observed = weighted_means(a["correct"], once_a, once_items) - weighted_means(
+            b["correct"], once_b, once_items
+        )
     else:
         replicates = _perplexity(a["nll"], a["tokens"], seeds_a, items) - _perplexity(
             b["nll"], b["tokens"], seeds_b, items

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import polars as pl
 
 from cps import tracking
-from cps.metrics import INTERVAL, companion, metric, split_task, task_family
+from cps.metrics import INTERVAL, MARGIN_OF, companion, metric, split_task, task_family
 
 # Task families whose `acc` column shows another score: the one to read for them (flores_next:
 # acc_mutual_info, as plain acc rewards short candidates; mkqa, a generative task: token F1).
@@ -92,7 +92,8 @@ def analysis_runs(store: tracking.Store, filters: Mapping[str, str]) -> pl.DataF
 
 def item_results(store: tracking.Store, run_ids: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The per-item results of evaluated runs, long: accuracy items (run_id, task, eval_lang, item,
-    correct: the correctness of the accuracy the report shows) and perplexity documents (run_id,
+    correct: the correctness of the accuracy the report shows, margin: the gold choice's margin under
+    that accuracy's score (null before issue 24), n_choices) and perplexity documents (run_id,
     task='ppl', eval_lang, item, nll, tokens). Runs without `items/` contribute nothing."""
     answers, documents = [], []
     with tempfile.TemporaryDirectory() as scratch:
@@ -116,6 +117,7 @@ def item_results(store: tracking.Store, run_ids: list[str]) -> tuple[pl.DataFram
                 elif "lang" in frame.columns and frame["lang"].null_count() == 0:
                     family = split_task(path.stem)[0]
                     shown = SHOWN_SCORE.get(family, "acc")
+                    margin = MARGIN_OF.get(shown, "")
                     if shown in frame.columns:
                         answers.append(
                             frame.select(
@@ -124,9 +126,42 @@ def item_results(store: tracking.Store, run_ids: list[str]) -> tuple[pl.DataFram
                                 pl.col("lang").alias("eval_lang"),
                                 pl.col("item").cast(pl.Int64),
                                 pl.col(shown).cast(pl.Float64).alias("correct"),
+                                (pl.col(margin) if margin in frame.columns else pl.lit(None))
+                                .cast(pl.Float64)
+                                .alias("margin"),
+                                (pl.col("choices").list.len() if "choices" in frame.columns else pl.lit(None))
+                                .cast(pl.Int64)
+                                .alias("n_choices"),
                             )
                         )
     return (
         pl.concat(answers) if answers else pl.DataFrame(),
         pl.concat(documents) if documents else pl.DataFrame(),
     )
+
+
+def analysis_tables(
+    store: tracking.Store, filters: Mapping[str, str], names: tuple[str, ...], vary: str
+) -> dict[str, pl.DataFrame]:
+    """Tables (`<name>.parquet`) of the newest finished analysis run by `vary` of each setting,
+    each row labelled with the run's model, method, pattern and sparsity."""
+    found: dict[str, list[pl.DataFrame]] = {name: [] for name in names}
+    seen = set()
+    with tempfile.TemporaryDirectory() as scratch:
+        for record in matching_runs(store, "analyze", filters):
+            params = record.params
+            if params.get("vary") != vary:
+                continue
+            setting = tuple(params.get(key) for key in ("model", "method", "pattern", "sparsity"))
+            if setting in seen:
+                continue
+            seen.add(setting)
+            labels = [
+                pl.lit(value, dtype=pl.String).alias(key)
+                for key, value in zip(("model", "method", "pattern", "sparsity"), setting, strict=True)
+            ]
+            for name in names:
+                path = tracking.artifact_if_any(store, record.run_id, f"{name}.parquet", scratch)
+                if path is not None and path.is_file():
+                    found[name].append(pl.read_parquet(path).select(*labels, pl.all()))
+    return {name: pl.concat(frames, how="diagonal_relaxed") for name, frames in found.items() if frames}

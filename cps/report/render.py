@@ -2,7 +2,7 @@
 
 Cells read 'mean ± std (ci_low–ci_high)', the best of each column starred (`tables.best_rows`
 decides which), the diagonal in [brackets]. `csv` is one table a CSV reader can read (the report's
-first); `cps report --out` writes every table as a CSV of its own.
+first after the findings); `cps report --out` writes every table as a CSV of its own.
 """
 
 from __future__ import annotations
@@ -92,13 +92,27 @@ def cells(section: Section) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def linked(report: Report, section: Section, rows: list[list[str]], link: Callable[[str, str], str]) -> None:
+    """Cells of the section's link columns (an anchor each) rewritten by `link(anchor, title)`."""
+    titles = report.titles()
+    header = [*section.key, *(["n"] if "n" in section.frame.columns else []), *section.values]
+    for column in section.links:
+        index = header.index(column)
+        for row in rows:
+            anchor = row[index]
+            row[index] = link(anchor, titles[anchor]) if anchor in titles else "—"
+
+
 @renderer("table")
 def _text(report: Report, images: Images) -> str:
     buffer = StringIO()
     console = Console(file=buffer, width=200, color_system=None)
     console.print(f"{report.runs} finished prune runs. {LEGEND.replace('`', '')}")
+    for note in report.notes:
+        console.print(note)
     for section in report.sections:
         header, rows = cells(section)
+        linked(report, section, rows, lambda anchor, title: title)
         table = Table(title=section.title, caption=section.note or None)
         for column in header:
             table.add_column(column, justify="left" if column in section.key else "right")
@@ -111,11 +125,15 @@ def _text(report: Report, images: Images) -> str:
 @renderer("markdown")
 def _markdown(report: Report, images: Images) -> str:
     lines = [f"# cps report\n\n{report.runs} finished prune runs. {LEGEND}\n"]
+    lines += [f"{note}\n" for note in report.notes]
     for index, section in enumerate(report.sections):
         header, rows = cells(section)
+        linked(report, section, rows, lambda anchor, title: f"[{title}](#{anchor})")
+        if section.anchor:
+            lines.append(f'<a id="{section.anchor}"></a>\n')
         lines.append(f"## {section.title}\n")
         if section.note:
-            lines.append(f"{section.note}\n")
+            lines.append(section.note.replace("\n", "  \n") + "\n")
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -133,13 +151,17 @@ def _html(report: Report, images: Images) -> str:
         "img{max-width:100%}</style>",
         f"<h1>cps report</h1><p>{report.runs} finished prune runs. {escape(LEGEND.replace('`', ''))}</p>",
     ]
+    parts += [f"<p>{escape(note)}</p>" for note in report.notes]
     for index, section in enumerate(report.sections):
         header, rows = cells(section)
-        parts.append(f"<h2>{escape(section.title)}</h2>")
+        rows = [[escape(c) for c in row] for row in rows]
+        linked(report, section, rows, lambda anchor, title: f"<a href='#{anchor}'>{escape(title)}</a>")
+        anchor = f" id='{escape(section.anchor)}'" if section.anchor else ""
+        parts.append(f"<h2{anchor}>{escape(section.title)}</h2>")
         if section.note:
-            parts.append(f"<p>{escape(section.note)}</p>")
+            parts.append("<p>" + "<br>".join(escape(line) for line in section.note.split("\n")) + "</p>")
         parts.append("<table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>")
-        parts += ["<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows]
+        parts += ["<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows]
         parts.append("</table>")
         for image in images.get(index, []):
             parts.append(f"<img src='{escape(image)}' alt='{escape(section.title)}'>")
@@ -148,7 +170,7 @@ def _html(report: Report, images: Images) -> str:
 
 @renderer("csv")
 def _csv(report: Report, images: Images) -> str:
-    return report.sections[0].frame.write_csv() if report.sections else ""
+    return report.main.frame.write_csv() if report.sections else ""
 
 
 @renderer("json")

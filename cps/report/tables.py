@@ -15,9 +15,21 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from cps import tracking
+from cps.analysis.findings import ALPHA, DELTA
 from cps.analysis.significance import MIN_ITEMS, RESAMPLES, own_language_comparisons, summary
 from cps.errors import CpsError
 from cps.metrics import INTERVAL, LANGUAGE_KINDS, LAYER, companion, kind_of, metric_lang, task_family
+from cps.report.findings import (
+    ANCHORS,
+    PROTOCOLS,
+    FindingsInputs,
+    chance_frame,
+    findings,
+    findings_table,
+    gather_analyses,
+    pooled_frame,
+    shown_margin_note,
+)
 from cps.report.load import SHOWN_SCORE, analysis_runs, item_results, prune_runs
 
 SETTING_PARAMS = ("model", "method", "pattern", "sparsity")
@@ -44,12 +56,15 @@ class ReportConfig:
     pivot: str | None = None
     include_dense: bool = True
     significance: bool = True  # own- vs other-language calibration from the per-item results
+    delta: float = DELTA  # equivalence margin of a pooled accuracy effect (accuracy points / 100)
 
     def __post_init__(self) -> None:
         if not self.group_by:
             raise CpsError("--group-by needs at least one param")
         if not self.metrics:
             raise CpsError("--metrics needs at least one metric family (ppl, bpb, acc, ...)")
+        if not 0 < self.delta < 1:
+            raise CpsError(f"--delta must lie in (0, 1): accuracy points / 100 (got {self.delta})")
 
 
 @dataclass
@@ -64,6 +79,8 @@ class Section:
     best: str | None = None  # "min" or "max": star the best row of each value column
     diagonal: str | None = None  # a key column whose value marks the diagonal cell of its column
     heatmap: bool = False
+    anchor: str = ""  # where links to this section point (report.md, report.html)
+    links: tuple[str, ...] = ()  # columns whose cells name another section's anchor
 
     @property
     def values(self) -> list[str]:
@@ -77,6 +94,16 @@ class Section:
 class Report:
     sections: list[Section] = field(default_factory=list)
     runs: int = 0
+    notes: list[str] = field(default_factory=list)  # lines printed under the heading
+
+    @property
+    def main(self) -> Section:
+        """The first table after the findings (what `--format csv` prints)."""
+        return next(s for s in self.sections if s.anchor != ANCHORS["findings"])
+
+    def titles(self) -> dict[str, str]:
+        """Anchor -> title of the sections that have one."""
+        return {s.anchor: s.title for s in self.sections if s.anchor}
 
 
 def best_rows(section: Section) -> dict[str, set[int]]:
@@ -179,7 +206,11 @@ def build_report(store: tracking.Store, config: ReportConfig) -> Report:
         columns = [c for family in families.values() for c in family]
         report.sections.append(
             Section(
-                "Metrics (mean ± std over runs)", aggregate(body, key, columns), key, note=_runs_note(body)
+                "Metrics (mean ± std over runs)",
+                aggregate(body, key, columns),
+                key,
+                note=_runs_note(body),
+                anchor=ANCHORS["metrics"],
             )
         )
     else:
@@ -200,45 +231,183 @@ def build_report(store: tracking.Store, config: ReportConfig) -> Report:
                 "held-out SNR per evaluation language is --metrics snr",
             )
         )
-    if config.significance:
-        report.sections += significance_sections(store, pruned)
+    settings = [p for p in SETTING_PARAMS if p in pruned.columns and pruned[p].n_unique() > 1]
+    answers, documents = _items(store, pruned, dense)
+    inputs = FindingsInputs(pruned, dense, answers, settings)
+    chance = chance_frame(inputs)
+    pooled = pooled_frame(inputs, chance, config.delta)
+    if not chance.is_empty():
+        report.sections.append(_chance_section(chance))
+    if not pooled.is_empty():
+        report.sections.append(_pooled_section(pooled, config.delta))
     analyses = analysis_section(store, filters)
     if analyses is not None:
+        analyses.anchor = ANCHORS["analyses"]
         report.sections.append(analyses)
+    appendix, notes = significance_sections(pruned, answers, documents) if config.significance else ([], [])
+    report.notes += notes
+    found = findings(inputs, pooled, gather_analyses(store, filters, settings), _too_small_note(answers))
+    report.sections.insert(0, _findings_section(found, report))
+    report.sections += appendix
     return report
 
 
+def _items(
+    store: tracking.Store, pruned: pl.DataFrame, dense: pl.DataFrame
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The per-item results of the newest run of every cell (pruned and dense)."""
+    settings = [p for p in SETTING_PARAMS if p in pruned.columns]
+    keys = [k for k in (*settings, "calib_lang", "seed") if k in pruned.columns]
+    newest = pruned.unique(subset=keys, keep="first", maintain_order=True) if keys else pruned
+    bases = (
+        dense.unique(subset=["model"], keep="first", maintain_order=True)
+        if "model" in dense.columns
+        else dense
+    )
+    run_ids = [*newest["run_id"].to_list(), *(bases["run_id"].to_list() if not bases.is_empty() else [])]
+    return item_results(store, run_ids) if run_ids else (pl.DataFrame(), pl.DataFrame())
+
+
+def _too_small_note(answers: pl.DataFrame) -> str:
+    if answers.is_empty():
+        return "no per-item task results"
+    largest = answers.group_by("run_id", "task", "eval_lang").len()["len"].max()
+    return f"task budgets too small: at most {largest} items per task and language (a test needs {MIN_ITEMS})"
+
+
+def _findings_section(found: list, report: Report) -> Section:
+    anchors = report.titles()
+
+    def present(anchor: str) -> str:  # without a pivot by language, the metrics table holds ppl and SNR
+        if anchor in anchors:
+            return anchor
+        return (
+            ANCHORS["metrics"]
+            if anchor in (ANCHORS["ppl"], ANCHORS["snr"]) and ANCHORS["metrics"] in anchors
+            else ""
+        )
+
+    frame = findings_table(found).with_columns(
+        pl.col("evidence").map_elements(present, return_dtype=pl.String)
+    )
+    return Section(
+        "Findings: the paper's claims, decided",
+        frame,
+        ["claim"],
+        note="\n".join(PROTOCOLS),
+        anchor=ANCHORS["findings"],
+        links=("evidence",),
+    )
+
+
+def _chance_section(chance: pl.DataFrame) -> Section:
+    frame = chance.with_columns(
+        pl.when(pl.col("informative").is_null())
+        .then(pl.lit("no chance level"))
+        .when(pl.col("informative"))
+        .then(pl.lit("yes"))
+        .otherwise(pl.lit("no: at chance"))
+        .alias("informative")
+    ).sort("model", "task", "eval_lang")
+    return Section(
+        "Which tasks can decide anything: the dense model against chance",
+        frame,
+        ["model", "task", "eval_lang"],
+        note=f"accuracy of the dense model (the score the task's accuracy reads) against a guesser's "
+        f"(chance: 1 / number of choices); p: one-sided exact binomial test; a task x language with "
+        f"p >= {ALPHA} is uninformative and enters no claim",
+        anchor=ANCHORS["chance"],
+    )
+
+
+def _pooled_section(pooled: pl.DataFrame, delta: float) -> Section:
+    frame = pooled.select(
+        "setting",
+        "task",
+        "metric",
+        "verdict",
+        pl.col("effect").alias("own - others"),
+        pl.col("low").alias("own - others.ci_low"),
+        pl.col("high").alias("own - others.ci_high"),
+        pl.col("detectable"),
+        pl.col("delta").fill_nan(delta).alias("± delta") if "delta" in pooled.columns else pl.lit(delta),
+        pl.concat_str(
+            [
+                pl.col("per_language_min").round(4).cast(pl.String),
+                pl.col("per_language_max").round(4).cast(pl.String),
+            ],
+            separator=" … ",
+        ).alias("per-language range"),
+        "languages",
+        "items",
+        "left_out",
+    ).sort("setting", "task", "metric")
+    return Section(
+        "Pooled own-language effect per setting and task family (verdicts)",
+        frame,
+        ["setting", "task", "metric"],
+        note=f"own - others: the score of the model calibrated on the evaluation language minus the mean "
+        f"of the models calibrated on the other languages, paired on the same items, averaged over the "
+        f"informative languages; (a–b) 95% bootstrap interval ({RESAMPLES:,} replicates drawing "
+        f"languages, items and seeds); verdict better / worse when it excludes 0, equivalent inside "
+        f"± delta (accuracy: {delta:g}), else inconclusive. " + shown_margin_note(),
+        anchor=ANCHORS["pooled"],
+    )
+
+
 SIGNIFICANCE_NOTE = (
-    f"own - other: accuracy (higher is better) or perplexity (ppl, lower is better) of the model "
-    f"calibrated on the evaluation language minus the one calibrated on `other`, paired over the same "
-    f"items (documents for ppl); (a–b) its 95% interval from {RESAMPLES:,} paired bootstrap resamples "
-    f"(seeded; seeds resampled too where cells have several); significant when it excludes 0 and at "
-    f"least {MIN_ITEMS} items are shared"
+    f"Appendix. own - other: accuracy (higher is better) or perplexity (ppl, lower is better) of the "
+    f"model calibrated on the evaluation language minus the one calibrated on `other`, paired over the "
+    f"same items (documents for ppl); (a–b) its 95% interval from {RESAMPLES:,} paired bootstrap "
+    f"resamples (seeded; seeds resampled too where cells have several); significant when it excludes "
+    f"0; a comparison on fewer than {MIN_ITEMS} shared items is too small to test and shows no interval"
 )
 
 
-def significance_sections(store: tracking.Store, pruned: pl.DataFrame) -> list[Section]:
+def significance_sections(
+    pruned: pl.DataFrame, answers: pl.DataFrame, documents: pl.DataFrame
+) -> tuple[list[Section], list[str]]:
     """Per setting, task and evaluation language L: calibrating on L against each other calibration
-    language, and a summary line per task family (from the runs' per-item results)."""
+    language, and a summary line per task family (from the runs' per-item results): the report's
+    appendix. Kinds (perplexity, tasks) whose every comparison is too small get one note line instead."""
     if pruned.is_empty() or "calib_lang" not in pruned.columns:
-        return []
+        return [], []
     settings = [p for p in SETTING_PARAMS if p in pruned.columns]
-    # the newest run of each cell (prune_runs lists the newest first)
-    runs = pruned.select("run_id", "calib_lang", "seed", *settings).unique(
-        subset=[*settings, "calib_lang", "seed"], keep="first", maintain_order=True
-    )
-    answers, documents = item_results(store, runs["run_id"].to_list())
-    found = []
-    for frame, value in ((documents, "nll"), (answers, "correct")):
+    runs = pruned.select("run_id", "calib_lang", "seed", *settings)
+    found, notes = [], []
+    for frame, value, kind in ((documents, "nll", "perplexity"), (answers, "correct", "task")):
         if frame.is_empty():
             continue
-        for setting, part in frame.join(runs, on="run_id").group_by(settings, maintain_order=True):
+        joined = frame.join(runs, on="run_id")
+        tables = []
+        for setting, part in joined.group_by(settings, maintain_order=True):
             compared = own_language_comparisons(part, value)
             labels = [pl.lit(v).alias(name) for name, v in zip(settings, setting, strict=True)]
-            found.append(compared.select(*labels, pl.all()))
+            tables.append(compared.select(*labels, pl.all()))
+        table = pl.concat(tables) if tables else pl.DataFrame()
+        if table.is_empty():
+            continue
+        if table["items"].max() < MIN_ITEMS:
+            notes.append(
+                f"{kind} budgets too small to test own- against other-language calibration: at most "
+                f"{table['items'].max()} shared {'documents' if kind == 'perplexity' else 'items'} per "
+                f"comparison (a test needs {MIN_ITEMS})"
+            )
+            continue
+        found.append(table)
     if not found:
-        return []
+        return [], notes
     table = pl.concat(found)
+    small = pl.col("items") < MIN_ITEMS
+    table = table.with_columns(
+        pl.when(small).then(None).otherwise(pl.col("low")).alias("low"),
+        pl.when(small).then(None).otherwise(pl.col("high")).alias("high"),
+        pl.when(small).then(False).otherwise(pl.col("significant")).alias("significant"),
+        pl.when(small)
+        .then(pl.lit("too small"))
+        .otherwise(pl.col("significant").cast(pl.String))
+        .alias("test"),
+    )
     varying = [p for p in settings if pruned[p].n_unique() > 1]
     key = [*varying, "task", "eval_lang", "other"]
     detail = table.select(
@@ -246,7 +415,7 @@ def significance_sections(store: tracking.Store, pruned: pl.DataFrame) -> list[S
         pl.col("difference").alias("own - other"),
         pl.col("low").alias("own - other.ci_low"),
         pl.col("high").alias("own - other.ci_high"),
-        pl.col("significant").cast(pl.String),
+        pl.col("test").alias("significant"),
         pl.col("items"),
     ).sort(key)
     lines = pl.concat(
@@ -257,19 +426,20 @@ def significance_sections(store: tracking.Store, pruned: pl.DataFrame) -> list[S
     )
     return [
         Section(
-            "Own-language calibration against each other calibration language (paired bootstrap)",
+            "Appendix: own-language calibration against each other calibration language (paired bootstrap)",
             detail,
             key,
             note=SIGNIFICANCE_NOTE,
+            anchor=ANCHORS["pairs"],
         ),
         Section(
-            "Does calibrating on the evaluation language win? (per task family)",
+            "Appendix: does calibrating on the evaluation language win each pair? (per task family)",
             lines.select(*varying, "task", "line", "languages", "wins", "losses").sort([*varying, "task"]),
             [*varying, "task", "line"],
             note="wins: significantly better than every other calibration language; losses: significantly "
-            "worse than at least one",
+            "worse than at least one (comparisons on too few items count as neither)",
         ),
-    ]
+    ], notes
 
 
 def _runs_note(frame: pl.DataFrame) -> str:
@@ -308,7 +478,10 @@ def _pivot_sections(
     diagonal = "calib_lang" if pivot_column == EVAL_LANG and "calib_lang" in key else None
     title = f"{family} by {' x '.join(key)} (rows) and {pivot_column} (columns), mean ± std"
     note = NOTES.get(family, INTERVAL_NOTE if "ci_low" in long.columns else "")
-    sections = [Section(title, wide, key, note=note, best=best, diagonal=diagonal, heatmap=True)]
+    anchor = ANCHORS.get(family, "") if pivot_column == EVAL_LANG else ""
+    sections = [
+        Section(title, wide, key, note=note, best=best, diagonal=diagonal, heatmap=True, anchor=anchor)
+    ]
     if family in ("ppl", "bpb") and pivot_column == EVAL_LANG and not dense.is_empty():
         change = _change_vs_dense(long, dense, key, family)
         if change is not None:

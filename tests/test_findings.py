@@ -1,0 +1,247 @@
+"""The findings statistics on constructed items whose answers are worked out here: the exact test
+against chance, the pooled own-language effect (a plain-loop bootstrap written in this file), every
+verdict, and the findings of a store filled with such items, read back from items/*.parquet."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+
+from cps import tracking
+from cps.analysis.findings import (
+    DELTA,
+    POWER_Z,
+    above_chance_p,
+    chance_tests,
+    equivalence_margin,
+    own_best_cells,
+    pooled_effect,
+    share_verdict,
+    verdict,
+    wins_needed,
+)
+from cps.report.tables import ReportConfig, build_report
+
+LANGS = ("en", "sw", "zh")
+
+
+def test_above_chance_is_the_exact_binomial_tail():
+    # 6 of 10 four-way items right: P(X >= 6), X ~ Binomial(10, 1/4), summed by hand
+    by_hand = sum(math.comb(10, k) * 0.25**k * 0.75 ** (10 - k) for k in range(6, 11))
+    assert above_chance_p(6, [0.25] * 10) == pytest.approx(by_hand, rel=1e-12)
+    assert by_hand == pytest.approx(0.019727, abs=1e-6)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    reference = scipy_stats.binomtest(6, 10, 0.25, alternative="greater").pvalue
+    assert above_chance_p(6, [0.25] * 10) == pytest.approx(reference, rel=1e-12)
+    # items with different numbers of choices: every outcome enumerated
+    chances = [0.5, 0.25, 0.25, 1 / 7, 1 / 7, 0.5, 1 / 3]
+    enumerated = sum(
+        math.prod(p if hit else 1 - p for p, hit in zip(chances, outcome, strict=True))
+        for outcome in itertools.product((0, 1), repeat=len(chances))
+        if sum(outcome) >= 3
+    )
+    assert above_chance_p(3, chances) == pytest.approx(enumerated, rel=1e-12)
+    assert above_chance_p(0, chances) == pytest.approx(1.0)
+
+
+def test_chance_tests_mark_a_task_at_chance():
+    rows = []
+    for lang, right in (("en", 40), ("sw", 12)):  # of 60 two-way items: en far above 30, sw below
+        rows += [
+            {"task": "xcopa", "eval_lang": lang, "item": i, "correct": float(i < right), "n_choices": 2}
+            for i in range(60)
+        ]
+    table = chance_tests(pl.DataFrame(rows))
+    en, sw = table.sort("eval_lang").iter_rows(named=True)
+    assert en["informative"] and not sw["informative"]
+    assert en["p"] == pytest.approx(sum(math.comb(60, k) for k in range(40, 61)) / 2**60, rel=1e-9)
+    assert en["chance"] == 0.5 and en["accuracy"] == pytest.approx(40 / 60)
+
+
+def _items(effects: dict[str, float], items: int, seed: int, noise: float = 0.3) -> pl.DataFrame:
+    """Accuracy items of 3 calibration languages x 3 evaluation languages: a shared base of 0/1
+    answers, each calibration's answers flipped on a `noise` share of items, and own calibration
+    made right on `effects[lang]` of the items more (or wrong, when negative)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for lang in LANGS:
+        base = rng.random(items) < 0.5
+        for calib in LANGS:
+            answers = base ^ (rng.random(items) < noise)
+            if calib == lang:
+                change = effects.get(lang, 0.0)
+                chosen = rng.random(items) < abs(change) * 2
+                answers = answers | chosen if change > 0 else answers & ~chosen
+            rows += [
+                {"calib_lang": calib, "seed": 0, "eval_lang": lang, "item": i, "correct": float(a)}
+                for i, a in enumerate(answers)
+            ]
+    return pl.DataFrame(rows)
+
+
+def _by_hand(frame: pl.DataFrame, resamples: int, seed: int) -> tuple[float, float, float]:
+    """The pooled effect and its percentile interval, with a plain loop: per replicate draw the
+    languages, then per drawn language its items (one draw for every calibration language)."""
+    rng = np.random.default_rng(seed)
+    tables = {}
+    for lang in LANGS:
+        part = frame.filter(pl.col("eval_lang") == lang)
+        tables[lang] = {
+            calib: part.filter(pl.col("calib_lang") == calib).sort("item")["correct"].to_numpy()
+            for calib in LANGS
+        }
+
+    def effect(lang: str, items: np.ndarray) -> float:
+        own = tables[lang][lang][items].mean()
+        others = [tables[lang][c][items].mean() for c in LANGS if c != lang]
+        return own - sum(others) / len(others)
+
+    n = len(tables["en"]["en"])
+    observed = sum(effect(lang, np.arange(n)) for lang in LANGS) / len(LANGS)
+    replicates = []
+    for _ in range(resamples):
+        drawn = rng.integers(0, len(LANGS), len(LANGS))
+        replicates.append(sum(effect(LANGS[i], rng.integers(0, n, n)) for i in drawn) / len(LANGS))
+    low, high = np.percentile(replicates, [2.5, 97.5])
+    return observed, float(low), float(high)
+
+
+@pytest.mark.parametrize(
+    ("effects", "items", "noise", "expected"),
+    [
+        ({"en": 0.15, "sw": 0.12, "zh": 0.18}, 300, 0.3, "better"),
+        ({"en": -0.15, "sw": -0.12, "zh": -0.18}, 300, 0.3, "worse"),
+        ({}, 600, 0.02, "equivalent"),
+        ({"en": 0.05, "sw": -0.05}, 40, 0.4, "inconclusive"),
+    ],
+)
+def test_pooled_effect_and_each_verdict(effects, items, noise, expected):
+    frame = _items(effects, items, seed=len(expected), noise=noise)
+    pooled = pooled_effect(frame, "correct", resamples=3000, seed=1)
+    observed, low, high = _by_hand(frame, resamples=3000, seed=7)
+    assert pooled.effect == pytest.approx(observed, abs=1e-12)  # the same items: exactly
+    # two bootstraps with different random draws: equal within Monte Carlo error
+    assert pooled.low == pytest.approx(low, abs=0.012) and pooled.high == pytest.approx(high, abs=0.012)
+    assert pooled.verdict(DELTA) == expected
+    assert set(pooled.per_language) == set(LANGS) and pooled.items == 3 * items
+    assert pooled.detectable == pytest.approx(POWER_Z * pooled.se) and pooled.se > 0
+
+
+def test_verdict_rules_and_their_edges():
+    assert verdict(0.001, 0.05, DELTA) == "better"
+    assert verdict(-0.05, -0.001, DELTA) == "worse"
+    assert verdict(-0.019, 0.019, DELTA) == "equivalent"
+    assert verdict(-0.021, 0.01, DELTA) == "inconclusive"
+    assert verdict(0.005, 0.015, DELTA) == "better"  # above 0 comes first, even inside ±delta
+
+
+def test_too_few_items_are_never_tested():
+    frame = _items({"en": 0.4}, 29, seed=3)
+    assert pooled_effect(frame, "correct", resamples=200) is None
+
+
+def test_share_verdicts_by_hand():
+    # Wilson interval of 12/14: centre (p + z^2/2n)/(1 + z^2/n), worked out: 0.6006 ... 0.9599
+    assert share_verdict(12, 14)[0] == "reproduced"
+    assert share_verdict(12, 14)[1] == pytest.approx(0.6006, abs=1e-3)
+    assert share_verdict(7, 14)[0] == "inconclusive"
+    assert share_verdict(1, 14)[0] == "contradicted"
+    assert wins_needed(14) == 11  # 10/14: low 0.4536; 11/14: low 0.5241
+    cells = own_best_cells(
+        pl.DataFrame(
+            {
+                "setting": ["w"] * 4,
+                "calib_lang": ["en", "sw", "en", "sw"],
+                "eval_lang": ["en", "en", "sw", "sw"],
+                "value": [10.0, 12.0, 30.0, 25.0],
+            }
+        ),
+        ["setting"],
+        "value",
+        lower_is_better=True,
+    )
+    assert dict(zip(cells["eval_lang"], cells["own_best"], strict=True)) == {"en": True, "sw": True}
+
+
+def test_equivalence_margin_is_the_quantile_of_dense_margins():
+    margins = [(-1) ** i * i / 100 for i in range(1, 101)]  # |m| = 0.01 ... 1.00
+    assert equivalence_margin(margins, 0.02) == pytest.approx(np.quantile([i / 100 for i in range(1, 101)], 0.04))
+
+
+def test_the_report_decides_from_the_stored_items(store):
+    """Dense, and a method calibrated on en, sw and zh: SIB-like items (7 choices) where own
+    calibration is better by ~15 points in en and zh; the dense model is at chance in sw, so sw
+    enters no claim."""
+    rng = np.random.default_rng(5)
+    n = 120
+    dense_right = {"en": rng.random(n) < 0.6, "sw": rng.random(n) < 1 / 7, "zh": rng.random(n) < 0.6}
+    dense_right["sw"][:] = False
+    dense_right["sw"][: n // 7 - 2] = True  # just below chance's expectation
+    frames = {}
+
+    def log(params: dict, right: dict[str, np.ndarray], margins: dict[str, np.ndarray], ppl: dict) -> None:
+        with tracking.start_run(store, "prune", params) as run:
+            run.log_metrics({f"ppl.{lang}": value for lang, value in ppl.items()})
+            items = {}
+            for lang in LANGS:
+                items[f"items/sib_{lang}.parquet"] = pl.DataFrame(
+                    {
+                        "task": f"sib_{lang}",
+                        "item": range(n),
+                        "lang": lang,
+                        "choices": [["a", "b", "c", "d", "e", "f", "g"]] * n,
+                        "acc": right[lang].astype(float),
+                        "margin": margins[lang],
+                    }
+                )
+            run.log_frames(items)
+            frames[params.get("calib_lang", "dense")] = items
+
+    common = {"model": "tiny-llama", "pattern": "unstructured", "seed": "0"}
+    dense_margins = {lang: rng.normal(0, 1, n) for lang in LANGS}
+    log({**common, "method": "dense", "sparsity": "0.0"}, dense_right, dense_margins, {x: 10.0 for x in LANGS})
+    for calib in LANGS:
+        right, margins = {}, {}
+        for lang in LANGS:
+            answers = dense_right[lang] ^ (rng.random(n) < 0.1)
+            margin = dense_margins[lang] + rng.normal(0, 0.1, n)
+            if calib == lang:
+                answers = answers | (rng.random(n) < 0.3)
+                margin = margin + 0.5
+            right[lang], margins[lang] = answers, margin
+        ppl = {lang: 20.0 if lang == calib else 25.0 for lang in LANGS}
+        log({**common, "method": "wanda", "sparsity": "0.5", "calib_lang": calib}, right, margins, ppl)
+
+    report = build_report(store, ReportConfig(pivot="eval_lang", metrics=("ppl", "acc")))
+    assert report.sections[0].title.startswith("Findings")
+    chance = next(s for s in report.sections if s.title.startswith("Which tasks")).frame
+    marks = dict(zip(chance["eval_lang"], chance["informative"], strict=True))
+    assert marks == {"en": "yes", "sw": "no: at chance", "zh": "yes"}
+    pooled = next(s for s in report.sections if s.title.startswith("Pooled")).frame
+    accuracy = pooled.filter(pl.col("metric") == "accuracy").row(0, named=True)
+    assert accuracy["languages"] == "en,zh" and "sw (at chance)" in accuracy["left_out"]
+    # recomputed here from the stored items: own - mean(others) per language, mean over en and zh
+    effects = []
+    for lang in ("en", "zh"):
+        score = {c: frames[c][f"items/sib_{lang}.parquet"]["acc"].mean() for c in LANGS}
+        effects.append(score[lang] - (sum(score.values()) - score[lang]) / 2)
+    assert accuracy["own - others"] == pytest.approx(sum(effects) / 2, abs=1e-12)
+    assert accuracy["verdict"] == "better" and accuracy["own - others.ci_low"] > 0
+    margin = pooled.filter(pl.col("metric") == "margin").row(0, named=True)
+    assert margin["own - others"] == pytest.approx(0.5, abs=0.05) and margin["verdict"] == "better"
+    # the margin's equivalence delta: the 4% quantile of the dense model's |margin| in en and zh
+    dense_abs = np.abs(np.concatenate([dense_margins["en"], dense_margins["zh"]]))
+    assert margin["± delta"] == pytest.approx(float(np.quantile(dense_abs, 2 * DELTA)))
+    found = {row["claim"][:2]: row for row in report.sections[0].frame.iter_rows(named=True)}
+    assert found["1."]["verdict"] == "inconclusive"  # 3 of 3 cells: the interval still reaches 1/2
+    assert found["1."]["number"].startswith("own best in 3 of 3")
+    assert found["3a"]["verdict"] == "contradicted"  # better on the one informative task family
+    assert found["3a"]["evidence"] == "pooled-own-language-effect"
+    assert found["4."]["verdict"] == "no data"
+    markdown = __import__("cps.report.render", fromlist=["render"]).render(report, "markdown")
+    assert '<a id="pooled-own-language-effect"></a>' in markdown
+    assert "[Pooled own-language effect per setting and task family (verdicts)](#pooled-own-language-effect)" in markdown
