@@ -18,6 +18,10 @@ Cases (`--cases`, all by default):
 3. process: `cps eval --model gemma3-270m` with the demo's settings as a user runs it, wall time
    and peak RSS of the whole process, each side. Target: peak <= 1.6 GB.
 4. imports: seconds to import `cps.cli` and to run `cps --help` (the start of every command).
+5. items: milliseconds per task item for SIB and next-sentence (`--sib-items`, `--next-items` per
+   language of `--langs`) and their ratio to the FLOP floor of exact scoring (the decoder's
+   linears over the distinct positions, the LM head over the scored ones, at the measured fp32
+   matmul rate).
 
     .venv/bin/python benchmarks/eval_bench.py [--cases demo-cell,process --against 13a1eb5]
 
@@ -197,6 +201,53 @@ def _compute_floor(work: dict[str, int]) -> dict[str, float]:
     return {**work, "matmul_gflops": rate / 1e9, "floor_s": flops / rate}
 
 
+def matmul_rate(width: int) -> float:
+    """This machine's fp32 matmul rate (FLOP/s) on the LM head's shape: 2048 states x 4096 rows."""
+    states, weight = torch.randn(2048, width), torch.randn(4096, width)
+    torch.nn.functional.linear(states, weight)
+    started = time.perf_counter()
+    for _ in range(10):
+        torch.nn.functional.linear(states, weight)
+    return 10 * 2 * states.shape[0] * weight.numel() / (time.perf_counter() - started)
+
+
+def items(args, sides: dict[str, Path]) -> None:
+    """Milliseconds per task item for SIB and next-sentence (flores_next) against the FLOP floor of
+    exact scoring: the decoder's linears over the items' distinct positions (each context once,
+    every choice; each choice alone again for acc_mutual_info) and the LM head over the scored
+    positions (every choice token), at this machine's measured fp32 matmul rate. Attention's own
+    FLOPs (short contexts here) are left out of the floor, so the ratio is an upper bound."""
+    from cps.evaluation.tasks import run_tasks
+    from cps.models import decoder_layers, load_model
+    from cps.stages.estimate import task_work
+
+    loaded = load_model(args.model)
+    model = loaded.model
+    linears = [m for m in decoder_layers(model).modules() if isinstance(m, torch.nn.Linear)]
+    layers = sum(m.weight.numel() for m in linears)
+    vocab, width = model.get_output_embeddings().weight.shape
+    langs = args.langs.split(",")
+    run_tasks(model, loaded.tokenizer, [f"sib_{langs[0]}"], limit=2)  # lm-eval's import and set-up
+    rate = matmul_rate(width)
+    print(f"items: {args.model}, fp32 matmul {rate / 1e9:.0f} GFLOP/s, {torch.get_num_threads()} threads")
+    for family, count in (("sib", args.sib_items), ("flores_next", args.next_items)):
+        names = [f"{family}_{lang}" for lang in langs]
+        limits = dict.fromkeys(names, float(count))
+        work = task_work(names, None, loaded.tokenizer, limits)
+        started = time.perf_counter()
+        run_tasks(model, loaded.tokenizer, names, limits=limits)
+        seconds = time.perf_counter() - started
+        done = sum(w.items for w in work.values())
+        positions = sum(w.positions for w in work.values())
+        scored = sum(w.scored for w in work.values())
+        floor = (2 * layers * positions + 2 * vocab * width * scored) / rate
+        print(
+            f"  {family}: {done} items ({', '.join(langs)}), {1e3 * seconds / done:.1f} ms an item; "
+            f"floor {1e3 * floor / done:.1f} ms ({positions / done:.0f} positions, {scored / done:.0f} "
+            f"scored, an item); measured / floor = {seconds / floor:.2f}"
+        )
+
+
 def demo_cell(args, sides: dict[str, Path]) -> None:
     print("one demo cell's evaluation (studies/demo.toml [eval]), in memory, after pruning it:")
     rows = {}
@@ -283,7 +334,13 @@ def imports(args, sides: dict[str, Path]) -> None:
     )
 
 
-CASES = {"throughput": throughput, "demo-cell": demo_cell, "process": process, "imports": imports}
+CASES = {
+    "throughput": throughput,
+    "demo-cell": demo_cell,
+    "process": process,
+    "imports": imports,
+    "items": items,
+}
 
 
 def main() -> None:
@@ -297,6 +354,8 @@ def main() -> None:
     parser.add_argument("--protocol-langs", default="en,sw,zh")
     parser.add_argument("--protocol-docs", type=int, default=20)
     parser.add_argument("--protocol-seqlen", type=int, default=512)
+    parser.add_argument("--sib-items", type=int, default=100, help="items: SIB items per language")
+    parser.add_argument("--next-items", type=int, default=30, help="items: next-sentence items per language")
     parser.add_argument("--demo-cell-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.demo_cell_child:
@@ -307,7 +366,7 @@ def main() -> None:
     for case in args.cases.split(","):
         if case not in CASES:
             raise SystemExit(f"unknown case {case!r}: one of {', '.join(CASES)}")
-        CASES[case](args) if case == "throughput" else CASES[case](args, sides)
+        CASES[case](args) if case == "throughput" else CASES[case](args, sides)  # type: ignore[operator]
 
 
 if __name__ == "__main__":

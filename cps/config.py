@@ -23,6 +23,7 @@ from cps.pruning.masks import SparsityTarget
 DENSE = "dense"  # the `method` param of the dense baseline's run, which prunes nothing
 PROTOCOL_VERSION = 2  # held-out scoring (cps.evaluation.windows); 1: one stream, BOS only first
 EVAL_FINGERPRINT_TAG = "cps.eval.fingerprint"
+FINDINGS_DELTA_TAG = "cps.findings_delta"  # on a sweep run: its study's [findings] delta
 
 
 def default_stride(seqlen: int) -> int:

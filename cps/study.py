@@ -9,6 +9,8 @@
                    a table (family = items)
     [analyze]      every AnalyzeConfig field but filters and device; group_by may list several
                    params (one analysis each); enabled = false turns the analyses off
+    [findings]     delta: the equivalence margin of the report's verdicts (default 0.02 = 2
+                   accuracy points), recorded on the sweep run for `cps report`
 
 The keys are the field names of `cps.config`, so a new option there is a new key here. A cell is one
 (model, method, pattern/sparsity, calibration language, seed): one prune run that is also evaluated
@@ -28,6 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from cps.analysis.findings import DELTA
 from cps.config import DENSE, AnalyzeConfig, CalibrationConfig, EvalConfig, PruneConfig
 from cps.data import get_corpus
 from cps.errors import CpsError
@@ -98,6 +101,7 @@ class Study:
     analyses: tuple[AnalyzeConfig, ...]  # one per group_by param; none when disabled
     cells: tuple[Cell, ...] = field(default=(), repr=False)
     source: str = ""  # the file's text, logged with the sweep
+    findings_delta: float = DELTA  # [findings] delta: the report's equivalence margin (accuracy)
 
     @property
     def fingerprint(self) -> str:
@@ -149,7 +153,7 @@ def load_study(path: str | Path, data_dir: str | None = None) -> Study:
     return parse_study(raw, data_dir, text, default_name=path.stem)
 
 
-SECTIONS = ("study", "grid", "calibration", "prune", "eval", "analyze")
+SECTIONS = ("study", "grid", "calibration", "prune", "eval", "analyze", "findings")
 
 
 def parse_study(
@@ -175,7 +179,18 @@ def parse_study(
     except (TypeError, ValueError) as error:
         raise CpsError(f"bad study file: {error}") from None
     name, description = str(head.get("name", default_name)), str(head.get("description", ""))
-    return Study(name, description, grid, eval_config, analyses, tuple(cells), source)
+    delta = _findings_delta(raw.get("findings", {}))
+    return Study(name, description, grid, eval_config, analyses, tuple(cells), source, delta)
+
+
+def _findings_delta(raw: Any) -> float:
+    """[findings] delta: the equivalence margin of the report's verdicts, in accuracy / 100."""
+    if not isinstance(raw, dict) or set(raw) - {"delta"}:
+        raise CpsError("[findings] takes delta (the equivalence margin, e.g. 0.02 for 2 accuracy points)")
+    delta = raw.get("delta", DELTA)
+    if isinstance(delta, bool) or not isinstance(delta, int | float) or not 0 < delta < 1:
+        raise CpsError(f"[findings] delta must be a number in (0, 1) (got {delta!r})")
+    return float(delta)
 
 
 def _analyses(raw: Any, device: str, data_dir: str | None) -> tuple[AnalyzeConfig, ...]:

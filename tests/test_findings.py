@@ -169,7 +169,9 @@ def test_share_verdicts_by_hand():
 
 def test_equivalence_margin_is_the_quantile_of_dense_margins():
     margins = [(-1) ** i * i / 100 for i in range(1, 101)]  # |m| = 0.01 ... 1.00
-    assert equivalence_margin(margins, 0.02) == pytest.approx(np.quantile([i / 100 for i in range(1, 101)], 0.04))
+    assert equivalence_margin(margins, 0.02) == pytest.approx(
+        np.quantile([i / 100 for i in range(1, 101)], 0.04)
+    )
 
 
 def test_the_report_decides_from_the_stored_items(store):
@@ -203,7 +205,9 @@ def test_the_report_decides_from_the_stored_items(store):
 
     common = {"model": "tiny-llama", "pattern": "unstructured", "seed": "0"}
     dense_margins = {lang: rng.normal(0, 1, n) for lang in LANGS}
-    log({**common, "method": "dense", "sparsity": "0.0"}, dense_right, dense_margins, {x: 10.0 for x in LANGS})
+    log(
+        {**common, "method": "dense", "sparsity": "0.0"}, dense_right, dense_margins, {x: 10.0 for x in LANGS}
+    )
     for calib in LANGS:
         right, margins = {}, {}
         for lang in LANGS:
@@ -244,4 +248,42 @@ def test_the_report_decides_from_the_stored_items(store):
     assert found["4."]["verdict"] == "no data"
     markdown = __import__("cps.report.render", fromlist=["render"]).render(report, "markdown")
     assert '<a id="pooled-own-language-effect"></a>' in markdown
-    assert "[Pooled own-language effect per setting and task family (verdicts)](#pooled-own-language-effect)" in markdown
+    assert (
+        "[Pooled own-language effect per setting and task family (verdicts)](#pooled-own-language-effect)"
+        in markdown
+    )
+
+
+def test_a_demo_sized_budget_says_so_in_one_line_instead_of_testing(store):
+    """2 items per task and language, 6 documents: nothing is tested, the report says why."""
+    for calib in ("en", "sw"):
+        with tracking.start_run(
+            store, "prune", {"model": "tiny-llama", "method": "wanda", "calib_lang": calib, "seed": "0"}
+        ) as run:
+            run.log_metrics({"ppl.en": 10.0 + (calib != "en"), "ppl.sw": 10.0 + (calib != "sw")})
+            items = {}
+            for lang in ("en", "sw"):
+                items[f"items/sib_{lang}.parquet"] = pl.DataFrame(
+                    {"task": f"sib_{lang}", "item": [0, 1], "lang": lang, "acc": [1.0, float(calib == lang)]}
+                )
+                items[f"items/ppl_{lang}.parquet"] = pl.DataFrame(
+                    {
+                        "document": [f"d{i}" for i in range(6)],
+                        "nll": [30.0] * 6,
+                        "tokens": [20] * 6,
+                        "bytes": [80] * 6,
+                    }
+                )
+            run.log_frames(items)
+    report = build_report(store, ReportConfig(pivot="eval_lang", metrics=("ppl",)))
+    assert report.notes == [
+        "perplexity budgets too small to test own- against other-language calibration: at most 6 shared "
+        "documents per comparison (a test needs 30)",
+        "task budgets too small to test own- against other-language calibration: at most 2 shared items "
+        "per comparison (a test needs 30)",
+    ]
+    assert not any(s.title.startswith("Appendix") for s in report.sections)
+    found = {row["claim"][:2]: row for row in report.sections[0].frame.iter_rows(named=True)}
+    assert found["3a"]["verdict"] == "inconclusive"
+    assert found["3a"]["detectable / note"].startswith("task budgets too small: at most 2 items")
+    assert found["1."]["number"] == "own best in 2 of 2 cells (100%)"

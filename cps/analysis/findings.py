@@ -36,6 +36,7 @@ import polars as pl
 
 from cps.analysis.significance import MIN_ITEMS, resample_counts, weighted_means
 from cps.evaluation.tasks import wilson_interval
+from cps.metrics import MARGIN_OF, SHOWN_SCORE, split_task
 
 ALPHA = 0.05
 DELTA = 0.02  # equivalence margin of an accuracy effect: 2 accuracy points
@@ -46,6 +47,29 @@ VERDICTS = ("better", "worse", "equivalent", "inconclusive")
 
 # ---------------------------------------------------------------------------------------------
 # Above chance
+
+
+def shown_answers(items: pl.DataFrame, task: str) -> pl.DataFrame | None:
+    """One task's `items/<task>.parquet` as the findings read it: (task: the family, eval_lang,
+    item, correct: the score the family's accuracy reads, margin: the gold choice's margin under
+    that score (null for items written before margins existed), n_choices (null: generative)),
+    plus any run_id column. None for a task without a language or without that score."""
+    family = split_task(task)[0]
+    shown = SHOWN_SCORE.get(family, "acc")
+    if "lang" not in items.columns or items["lang"].null_count() or shown not in items.columns:
+        return None
+    margin = MARGIN_OF.get(shown, "")
+    return items.select(
+        *(["run_id"] if "run_id" in items.columns else []),
+        pl.lit(family).alias("task"),
+        pl.col("lang").alias("eval_lang"),
+        pl.col("item").cast(pl.Int64),
+        pl.col(shown).cast(pl.Float64).alias("correct"),
+        (pl.col(margin) if margin in items.columns else pl.lit(None)).cast(pl.Float64).alias("margin"),
+        (pl.col("choices").list.len() if "choices" in items.columns else pl.lit(None))
+        .cast(pl.Int64)
+        .alias("n_choices"),
+    )
 
 
 def above_chance_p(successes: int, chances: Sequence[float]) -> float:

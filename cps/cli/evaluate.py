@@ -80,20 +80,72 @@ def eval_command(
     )
     result = run_eval(config, Store(tracking_uri, experiment), run_id, model=model)
     _print_table(result.scores)
+    _print_tasks(result.items)
     typer.echo(f"logged into run {result.run_id}")
+
+
+def _print_tasks(items) -> None:
+    """Per task: the score its accuracy reads and the gold-choice margin (95% intervals), and whether
+    the model is above chance (one-sided exact binomial): a task at chance decides nothing."""
+    import polars as pl
+    from rich.console import Console
+    from rich.table import Table
+
+    from cps.analysis.findings import ALPHA, chance_tests, shown_answers
+    from cps.evaluation.tasks import t_interval, wilson_interval
+
+    frames = [
+        shown_answers(frame, name.removeprefix("items/").removesuffix(".parquet"))
+        for name, frame in items.items()
+        if not name.startswith("items/ppl_")
+    ]
+    answers = [frame for frame in frames if frame is not None]
+    if not answers:
+        return
+    table = Table(title=f"tasks (above chance: one-sided exact binomial, p < {ALPHA})")
+    for column in ("task", "lang", "items", "accuracy", "margin", "chance", "p", "informative"):
+        table.add_column(column)
+    for test, (_, part) in zip(
+        chance_tests(pl.concat(answers)).iter_rows(named=True),
+        pl.concat(answers).group_by("task", "eval_lang", maintain_order=True),
+        strict=True,
+    ):
+        n = test["items"]
+        low, high = wilson_interval(part["correct"].sum(), n)
+        margins = part["margin"].drop_nulls()
+        margin = "—"
+        if margins.len() > 1:
+            mean, stderr = float(margins.mean()), float(margins.std()) / margins.len() ** 0.5
+            m_low, m_high = t_interval(mean, stderr, margins.len())
+            margin = f"{mean:+.3f} ({m_low:+.2f}–{m_high:+.2f})"
+        informative = test["informative"]
+        mark = "n/a" if informative is None else ("yes" if informative else "NO: at chance")
+        table.add_row(
+            test["task"],
+            test["eval_lang"],
+            str(n),
+            f"{test['accuracy']:.3f} ({low:.2f}–{high:.2f})",
+            margin,
+            "—" if test["chance"] is None else f"{test['chance']:.3f}",
+            "—" if test["p"] is None else f"{test['p']:.2g}",
+            mark,
+        )
+    Console(width=140).print(table)
 
 
 def _print_table(scores) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from cps.metrics import split_task
+    from cps.metrics import MARGINS, split_task
 
     table = Table(title="evaluation")
     table.add_column("lang")
     by_lang: dict[str, dict[str, str]] = {}
     columns: list[str] = []
     for name, metric, value, _, low, high in scores.iter_rows():
+        if metric in MARGINS:  # in the tasks table, with the accuracy they belong to
+            continue
         family, task_lang = split_task(name)
         lang, column = (task_lang, f"{family} {metric}") if task_lang else (name, metric)
         text = f"{value:.4g}" if low is None else f"{value:.3f} ({low:.2f}–{high:.2f})"

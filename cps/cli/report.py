@@ -30,6 +30,13 @@ def report_command(
         bool,
         typer.Option(help="Own- vs other-language calibration, paired bootstrap on the per-item results."),
     ] = True,
+    delta: Annotated[
+        float | None,
+        typer.Option(
+            help="Equivalence margin of the findings' verdicts, accuracy / 100 (default: the study's "
+            "[findings] delta with --filter study=NAME, else 0.02)."
+        ),
+    ] = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = "cps",
 ) -> None:
@@ -45,12 +52,13 @@ def report_command(
         pivot=pivot,
         include_dense=not no_dense,
         significance=significance,
+        delta=delta,
     )
     report = build_report(Store(tracking_uri, experiment), config)
     typer.echo(render(report, fmt))
     if fmt == "csv" and len(report.sections) > 1:
         typer.echo(
-            f"cps: csv shows the first of {len(report.sections)} tables ({report.sections[0].title}); "
+            f"cps: csv shows one of {len(report.sections)} tables ({report.main.title}); "
             "--out DIR writes every table as a CSV file",
             err=True,
         )

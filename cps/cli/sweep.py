@@ -46,6 +46,7 @@ def sweep_command(
             f"{pending} of {len(plans)} cells to run; then analyses by {', '.join(analyses) or 'none'}"
         )
         _print_tasks(study, tasks)
+        _print_estimate(study, tasks, pending == len(plans))
         return
     run = local_executor if executor == "local" else ray_executor(address, cpus_per_cell)
     result = run_sweep(study, store, run)
@@ -132,4 +133,26 @@ def _print_tasks(study, tasks: list[str]) -> None:
             f"(2 x parameters FLOPs per token at {estimate.tflops:.0f} TFLOP/s effective; pruning = "
             "2.3x (Wanda) or 3.0x (SparseGPT) a dense pass over the calibration tokens, as measured "
             "on the CPU; see cps.study)"
+        )
+
+
+def _print_estimate(study, tasks: list[str], fresh: bool) -> None:
+    """This machine's time for the whole study (from a measured dense pass) and the smallest pooled
+    own-language accuracy effect its task items can detect."""
+    from cps.stages.estimate import estimate_time, task_power
+
+    estimate = estimate_time(study, tasks)
+    if estimate is None:
+        typer.echo("time on this machine: not estimated (several models)")
+    else:
+        typer.echo(
+            f"time on this machine{'' if fresh else ' (all cells, done ones included)'}: "
+            f"~{estimate.total_s / 60:.0f} min (pruning {estimate.prune_s / 60:.1f}, evaluation "
+            f"{estimate.eval_s / 60:.1f}, analyses {estimate.analyses_s / 60:.1f}), from a dense pass of "
+            f"{estimate.seconds_per_token * 1e3:.2f} ms per token ({estimate.measured}; cps.stages.estimate)"
+        )
+    for power in task_power(study, tasks):
+        typer.echo(
+            f"  {power.family}: {power.items} items x {power.languages} languages: detects a pooled "
+            f"own-language accuracy effect of {100 * power.detectable:.1f} points (80% power, 5%)"
         )

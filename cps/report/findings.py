@@ -26,8 +26,8 @@ from cps.analysis.findings import (
     pooled_effect,
     tasks_finding,
 )
-from cps.metrics import metric_lang
-from cps.report.load import SHOWN_SCORE, analysis_tables
+from cps.metrics import SHOWN_SCORE, metric_lang
+from cps.report.load import analysis_tables
 
 SETTING_PARAMS = ("model", "method", "pattern", "sparsity")
 ANCHORS = {
@@ -218,7 +218,7 @@ def findings(
             else []
         )
         results.append(
-            tasks_finding(claim, pooled, metric, ANCHORS["pooled"], _covers(models, methods, langs))
+            tasks_finding(claim, pooled, metric, ANCHORS["pooled"], _covers(models, methods, langs), no_tasks)
         )
     iou = analyses.get("iou", pl.DataFrame())
     by_setting = (

@@ -15,11 +15,10 @@ from collections.abc import Mapping
 import polars as pl
 
 from cps import tracking
-from cps.metrics import INTERVAL, MARGIN_OF, companion, metric, split_task, task_family
+from cps.analysis.findings import DELTA, shown_answers
+from cps.config import FINDINGS_DELTA_TAG
+from cps.metrics import INTERVAL, SHOWN_SCORE, companion, metric, task_family
 
-# Task families whose `acc` column shows another score: the one to read for them (flores_next:
-# acc_mutual_info, as plain acc rewards short candidates; mkqa, a generative task: token F1).
-SHOWN_SCORE = {"flores_next": "acc_mutual_info", "mkqa": "f1"}
 # Prune metrics logged before the in-sample figures were named for what they are.
 LEGACY_METRICS = {"snr_db.mean": "calib_snr_db.mean", "prune_error.total": "calib_error.total"}
 ANALYSIS_HEADLINES = ("iou.mean", "lape.overlap.mean", "lsar.specific_share.mean", "cross_snr.own_lang_best")
@@ -114,26 +113,10 @@ def item_results(store: tracking.Store, run_ids: list[str]) -> tuple[pl.DataFram
                             pl.col("tokens").cast(pl.Float64),
                         )
                     )
-                elif "lang" in frame.columns and frame["lang"].null_count() == 0:
-                    family = split_task(path.stem)[0]
-                    shown = SHOWN_SCORE.get(family, "acc")
-                    margin = MARGIN_OF.get(shown, "")
-                    if shown in frame.columns:
-                        answers.append(
-                            frame.select(
-                                "run_id",
-                                pl.lit(family).alias("task"),
-                                pl.col("lang").alias("eval_lang"),
-                                pl.col("item").cast(pl.Int64),
-                                pl.col(shown).cast(pl.Float64).alias("correct"),
-                                (pl.col(margin) if margin in frame.columns else pl.lit(None))
-                                .cast(pl.Float64)
-                                .alias("margin"),
-                                (pl.col("choices").list.len() if "choices" in frame.columns else pl.lit(None))
-                                .cast(pl.Int64)
-                                .alias("n_choices"),
-                            )
-                        )
+                else:
+                    shown = shown_answers(frame, path.stem)
+                    if shown is not None:
+                        answers.append(shown)
     return (
         pl.concat(answers) if answers else pl.DataFrame(),
         pl.concat(documents) if documents else pl.DataFrame(),
@@ -165,3 +148,14 @@ def analysis_tables(
                 if path is not None and path.is_file():
                     found[name].append(pl.read_parquet(path).select(*labels, pl.all()))
     return {name: pl.concat(frames, how="diagonal_relaxed") for name, frames in found.items() if frames}
+
+
+def study_delta(store: tracking.Store, filters: Mapping[str, str]) -> float:
+    """The [findings] delta of the study the filters select (study=NAME), recorded on its newest
+    sweep run; DELTA otherwise."""
+    name = filters.get("study")
+    if name is not None:
+        for record in tracking.find_runs(store, "sweep", {"study": name}):
+            if FINDINGS_DELTA_TAG in record.tags:
+                return float(record.tags[FINDINGS_DELTA_TAG])
+    return DELTA

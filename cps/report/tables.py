@@ -15,10 +15,19 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from cps import tracking
-from cps.analysis.findings import ALPHA, DELTA
+from cps.analysis.findings import ALPHA
 from cps.analysis.significance import MIN_ITEMS, RESAMPLES, own_language_comparisons, summary
 from cps.errors import CpsError
-from cps.metrics import INTERVAL, LANGUAGE_KINDS, LAYER, companion, kind_of, metric_lang, task_family
+from cps.metrics import (
+    INTERVAL,
+    LANGUAGE_KINDS,
+    LAYER,
+    SHOWN_SCORE,
+    companion,
+    kind_of,
+    metric_lang,
+    task_family,
+)
 from cps.report.findings import (
     ANCHORS,
     PROTOCOLS,
@@ -30,7 +39,7 @@ from cps.report.findings import (
     pooled_frame,
     shown_margin_note,
 )
-from cps.report.load import SHOWN_SCORE, analysis_runs, item_results, prune_runs
+from cps.report.load import analysis_runs, item_results, prune_runs, study_delta
 
 SETTING_PARAMS = ("model", "method", "pattern", "sparsity")
 EVAL_LANG = "eval_lang"
@@ -56,14 +65,16 @@ class ReportConfig:
     pivot: str | None = None
     include_dense: bool = True
     significance: bool = True  # own- vs other-language calibration from the per-item results
-    delta: float = DELTA  # equivalence margin of a pooled accuracy effect (accuracy points / 100)
+    # equivalence margin of a pooled accuracy effect (accuracy / 100); None: the study's [findings]
+    # delta when the runs are one study's (study=NAME filter), else DELTA
+    delta: float | None = None
 
     def __post_init__(self) -> None:
         if not self.group_by:
             raise CpsError("--group-by needs at least one param")
         if not self.metrics:
             raise CpsError("--metrics needs at least one metric family (ppl, bpb, acc, ...)")
-        if not 0 < self.delta < 1:
+        if self.delta is not None and not 0 < self.delta < 1:
             raise CpsError(f"--delta must lie in (0, 1): accuracy points / 100 (got {self.delta})")
 
 
@@ -235,11 +246,12 @@ def build_report(store: tracking.Store, config: ReportConfig) -> Report:
     answers, documents = _items(store, pruned, dense)
     inputs = FindingsInputs(pruned, dense, answers, settings)
     chance = chance_frame(inputs)
-    pooled = pooled_frame(inputs, chance, config.delta)
+    delta = config.delta if config.delta is not None else study_delta(store, filters)
+    pooled = pooled_frame(inputs, chance, delta)
     if not chance.is_empty():
         report.sections.append(_chance_section(chance))
     if not pooled.is_empty():
-        report.sections.append(_pooled_section(pooled, config.delta))
+        report.sections.append(_pooled_section(pooled, delta))
     analyses = analysis_section(store, filters)
     if analyses is not None:
         analyses.anchor = ANCHORS["analyses"]
@@ -272,6 +284,8 @@ def _too_small_note(answers: pl.DataFrame) -> str:
     if answers.is_empty():
         return "no per-item task results"
     largest = answers.group_by("run_id", "task", "eval_lang").len()["len"].max()
+    if largest >= MIN_ITEMS:
+        return ""
     return f"task budgets too small: at most {largest} items per task and language (a test needs {MIN_ITEMS})"
 
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from cps import tracking
 from cps.analysis.groups import comparison_groups
-from cps.config import EVAL_FINGERPRINT_TAG
+from cps.config import EVAL_FINGERPRINT_TAG, FINDINGS_DELTA_TAG
 from cps.errors import CpsError, first_line
 from cps.pruning.base import method_class
 from cps.runs import drop_kept_weights, keep_weights
@@ -299,6 +299,7 @@ def run_sweep(
         if parent_id is None:
             parent.set_tags({"cps.study.description": study.description})
             parent.log_text(study.source, "study.toml")
+        parent.set_tags({FINDINGS_DELTA_TAG: study.findings_delta})  # the report's equivalence margin
         tags = {
             "mlflow.parentRunId": parent.run_id,
             "cps.sweep.run_id": parent.run_id,
