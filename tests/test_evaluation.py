@@ -496,9 +496,11 @@ def test_gemma3_270m_shared_contexts_score_sib_and_xcopa_like_hflm(gemma, monkey
                 assert [v for row in mine[column].to_list() for v in row] == pytest.approx(
                     expected, rel=1e-5, abs=1e-5
                 )
-        assert mine.drop("loglik", "loglik_unconditional", strict=False).equals(
-            theirs.drop("loglik", "loglik_unconditional", strict=False)
-        )
+        scores = ("loglik", "loglik_unconditional", "margin", "margin_norm", "margin_mutual_info")
+        for column in scores[2:]:
+            if column in theirs.columns:
+                assert mine[column].to_list() == pytest.approx(theirs[column].to_list(), rel=1e-5, abs=1e-5)
+        assert mine.drop(scores, strict=False).equals(theirs.drop(scores, strict=False))
 
 
 @pytest.mark.slow

@@ -61,9 +61,10 @@ def paired_bootstrap(
     resamples: int = RESAMPLES,
     seed: int = 0,
 ) -> Comparison:
-    """A vs B on the same items. Each side holds `correct` (k, n) for accuracy, or `nll` and `tokens`
-    (k, n) per document for perplexity; k may differ between the sides, n may not."""
-    kind = "correct" if "correct" in a else "nll"
+    """A vs B on the same items. Each side holds one per-item score (k, n) compared by its mean
+    (`correct` for accuracy, `margin`), or `nll` and `tokens` (k, n) per document for perplexity;
+    k may differ between the sides, n may not."""
+    kind = "nll" if "nll" in a else next(iter(a))
     n = a[kind].shape[1]
     if b[kind].shape[1] != n:
         raise ValueError(f"paired sides need the same items (got {n} and {b[kind].shape[1]})")
@@ -78,13 +79,9 @@ def paired_bootstrap(
         np.ones((1, a[kind].shape[0])),
         np.ones((1, b[kind].shape[0])),
     )
-    if kind == "correct":
-        replicates = weighted_means(a["correct"], seeds_a, items) - weighted_means(
-            b["correct"], seeds_b, items
-        )
-        observed = weighted_means(a["correct"], once_a, once_items) - weighted_means(
-            b["correct"], once_b, once_items
-        )
+    if kind != "nll":
+        replicates = weighted_means(a[kind], seeds_a, items) - weighted_means(b[kind], seeds_b, items)
+        observed = weighted_means(a[kind], once_a, once_items) - weighted_means(b[kind], once_b, once_items)
     else:
         replicates = _perplexity(a["nll"], a["tokens"], seeds_a, items) - _perplexity(
             b["nll"], b["tokens"], seeds_b, items
@@ -102,10 +99,10 @@ def own_language_comparisons(
 ) -> pl.DataFrame:
     """For every (task, eval_lang) whose own calibration language is present: own vs each other
     calibration language. `items`: long rows (calib_lang, seed, task, eval_lang, item, <value>),
-    value `correct` (accuracy: own - other, higher is better) or `nll` with `tokens` (perplexity:
-    own - other, lower is better). Returns (task, eval_lang, other, items, difference, low, high,
-    significant, own_better) with `items` the number of shared items."""
-    columns = ["nll", "tokens"] if value == "nll" else ["correct"]
+    value `correct` (accuracy: own - other, higher is better), `margin` (likewise) or `nll` with
+    `tokens` (perplexity: own - other, lower is better). Returns (task, eval_lang, other, items,
+    difference, low, high, significant, own_better) with `items` the number of shared items."""
+    columns = ["nll", "tokens"] if value == "nll" else [value]
     rows = []
     for (task, lang), cell in items.group_by("task", "eval_lang", maintain_order=True):
         runs = cell.select("calib_lang", "seed").n_unique()

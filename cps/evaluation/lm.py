@@ -13,7 +13,8 @@ replaces, for the same scores:
   the context and itself only (a 4D attention mask; a sliding-window layer's mask also keeps to
   its window). The context's last state predicts the first token of every continuation.
 - Rows are sorted by length and batched up to `batch_size` x 512 tokens (padding under 15%).
-- The LM head and its log-softmax run at the predicting positions only, over the vocabulary in
+- The LM head and its log-softmax run at the predicting positions only, each position once (the
+  context's last state predicts the first token of every continuation), over the vocabulary in
   chunks (`OutputHead`): the continuation's summed log-probability, and whether each of its tokens
   was the argmax (lm-eval's `is_greedy`). No [batch, length, vocab] tensor is ever built.
 
@@ -236,18 +237,23 @@ class SharedContextLM(HFLM):
         """(log-likelihood, greedy) of every request in `batches` of rows: one decoder pass per batch,
         then the LM head once over the predicting states of them all (its weights read once)."""
         device = next(self.model.parameters()).device
-        states, targets, spans = [], [], []
+        states, reads, targets, spans = [], [], [], []
+        offset = 0
         for rows in batches:
             forward = Forward.of(rows)
             hidden = self._decoder(forward, pack, device)
             where = torch.tensor([p for _, positions, _ in forward.reads for p in positions], device=device)
-            states.append(hidden.reshape(-1, hidden.shape[-1])[where])
+            # a context's last position predicts every continuation's first token: its state once
+            unique, inverse = torch.unique(where, return_inverse=True)
+            states.append(hidden.reshape(-1, hidden.shape[-1])[unique])
+            reads.append(inverse + offset)
+            offset += len(unique)
             targets += [t for _, _, tokens in forward.reads for t in tokens]
             spans += [(request, len(tokens)) for request, _, tokens in forward.reads]
             if done is not None:
                 done(sum(len(row.requests) for row in rows))
         wanted = torch.tensor(targets, device=device)
-        nll, flags = head.scores(torch.cat(states), wanted)
+        nll, flags = head.scores(torch.cat(states), wanted, rows=torch.cat(reads))
         assert flags is not None
         nll_list, greedy = nll.double().cpu().tolist(), flags.cpu().tolist()
         answers, offset = {}, 0

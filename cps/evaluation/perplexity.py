@@ -141,51 +141,70 @@ class OutputHead:
         return self.scores(states, targets, greedy=False)[0]
 
     def scores(
-        self, states: torch.Tensor, targets: torch.Tensor, greedy: bool = True
+        self,
+        states: torch.Tensor,
+        targets: torch.Tensor,
+        greedy: bool = True,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(n,) fp32 NLL of each target given the state before it and, with `greedy`, (n,) whether
         each target is the first index of its row's largest logit (torch's argmax over the whole
-        vocabulary equals it: lm-eval's `is_greedy`).
+        vocabulary equals it: lm-eval's `is_greedy`). With `rows`, target i is read from state
+        rows[i], so a state shared by several targets (the context's last position, which predicts
+        the first token of every choice) runs through the head once; without, target i from state i.
 
         Greedy needs no argmax: a target is the first maximum exactly when its logit is the row's
         maximum and every logit before it is smaller, so each row keeps its running maximum (the
         log-sum-exp needs it anyway) and the maximum over the indices before its target."""
         count = len(states)
+        rows = torch.arange(count, device=states.device) if rows is None else rows
+        order = torch.argsort(rows, stable=True)  # each block of states reads one run of targets
+        rows, targets = rows[order], targets[order]
         lse = torch.full((count,), -math.inf, device=states.device)
-        target_logit = torch.zeros(count, device=states.device)
-        best = torch.full((count,), -math.inf, device=states.device) if greedy else None
-        before = torch.full((count,), -math.inf, device=states.device) if greedy else None
+        best = torch.full((count,), -math.inf, device=states.device)
+        target_logit = torch.zeros(len(targets), device=states.device)
+        before = torch.full((len(targets),), -math.inf, device=states.device) if greedy else None
         step = max(1, HEAD_BUDGET_BYTES // (4 * VOCAB_CHUNK))
+        blocks = [(begin, min(begin + step, count)) for begin in range(0, count, step)]
+        reads = [
+            (int(torch.searchsorted(rows, begin)), int(torch.searchsorted(rows, end)))
+            for begin, end in blocks
+        ]
         for first in range(0, self.vocab, VOCAB_CHUNK):
             last = min(first + VOCAB_CHUNK, self.vocab)
             weight = self.rows(first, last)
             if self.pages is not None:
                 self.pages.populate(first, last)
-            for begin in range(0, count, step):
-                end = min(begin + step, count)
+            for (begin, end), (low, high) in zip(blocks, reads, strict=True):
                 logits = self.logits(states[begin:end], weight, first).float()
-                local = targets[begin:end] - first
+                local = targets[low:high] - first
+                row = rows[low:high] - begin
                 inside = ((local >= 0) & (local < last - first)).nonzero()[:, 0]
-                target_logit[begin + inside] = logits[inside, local[inside]]
+                target_logit[low + inside] = logits[row[inside], local[inside]]
                 peak = logits.amax(dim=1)
-                if best is not None and before is not None:
-                    best[begin:end] = torch.maximum(best[begin:end], peak)
-                    ahead = local >= last - first  # the chunk lies wholly before these rows' targets
-                    before[begin:end] = torch.where(
-                        ahead, torch.maximum(before[begin:end], peak), before[begin:end]
+                best[begin:end] = torch.maximum(best[begin:end], peak)
+                if before is not None:
+                    ahead = local >= last - first  # the chunk lies wholly before these targets
+                    before[low:high] = torch.where(
+                        ahead, torch.maximum(before[low:high], peak[row]), before[low:high]
                     )
                     if len(inside):  # the part of the chunk before the target
                         cut = torch.arange(last - first, device=logits.device) >= local[inside, None]
-                        part = logits[inside].masked_fill_(cut, -math.inf).amax(dim=1)
-                        before[begin + inside] = torch.maximum(before[begin + inside], part)
+                        part = logits[row[inside]].masked_fill_(cut, -math.inf).amax(dim=1)
+                        before[low + inside] = torch.maximum(before[low + inside], part)
                 # the chunk's log-sum-exp, in place (logits is this step's own tensor)
                 chunk = logits.sub_(peak[:, None]).exp_().sum(dim=1).log_().add_(peak)
                 lse[begin:end] = torch.logaddexp(lse[begin:end], chunk)
             del weight
             if self.pages is not None:
                 self.pages.release(first, last)
-        flags = None if best is None else (target_logit == best) & (target_logit > before)
-        return lse - target_logit, flags
+        nll = torch.empty_like(target_logit)
+        nll[order] = lse[rows] - target_logit
+        if before is None:
+            return nll, None
+        flags = torch.empty(len(targets), dtype=torch.bool, device=states.device)
+        flags[order] = (target_logit == best[rows]) & (target_logit > before)
+        return nll, flags
 
 
 _HEAD_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -389,19 +389,23 @@ def significance_sections(
     settings = [p for p in SETTING_PARAMS if p in pruned.columns]
     runs = pruned.select("run_id", "calib_lang", "seed", *settings)
     found, notes = [], []
-    for frame, value, kind in ((documents, "nll", "perplexity"), (answers, "correct", "task")):
-        if frame.is_empty():
+    kinds = ((documents, "nll", "perplexity"), (answers, "correct", "task"), (answers, "margin", "margin"))
+    for frame, value, kind in kinds:
+        if frame.is_empty() or value not in frame.columns or frame[value].null_count() == frame.height:
             continue
-        joined = frame.join(runs, on="run_id")
+        joined = frame.drop_nulls(value).join(runs, on="run_id")
         tables = []
         for setting, part in joined.group_by(settings, maintain_order=True):
             compared = own_language_comparisons(part, value)
             labels = [pl.lit(v).alias(name) for name, v in zip(settings, setting, strict=True)]
-            tables.append(compared.select(*labels, pl.all()))
+            metric = {"nll": "ppl", "correct": "accuracy", "margin": "margin"}[value]
+            tables.append(compared.select(*labels, pl.lit(metric).alias("metric"), pl.all()))
         table = pl.concat(tables) if tables else pl.DataFrame()
         if table.is_empty():
             continue
         if table["items"].max() < MIN_ITEMS:
+            if kind == "margin":  # the task line says it
+                continue
             notes.append(
                 f"{kind} budgets too small to test own- against other-language calibration: at most "
                 f"{table['items'].max()} shared {'documents' if kind == 'perplexity' else 'items'} per "
@@ -423,7 +427,7 @@ def significance_sections(
         .alias("test"),
     )
     varying = [p for p in settings if pruned[p].n_unique() > 1]
-    key = [*varying, "task", "eval_lang", "other"]
+    key = [*varying, "task", "metric", "eval_lang", "other"]
     detail = table.select(
         *key,
         pl.col("difference").alias("own - other"),
@@ -434,7 +438,9 @@ def significance_sections(
     ).sort(key)
     lines = pl.concat(
         [
-            summary(part).select(*[pl.lit(v).alias(k) for k, v in zip(varying, group, strict=True)], pl.all())
+            summary(part.with_columns(_task_and_metric())).select(
+                *[pl.lit(v).alias(k) for k, v in zip(varying, group, strict=True)], pl.all()
+            )
             for group, part in (table.group_by(varying, maintain_order=True) if varying else [((), table)])
         ]
     )
@@ -454,6 +460,12 @@ def significance_sections(
             "worse than at least one (comparisons on too few items count as neither)",
         ),
     ], notes
+
+
+def _task_and_metric() -> pl.Expr:
+    """The summary's task label: the family, and 'margin' for its margin comparisons."""
+    margin = pl.col("metric") == "margin"
+    return pl.when(margin).then(pl.col("task") + " (margin)").otherwise(pl.col("task")).alias("task")
 
 
 def _runs_note(frame: pl.DataFrame) -> str:
