@@ -309,7 +309,9 @@ def test_each_task_family_runs_through_lm_eval():
     stderr = math.sqrt(sum((v - mean) ** 2 for v in values) / 3 / 4)
     assert margin.value == pytest.approx(mean) and margin.stderr == pytest.approx(stderr)
     # Student t with 3 degrees of freedom: t(0.975) = 3.182446 (tables)
-    assert (margin.ci_low, margin.ci_high) == pytest.approx((mean - 3.182446 * stderr, mean + 3.182446 * stderr))
+    assert (margin.ci_low, margin.ci_high) == pytest.approx(
+        (mean - 3.182446 * stderr, mean + 3.182446 * stderr)
+    )
 
 
 def test_wilson_interval_against_hand_computed_values():
@@ -514,7 +516,7 @@ def test_gemma3_270m_is_above_chance_on_next_sentence(gemma):
     assert scores["acc_norm"].value > 0.4, scores
 
 
-def test_metrics_land_in_the_evaluated_run(store):
+def test_metrics_land_in_the_evaluated_run(store, tmp_path):
     calibration = CalibrationConfig("tiny-llama", "sw", nsamples=4, seqlen=32)
     pruned = run_prune(PruneConfig("tiny-llama", "wanda", calibration), store)
     other = run_prune(PruneConfig("tiny-llama", "magnitude", calibration), store)
@@ -526,6 +528,22 @@ def test_metrics_land_in_the_evaluated_run(store):
     for key in ("ppl.sw", "bpb.sw", "ppl.zh", "bpb.zh", "acc.sib_sw", "acc_norm.sib_zh", "acc_stderr.sib_sw"):
         assert key in record.metrics and record.metrics[key] == pytest.approx(result.metrics[key])
     assert not any(k.startswith("ppl.") for k in tracking.get_run(store, other.run_id).metrics)
+    # the margins, recomputed here from the stored items (read by polars) and their log-likelihoods
+    folder = tracking.download_artifact(store, pruned.run_id, "items", tmp_path)
+    items = pl.read_parquet(folder / "sib_sw.parquet")
+    for name, score in (("margin", lambda ll, c: ll), ("margin_norm", lambda ll, c: ll / len(c))):
+        margins = []
+        for row in items.iter_rows(named=True):
+            values = [score(ll, c) for ll, c in zip(row["loglik"], row["choices"], strict=True)]
+            gold = values[row["target"]]
+            margins.append(gold - max(v for i, v in enumerate(values) if i != row["target"]))
+        assert items[name].to_list() == pytest.approx(margins, abs=1e-12)
+        mean = sum(margins) / 3
+        stderr = math.sqrt(sum((m - mean) ** 2 for m in margins) / 2 / 3)
+        assert record.metrics[f"{name}.sib_sw"] == pytest.approx(mean)
+        # Student t with 2 degrees of freedom: t(0.975) = 4.302653 (tables)
+        assert record.metrics[f"{name}_ci_low.sib_sw"] == pytest.approx(mean - 4.302653 * stderr)
+        assert record.metrics[f"{name}_ci_high.sib_sw"] == pytest.approx(mean + 4.302653 * stderr)
     # the model evaluated is the pruned one: the dense model has a different perplexity
     dense = run_eval(EvalConfig(langs=("sw",), seqlen=128), store, model="tiny-llama")
     assert dense.metrics["ppl.sw"] != pytest.approx(result.metrics["ppl.sw"])

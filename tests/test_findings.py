@@ -84,9 +84,6 @@ def _items(effects: dict[str, float], items: int, seed: int, noise: float = 0.3)
 
 
 def _by_hand(frame: pl.DataFrame, resamples: int, seed: int) -> tuple[float, float, float]:
-    """The pooled effect and its percentile interval, with a plain loop: per replicate draw the
-    languages, then per drawn language its items (one draw for every calibration language)."""
-    rng = np.random.default_rng(seed)
     tables = {}
     for lang in LANGS:
         part = frame.filter(pl.col("eval_lang") == lang)
@@ -94,18 +91,29 @@ def _by_hand(frame: pl.DataFrame, resamples: int, seed: int) -> tuple[float, flo
             calib: part.filter(pl.col("calib_lang") == calib).sort("item")["correct"].to_numpy()
             for calib in LANGS
         }
+    return _pooled_by_hand(tables, resamples, seed)
+
+
+def _pooled_by_hand(
+    tables: dict[str, dict[str, np.ndarray]], resamples: int, seed: int
+) -> tuple[float, float, float]:
+    """The pooled effect and its percentile interval, with a plain loop: per replicate draw the
+    languages, then per drawn language its items (one draw for every calibration language).
+    `tables`: evaluation language -> calibration language -> per-item scores."""
+    rng = np.random.default_rng(seed)
+    langs = sorted(tables)
 
     def effect(lang: str, items: np.ndarray) -> float:
         own = tables[lang][lang][items].mean()
-        others = [tables[lang][c][items].mean() for c in LANGS if c != lang]
+        others = [scores[items].mean() for calib, scores in tables[lang].items() if calib != lang]
         return own - sum(others) / len(others)
 
-    n = len(tables["en"]["en"])
-    observed = sum(effect(lang, np.arange(n)) for lang in LANGS) / len(LANGS)
+    n = {lang: len(tables[lang][lang]) for lang in langs}
+    observed = sum(effect(lang, np.arange(n[lang])) for lang in langs) / len(langs)
     replicates = []
     for _ in range(resamples):
-        drawn = rng.integers(0, len(LANGS), len(LANGS))
-        replicates.append(sum(effect(LANGS[i], rng.integers(0, n, n)) for i in drawn) / len(LANGS))
+        drawn = [langs[i] for i in rng.integers(0, len(langs), len(langs))]
+        replicates.append(sum(effect(lang, rng.integers(0, n[lang], n[lang])) for lang in drawn) / len(langs))
     low, high = np.percentile(replicates, [2.5, 97.5])
     return observed, float(low), float(high)
 
@@ -174,7 +182,7 @@ def test_equivalence_margin_is_the_quantile_of_dense_margins():
     )
 
 
-def test_the_report_decides_from_the_stored_items(store):
+def test_the_report_decides_from_the_stored_items(store, tmp_path):
     """Dense, and a method calibrated on en, sw and zh: SIB-like items (7 choices) where own
     calibration is better by ~15 points in en and zh; the dense model is at chance in sw, so sw
     enters no claim."""
@@ -228,15 +236,26 @@ def test_the_report_decides_from_the_stored_items(store):
     pooled = next(s for s in report.sections if s.title.startswith("Pooled")).frame
     accuracy = pooled.filter(pl.col("metric") == "accuracy").row(0, named=True)
     assert accuracy["languages"] == "en,zh" and "sw (at chance)" in accuracy["left_out"]
-    # recomputed here from the stored items: own - mean(others) per language, mean over en and zh
-    effects = []
-    for lang in ("en", "zh"):
-        score = {c: frames[c][f"items/sib_{lang}.parquet"]["acc"].mean() for c in LANGS}
-        effects.append(score[lang] - (sum(score.values()) - score[lang]) / 2)
-    assert accuracy["own - others"] == pytest.approx(sum(effects) / 2, abs=1e-12)
-    assert accuracy["verdict"] == "better" and accuracy["own - others.ci_low"] > 0
+    # recomputed here from the stored items (items/*.parquet read by polars): own - mean(others)
+    # per language, the mean over en and zh, and the interval by the plain-loop bootstrap
+    stored = {}
+    for calib in LANGS:
+        run_id = next(r.run_id for r in tracking.find_runs(store, "prune", {"calib_lang": calib}))
+        folder = tracking.download_artifact(store, run_id, "items", tmp_path / calib)
+        stored[calib] = {lang: pl.read_parquet(folder / f"sib_{lang}.parquet") for lang in LANGS}
+    for metric, column in (("accuracy", "acc"), ("margin", "margin")):
+        row = pooled.filter(pl.col("metric") == metric).row(0, named=True)
+        tables = {
+            lang: {calib: stored[calib][lang][column].to_numpy() for calib in LANGS} for lang in ("en", "zh")
+        }
+        effect, low, high = _pooled_by_hand(tables, resamples=2000, seed=3)
+        assert row["own - others"] == pytest.approx(effect, abs=1e-12)
+        width = high - low
+        assert row["own - others.ci_low"] == pytest.approx(low, abs=0.08 * width)
+        assert row["own - others.ci_high"] == pytest.approx(high, abs=0.08 * width)
+        assert row["verdict"] == "better" and row["own - others.ci_low"] > 0
     margin = pooled.filter(pl.col("metric") == "margin").row(0, named=True)
-    assert margin["own - others"] == pytest.approx(0.5, abs=0.05) and margin["verdict"] == "better"
+    assert margin["own - others"] == pytest.approx(0.5, abs=0.05)
     # the margin's equivalence delta: the 4% quantile of the dense model's |margin| in en and zh
     dense_abs = np.abs(np.concatenate([dense_margins["en"], dense_margins["zh"]]))
     assert margin["± delta"] == pytest.approx(float(np.quantile(dense_abs, 2 * DELTA)))
@@ -287,3 +306,76 @@ def test_a_demo_sized_budget_says_so_in_one_line_instead_of_testing(store):
     assert found["3a"]["verdict"] == "inconclusive"
     assert found["3a"]["detectable / note"].startswith("task budgets too small: at most 2 items")
     assert found["1."]["number"] == "own best in 2 of 2 cells (100%)"
+
+
+def test_the_dry_run_estimate_counts_the_studys_own_work(tmp_path, monkeypatch):
+    """The estimate is the measured rates times the work counted from the study's data, by hand."""
+    from cps.data import get_corpus
+    from cps.evaluation.tasks import SIB_TOPICS, _sib_items
+    from cps.models import load_tokenizer
+    from cps.stages import estimate
+    from cps.study import parse_study
+
+    raw = {
+        "grid": {"models": ["tiny-llama"], "methods": ["wanda", "sparsegpt"], "calib_langs": ["sw", "zh"]},
+        "calibration": {"nsamples": 4, "seqlen": 64},
+        "eval": {"langs": ["sw", "zh"], "tasks": ["sib"], "max_docs": 2, "task_limits": {"sib": 3}},
+        "analyze": {"activations": True, "langs": ["sw", "zh"], "max_docs": 1},
+        "findings": {"delta": 0.03},
+    }
+    study = parse_study(raw)
+    assert study.findings_delta == 0.03
+    rates = estimate.Rates(decoder_s=1e-3, head_s=2e-3, measured="fake")
+    monkeypatch.setattr(estimate, "measured_rates", lambda model, options: rates)
+    tasks = ["sib_sw", "sib_zh"]
+    found = estimate.estimate_time(study, tasks)
+    tokenizer = load_tokenizer("tiny-llama")
+    flores = get_corpus("flores", None)
+
+    def length(text: str, special: bool = True) -> int:
+        return len(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    held_out = sum(length(doc.text) for lang in ("sw", "zh") for doc in flores.documents(lang)[:2])
+    positions = scored = 0
+    for lang in ("sw", "zh"):
+        for item in _sib_items(lang, None)["test"][:3]:
+            positions += length(f"Text: {item['text']}\nTopic:")
+            for topic in SIB_TOPICS:
+                positions += length(" " + topic, special=False)
+                scored += length(" " + topic, special=False)
+    costs = estimate.COSTS
+    per_eval = (
+        costs["eval_fixed_s"]
+        + costs["held_out"] * held_out * (1e-3 + 2e-3)
+        + costs["task"] * (positions * 1e-3 + scored * 2e-3)
+    )
+    assert found.eval_s == pytest.approx(5 * per_eval)  # dense + 2 methods x 2 languages
+    passes = costs["prune_passes"]
+    calib = 4 * 64 * 1e-3
+    assert found.prune_s == pytest.approx(
+        4 * costs["prune_fixed_s"] + 2 * passes["wanda"] * calib + 2 * passes["sparsegpt"] * calib
+    )
+    analysis_tokens = sum(length(flores.documents(lang)[0].text) for lang in ("sw", "zh"))
+    per_group = costs["analysis_fixed_s"] + costs["analysis"] * 3 * analysis_tokens * 1e-3
+    assert found.analyses_s == pytest.approx(2 * per_group)  # one group per method, 2 members + dense
+    (power,) = estimate.task_power(study, tasks)
+    v, tau2 = estimate.PLANNING.get("sib", estimate.PLANNING["default"])
+    assert (power.items, power.languages) == (3, 2)
+    assert power.detectable == pytest.approx(POWER_Z * math.sqrt(v / 6 + tau2 / 2))
+
+
+def test_findings_delta_is_checked_and_reaches_the_report(store, tmp_path):
+    from cps.config import FINDINGS_DELTA_TAG
+    from cps.errors import CpsError
+    from cps.report.load import study_delta
+    from cps.study import parse_study
+
+    grid = {"grid": {"models": ["tiny-llama"], "methods": ["wanda"], "calib_langs": ["sw"]}}
+    assert parse_study(grid).findings_delta == DELTA
+    for bad in ({"delta": 0}, {"delta": 1.5}, {"delta": "x"}, {"margin": 0.1}):
+        with pytest.raises(CpsError, match=r"\[findings\]"):
+            parse_study({**grid, "findings": bad})
+    with tracking.start_run(store, "sweep", {"study": "mine"}) as run:
+        run.set_tags({FINDINGS_DELTA_TAG: 0.05})
+    assert study_delta(store, {"study": "mine"}) == 0.05
+    assert study_delta(store, {"study": "other"}) == DELTA and study_delta(store, {}) == DELTA

@@ -148,8 +148,10 @@ def _print_estimate(study, tasks: list[str], fresh: bool) -> None:
         typer.echo(
             f"time on this machine{'' if fresh else ' (all cells, done ones included)'}: "
             f"~{estimate.total_s / 60:.0f} min (pruning {estimate.prune_s / 60:.1f}, evaluation "
-            f"{estimate.eval_s / 60:.1f}, analyses {estimate.analyses_s / 60:.1f}), from a dense pass of "
-            f"{estimate.seconds_per_token * 1e3:.2f} ms per token ({estimate.measured}; cps.stages.estimate)"
+            f"{estimate.eval_s / 60:.1f}, analyses {estimate.analyses_s / 60:.1f}), from this machine's "
+            f"dense pass: decoder {estimate.rates.decoder_s * 1e3:.2f} ms a token, LM head "
+            f"{estimate.rates.head_s * 1e3:.2f} ms a scored position ({estimate.rates.measured}; "
+            "cps.stages.estimate)"
         )
     for power in task_power(study, tasks):
         typer.echo(

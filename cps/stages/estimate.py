@@ -1,16 +1,17 @@
 """What a study will cost on this machine, and what its items can detect, before it runs
 (`cps sweep --dry-run`).
 
-Time. One dense forward pass of the model is measured here (a batch of 8 x 256 tokens, the best of
-three after a warm-up; cached per machine, model, torch version and thread count in
-`CPS_CACHE_DIR/timing/`), as seconds per token. The study's work is counted in tokens, from its own
-data: the calibration tokens of each pruned cell, the held-out tokens of the evaluation languages
-(the documents tokenized), the positions every task item puts through the model (context, and each
-choice after its delimiter; each choice alone again for acc_mutual_info), and the analysis tokens.
-Seconds = tokens x seconds per token x a factor per kind of work, plus a fixed cost per cell and
-per analysis: the factors and fixed costs (COSTS) were fitted to the measured split of
-`studies/findings.toml` on a 2-core machine and checked against `studies/demo.toml`'s measured
-time there (README, Findings).
+Time. Two rates are measured here: the decoder's seconds per token (every layer, no head; a batch
+of 8 x 256 tokens, the best of three after a warm-up) and the LM head's seconds per scored position
+(its log-softmax over the whole vocabulary, as cps scores), cached per machine, model, torch
+version, thread count and dtype in `CPS_CACHE_DIR/timing/`. The study's work is counted from its
+own data: the calibration tokens of each pruned cell (decoder passes), the held-out tokens of the
+evaluation languages (the documents tokenized; decoder and head), the positions every task item puts
+through the decoder (its prompt, and each choice after its delimiter; each choice alone again for
+acc_mutual_info) and those the head scores (the choices' tokens), and the analysis tokens. Seconds =
+work x rates x a factor per kind of work, plus a fixed cost per cell and per analysis: the factors
+and fixed costs (COSTS) were fitted to the measured split of `studies/findings.toml` on a 2-core
+machine and checked against `studies/demo.toml` there (README, Findings).
 
 Power. The smallest pooled own-language accuracy effect a study's item counts can detect (80% power,
 two-sided 5%): POWER_Z x sqrt(v / (items x languages) + tau^2 / languages), with v the variance of
@@ -38,15 +39,17 @@ from cps.models import LoadOptions, model_id, resolve_model
 from cps.study import Study
 
 BATCH, LENGTH = 8, 256
+HEAD_ROWS = 512
 
-# Seconds = tokens x seconds per dense token x factor (+ fixed seconds), fitted on findings.toml.
+# Seconds = the measured rates x the study's counted work x a factor per kind of work, plus fixed
+# seconds; the factors and fixed costs fitted to studies/findings.toml's measured split (2 cores).
 COSTS = {
-    "prune_passes": {"wanda": 2.3, "magnitude": 2.3, "sparsegpt": 3.0},  # x calibration tokens
+    "prune_passes": {"wanda": 2.3, "magnitude": 2.3, "sparsegpt": 3.0},  # x calibration decoder passes
     "prune_fixed_s": 12.0,  # a cell's model load, calibration set, masks and logging
-    "held_out": 3.0,  # x held-out tokens: the pass, the SNR meter, the dense states once
-    "task": 1.0,  # x task positions
+    "held_out": 3.0,  # x held-out tokens' decoder + head: the pass, the SNR meter, dense states
+    "task": 1.0,  # x task work (decoder over the positions, head over the scored ones)
     "eval_fixed_s": 10.0,  # a cell's lm-eval set-up and logging
-    "analysis": 2.5,  # x analysis tokens x (members + 1): statistics passes
+    "analysis": 2.5,  # x analysis tokens' decoder passes x (members + 1)
     "analysis_fixed_s": 20.0,
 }
 # Planning values for the detectable effect, per task family (accuracy): v and tau^2, measured on
@@ -55,9 +58,18 @@ PLANNING = {"default": (0.2, 0.0004)}
 
 
 @dataclass(frozen=True)
+class Rates:
+    decoder_s: float  # seconds per token of the decoder (every layer, no head)
+    head_s: float  # seconds per position of the LM head with its log-softmax (OutputHead)
+    measured: str  # when
+
+    def seconds(self, positions: float, scored: float) -> float:
+        return positions * self.decoder_s + scored * self.head_s
+
+
+@dataclass(frozen=True)
 class TimeEstimate:
-    seconds_per_token: float
-    measured: str  # when and how the dense pass was measured
+    rates: Rates
     prune_s: float
     eval_s: float
     analyses_s: float
@@ -75,37 +87,44 @@ class TaskPower:
     detectable: float  # accuracy points / 100
 
 
-def dense_seconds_per_token(model: str, options: LoadOptions) -> tuple[float, str]:
-    """Seconds per token of one dense forward pass on this machine (cached per machine)."""
+def measured_rates(model: str, options: LoadOptions) -> Rates:
+    """This machine's decoder seconds per token (a batch of BATCH x LENGTH tokens, the best of three
+    after a warm-up) and LM-head seconds per scored position (HEAD_ROWS states through
+    `OutputHead`), cached per machine, model, torch version, threads and dtype."""
     import torch
 
+    from cps.evaluation.perplexity import OutputHead
     from cps.models import load_model
 
-    resolved = resolve_model(model)
     machine = f"{platform.node()}-{torch.__version__}-{torch.get_num_threads()}t"
-    key = f"{model_id(resolved)}-{machine}-{options.dtype}"
-    cache = paths.cache_dir() / "timing" / f"{key.replace('/', '_')}.json"
+    key = f"{model_id(resolve_model(model))}-{machine}-{options.dtype}".replace("/", "_")
+    cache = paths.cache_dir() / "timing" / f"{key}.json"
     if cache.is_file():
         try:
             record = json.loads(cache.read_text())
-            return float(record["seconds_per_token"]), f"measured {record['when']} on this machine"
-        except (ValueError, KeyError):
+            return Rates(record["decoder_s"], record["head_s"], f"measured {record['when']}")
+        except (ValueError, KeyError, TypeError):
             paths.discard(cache, "not a timing record")
     loaded = load_model(model, options, tokenizer=False)
     ids = torch.randint(0, loaded.model.config.vocab_size, (BATCH, LENGTH))
-    times = []
+    head = OutputHead(loaded.model)
+    times: dict[str, list[float]] = {"decoder": [], "head": []}
     with torch.inference_mode():
         for _ in range(4):
             start = time.perf_counter()
-            loaded.model(input_ids=ids)
-            times.append(time.perf_counter() - start)
-    per_token = min(times[1:]) / (BATCH * LENGTH)
+            states = loaded.model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+            times["decoder"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            head.scores(states.reshape(-1, states.shape[-1])[:HEAD_ROWS], ids.flatten()[:HEAD_ROWS])
+            times["head"].append(time.perf_counter() - start)
+    decoder = min(times["decoder"][1:]) / (BATCH * LENGTH)
+    per_row = min(times["head"][1:]) / HEAD_ROWS
     when = time.strftime("%Y-%m-%d %H:%M")
     cache.parent.mkdir(parents=True, exist_ok=True)
     staged = paths.staging(cache)
-    staged.write_text(json.dumps({"seconds_per_token": per_token, "when": when}))
+    staged.write_text(json.dumps({"decoder_s": decoder, "head_s": per_row, "when": when}))
     paths.publish(staged, cache)
-    return per_token, f"measured now ({when})"
+    return Rates(decoder, per_row, f"measured now, {when}")
 
 
 @dataclass(frozen=True)
@@ -150,7 +169,7 @@ def task_work(
 
 
 def estimate_time(study: Study, tasks: list[str]) -> TimeEstimate | None:
-    """The study's wall time on this machine (one cell after another), None for several models."""
+    """The study's wall time on this machine, one cell after another (None for several models)."""
     from cps.data import get_corpus
     from cps.models import load_tokenizer
 
@@ -158,42 +177,44 @@ def estimate_time(study: Study, tasks: list[str]) -> TimeEstimate | None:
     if len(models) != 1:
         return None
     (model,) = models
-    first = study.cells[0].prune
-    per_token, measured = dense_seconds_per_token(model, LoadOptions(first.dtype, "cpu"))
+    rates = measured_rates(model, LoadOptions(study.cells[0].prune.dtype, "cpu"))
     tokenizer = load_tokenizer(model)
+
+    def tokens(corpus: str, data_dir: str | None, langs: tuple[str, ...], documents: int | None) -> int:
+        text = get_corpus(corpus, data_dir)
+        return sum(
+            len(tokenizer(doc.text)["input_ids"])
+            for lang in langs
+            for doc in text.documents(lang)[:documents]
+        )
+
     evaluate = study.evaluate
-    corpus = get_corpus(evaluate.corpus, evaluate.data_dir)
-    held_out = sum(
-        len(tokenizer(doc.text)["input_ids"])
-        for lang in evaluate.langs
-        for doc in corpus.documents(lang)[: evaluate.max_docs]
-    )
+    held_out = tokens(evaluate.corpus, evaluate.data_dir, evaluate.langs, evaluate.max_docs)
     limits = {name: evaluate.limit_for(name) for name in tasks}
-    positions = sum(w.positions for w in task_work(tasks, evaluate.data_dir, tokenizer, limits).values())
-    prune = evaluate_s = 0.0
+    work = task_work(tasks, evaluate.data_dir, tokenizer, limits).values()
+    task_s = rates.seconds(sum(w.positions for w in work), sum(w.scored for w in work))
+    per_eval = (
+        COSTS["eval_fixed_s"] + COSTS["held_out"] * rates.seconds(held_out, held_out) + COSTS["task"] * task_s
+    )
+    prune = evaluation = 0.0
     for cell in study.cells:
         calibration = cell.prune.calibration
         if calibration is not None:
             passes = COSTS["prune_passes"].get(cell.prune.method_name, 3.0)
-            prune += COSTS["prune_fixed_s"] + passes * calibration.nsamples * calibration.seqlen * per_token
-        evaluate_s += COSTS["eval_fixed_s"] + per_token * (
-            COSTS["held_out"] * held_out + COSTS["task"] * positions
-        )
+            calib_tokens = calibration.nsamples * calibration.seqlen
+            prune += COSTS["prune_fixed_s"] + passes * rates.seconds(calib_tokens, 0)
+        evaluation += per_eval
     analyses = 0.0
     pruned = [cell for cell in study.cells if cell.prune.calibration is not None]
+    settings = {(c.prune.method_name, c.prune.pattern, c.prune.sparsity) for c in pruned}
+    members = len(pruned) // max(1, len(settings))
     for config in study.analyses:
-        settings = {(c.prune.method_name, c.prune.pattern, c.prune.sparsity) for c in pruned}
-        for _ in settings:
-            members = len(pruned) // max(1, len(settings))
-            analyses += COSTS["analysis_fixed_s"]
-            if config.activations:
-                tokens = sum(
-                    len(tokenizer(doc.text)["input_ids"])
-                    for lang in config.langs
-                    for doc in get_corpus(config.corpus, config.data_dir).documents(lang)[: config.max_docs]
-                )
-                analyses += COSTS["analysis"] * tokens * (members + 1) * per_token
-    return TimeEstimate(per_token, measured, prune, evaluate_s, analyses)
+        text = (
+            tokens(config.corpus, config.data_dir, config.langs, config.max_docs) if config.activations else 0
+        )
+        per_group = COSTS["analysis_fixed_s"] + COSTS["analysis"] * (members + 1) * rates.seconds(text, 0)
+        analyses += per_group * len(settings)
+    return TimeEstimate(rates, prune, evaluation, analyses)
 
 
 def task_power(study: Study, tasks: list[str]) -> list[TaskPower]:
