@@ -252,15 +252,15 @@ class Finding:
     extra: dict[str, object] = field(default_factory=dict)
 
 
+def claim_verdict(reproduced: bool, contradicted: bool) -> str:
+    return "reproduced" if reproduced else "contradicted" if contradicted else "inconclusive"
+
+
 def share_verdict(wins: int, cells: int) -> tuple[str, float, float]:
     """Most cells or not: reproduced when the Wilson interval of wins / cells lies above 1/2,
     contradicted when below, else inconclusive."""
     low, high = wilson_interval(wins, cells)
-    if cells and low > 0.5:
-        return "reproduced", low, high
-    if cells and high < 0.5:
-        return "contradicted", low, high
-    return "inconclusive", low, high
+    return claim_verdict(cells > 0 and low > 0.5, cells > 0 and high < 0.5), low, high
 
 
 def wins_needed(cells: int) -> int | None:
@@ -348,12 +348,9 @@ def tasks_finding(
         return Finding(claim, "inconclusive", "—", "—", covers, evidence, why)
     verdicts = rows["verdict"].to_list()
     labels = [f"{r['setting']} {r['task']}: {r['verdict']}" for r in rows.iter_rows(named=True)]
-    if any(v in ("equivalent", "worse") for v in verdicts):
-        result = "reproduced"
-    elif all(v == "better" for v in verdicts):
-        result = "contradicted"
-    else:
-        result = "inconclusive"
+    result = claim_verdict(
+        any(v in ("equivalent", "worse") for v in verdicts), all(v == "better" for v in verdicts)
+    )
     effects = "; ".join(
         f"{r['setting']} {r['task']} {_signed(r['effect'])}" for r in rows.iter_rows(named=True)
     )
@@ -401,12 +398,7 @@ def iou_finding(claim: str, iou: dict[str, pl.DataFrame], evidence: str, covers:
         intervals.append(f"{low:+.4f}…{high:+.4f}")
     if not numbers:
         return Finding(claim, "no data", "—", "—", covers, evidence, "no early layers")
-    if all(agreed) and all(below):
-        result = "reproduced"
-    elif all(above):
-        result = "contradicted"
-    else:
-        result = "inconclusive"
+    result = claim_verdict(all(agreed) and all(below), all(above))
     return Finding(
         claim,
         result,
@@ -446,12 +438,7 @@ def lsar_finding(claim: str, lsar: pl.DataFrame, vary: str, evidence: str, cover
     spec, spec_low, spec_high = bootstrap_mean(specific)
     difference, diff_low, diff_high = bootstrap_mean([s - a for s, a in zip(specific, agnostic, strict=True)])
     agn, agn_low, agn_high = bootstrap_mean(agnostic)
-    if spec_high < 0 and diff_high < 0:
-        result = "reproduced"
-    elif spec_low > 0:
-        result = "contradicted"
-    else:
-        result = "inconclusive"
+    result = claim_verdict(spec_high < 0 and diff_high < 0, spec_low > 0)
     return Finding(
         claim,
         result,
@@ -477,7 +464,7 @@ def lape_finding(claim: str, lape: pl.DataFrame, evidence: str, covers: str) -> 
     changes = lape["prob_change"].drop_nulls().to_list()
     mean, low, high = bootstrap_mean(changes)
     overlap = float(lape["overlap"].mean())
-    result = "reproduced" if low > 0 or high < 0 else "inconclusive"
+    result = claim_verdict(low > 0 or high < 0, False)
     detectable = POWER_Z * (high - low) / (2 * 1.959963984540054)
     return Finding(
         claim,

@@ -344,7 +344,7 @@ def _pooled_section(pooled: pl.DataFrame, delta: float) -> Section:
         pl.col("low").alias("own - others.ci_low"),
         pl.col("high").alias("own - others.ci_high"),
         pl.col("detectable"),
-        pl.col("delta").fill_nan(delta).alias("± delta") if "delta" in pooled.columns else pl.lit(delta),
+        pl.col("delta").fill_nan(None).alias("± delta"),  # none: no dense margins to derive it from
         pl.concat_str(
             [
                 pl.col("per_language_min").round(4).cast(pl.String),
