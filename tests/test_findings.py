@@ -379,3 +379,52 @@ def test_findings_delta_is_checked_and_reaches_the_report(store, tmp_path):
         run.set_tags({FINDINGS_DELTA_TAG: 0.05})
     assert study_delta(store, {"study": "mine"}) == 0.05
     assert study_delta(store, {"study": "other"}) == DELTA and study_delta(store, {}) == DELTA
+
+
+def test_claims_4_to_6_on_constructed_analyses():
+    from cps.analysis.findings import iou_finding, lape_finding, lsar_finding
+
+    modules = ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")
+    rows = [
+        {"layer": layer, "module": module, "lang_a": "en", "lang_b": "sw", "iou": iou}
+        for layer in range(9)
+        for module in modules
+        for iou in [0.5 if module.endswith(("o_proj", "down_proj")) and layer <= 2 else 0.8]
+    ]
+    found = iou_finding("4", {"wanda": pl.DataFrame(rows)}, "analyses", "")
+    # early layers 0..2 (9 // 3): o_proj and down_proj 0.5, the others 0.8: a gap of -0.3 in every layer
+    assert found.verdict == "reproduced" and "o/down - rest -0.3000" in found.number
+    assert found.interval == "-0.3000…-0.3000"
+    flipped = [{**row, "iou": 1.3 - row["iou"]} for row in rows]  # o_proj, down_proj now highest
+    assert iou_finding("4", {"wanda": pl.DataFrame(flipped)}, "analyses", "").verdict == "contradicted"
+
+    lsar = pl.DataFrame(
+        [
+            {
+                "setting": "wanda",
+                "calib_lang": calib,
+                "eval_lang": lang,
+                "layer": 0,
+                "specific": s,
+                "agnostic": 1.0,
+            }
+            for lang in ("en", "sw", "zh")
+            for calib in ("en", "sw", "zh")
+            for s in [0.5 if calib == lang else 1.0]
+        ]
+    )
+    found = lsar_finding("5", lsar, "calib_lang", "analyses", "")
+    # own: 0.5 inside against 1.0 for the others: -50%; outside unchanged: 0%
+    assert found.verdict == "reproduced" and found.number.startswith("own vs others, 3 cells: specific -50%")
+    worse = lsar.with_columns(
+        pl.col("specific") * 0 + pl.when(pl.col("calib_lang") == pl.col("eval_lang")).then(2.0).otherwise(1.0)
+    )
+    assert lsar_finding("5", worse, "calib_lang", "analyses", "").verdict == "contradicted"
+
+    lape = pl.DataFrame(
+        {"calib_lang": ["en", "sw"] * 4, "lang": ["en"] * 8, "overlap": [0.9] * 8, "prob_change": [0.01] * 8}
+    )
+    assert lape_finding("6", lape, "analyses", "").verdict == "reproduced"
+    mixed = lape.with_columns(prob_change=pl.Series([0.01, -0.01] * 4))
+    found = lape_finding("6", mixed, "analyses", "")
+    assert found.verdict == "inconclusive" and "smallest detectable change" in found.detail
