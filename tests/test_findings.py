@@ -148,8 +148,10 @@ def test_verdict_rules_and_their_edges():
 
 
 def test_too_few_items_are_never_tested():
-    frame = _items({"en": 0.4}, 29, seed=3)
-    assert pooled_effect(frame, "correct", resamples=200) is None
+    assert pooled_effect(_items({"en": 0.4}, 9, seed=3), "correct", resamples=200) is None  # 9 a language
+    pooled = pooled_effect(_items({"en": 0.4}, 10, seed=3), "correct", resamples=200)  # 30 in all
+    assert pooled is not None and pooled.items == 30
+    assert pooled_effect(_items({"en": 0.4}, 10, seed=3), "correct", ["en", "sw"], resamples=200) is None
 
 
 def test_share_verdicts_by_hand():

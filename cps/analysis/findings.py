@@ -17,8 +17,9 @@ Protocols (every function below states its own; the report prints them):
   replacement.
 - **Verdict**: better (interval above 0), worse (below 0), equivalent (inside +-delta), else
   inconclusive, with the smallest effect the data could have detected: (z_0.975 + z_0.8) x the
-  bootstrap standard error (80% power, two-sided 5%). A language with fewer than MIN_ITEMS shared
-  items is too small to enter.
+  bootstrap standard error (80% power, two-sided 5%). A language enters with at least
+  LANGUAGE_ITEMS shared items; a pooled effect on fewer than MIN_ITEMS items in all is too small to
+  test.
 - **Counts of cells** (claims 1 and 2): in how many (setting, language) cells the own calibration
   language is the best of the calibration languages; the share with its Wilson 95% interval;
   reproduced when the interval lies above one half (own is best in most cells), contradicted when
@@ -41,6 +42,7 @@ from cps.metrics import MARGIN_OF, SHOWN_SCORE, split_task
 ALPHA = 0.05
 DELTA = 0.02  # equivalence margin of an accuracy effect: 2 accuracy points
 RESAMPLES = 10_000
+LANGUAGE_ITEMS = 10  # shared items a language needs to enter a pooled effect
 POWER_Z = 1.959963984540054 + 0.8416212335729143  # two-sided 5%, 80% power
 VERDICTS = ("better", "worse", "equivalent", "inconclusive")
 
@@ -134,7 +136,7 @@ class Pooled:
     se: float  # bootstrap standard error
     items: int  # shared items, summed over the languages
     per_language: dict[str, float]  # effect_L
-    too_small: tuple[str, ...] = ()  # languages left out: fewer than MIN_ITEMS shared items
+    too_small: tuple[str, ...] = ()  # languages left out: fewer than LANGUAGE_ITEMS shared items
 
     @property
     def detectable(self) -> float:
@@ -159,7 +161,7 @@ def _language_effect(
     shared = cell.group_by("item").agg(pl.struct("calib_lang", "seed").n_unique().alias("runs"))
     order = sorted(shared.filter(pl.col("runs") == runs)["item"].to_list())
     n = len(order)
-    if n < MIN_ITEMS:
+    if n < LANGUAGE_ITEMS:
         return None
     draws = resample_counts(rng, n, resamples * slots)
     observed, replicated = {}, {}
@@ -189,7 +191,8 @@ def pooled_effect(
 ) -> Pooled | None:
     """The own-language effect of one setting and task family, pooled over `languages` (default:
     every evaluation language in `frame`). `frame`: (calib_lang, seed, eval_lang, item, <value>).
-    None when no language has its own calibration, another one and MIN_ITEMS shared items.
+    None when no language has its own calibration, another one and LANGUAGE_ITEMS shared items, or
+    the languages that do share fewer than MIN_ITEMS items in all.
 
     Each replicate draws as many languages as there are, with replacement, and for every drawn
     language its own item (and seed) draw, so that a language drawn twice counts as two
@@ -213,7 +216,7 @@ def pooled_effect(
         effects[lang], per_replicate, n = found
         replicates.append(per_replicate)
         total += n
-    if not effects:
+    if not effects or total < MIN_ITEMS:
         return None
     count = len(effects)
     stacked = np.stack([r[:, :count] for r in replicates])  # (languages, R, slots)

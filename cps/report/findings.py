@@ -12,6 +12,7 @@ from cps import tracking
 from cps.analysis.findings import (
     ALPHA,
     DELTA,
+    LANGUAGE_ITEMS,
     MIN_ITEMS,
     POWER_Z,
     RESAMPLES,
@@ -284,5 +285,6 @@ def shown_margin_note() -> str:
         f"shift that moves {DELTA:.0%} of the dense model's items across the decision boundary (the "
         f"{2 * DELTA:.0%} quantile of |margin|). detectable: the smallest effect these items detect with "
         f"80% power at two-sided 5% ({POWER_Z:.2f} x the bootstrap standard error); languages with "
-        f"fewer than {MIN_ITEMS} shared items are left out as too small"
+        f"fewer than {LANGUAGE_ITEMS} shared items are left out, and a pooled effect on fewer than "
+        f"{MIN_ITEMS} items is too small to test"
     )

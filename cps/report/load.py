@@ -2,7 +2,7 @@
 
 Metric names are normalised here, once: metrics logged under older names read as today's, and task
 families whose accuracy to read is another metric (`flores_next`: acc_mutual_info) show it as
-their `acc`, interval included.
+their `acc`, and its margin as their `margin`, intervals included.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import polars as pl
 from cps import tracking
 from cps.analysis.findings import DELTA, shown_answers
 from cps.config import FINDINGS_DELTA_TAG
-from cps.metrics import INTERVAL, SHOWN_SCORE, companion, metric, task_family
+from cps.metrics import INTERVAL, MARGIN_OF, SHOWN_SCORE, companion, metric, task_family
 
 # Prune metrics logged before the in-sample figures were named for what they are.
 LEGACY_METRICS = {"snr_db.mean": "calib_snr_db.mean", "prune_error.total": "calib_error.total"}
@@ -61,11 +61,15 @@ def _normalised(metrics: Mapping[str, float]) -> dict[str, float]:
             normalised[new] = metrics[old]
     for name, value in metrics.items():
         kind, _, task = name.partition(".")
-        if SHOWN_SCORE.get(task_family(name)) == kind:
-            normalised[metric("acc", task)] = value
-            for bound in INTERVAL:
-                if companion(name, bound) in metrics:
-                    normalised[companion(metric("acc", task), bound)] = metrics[companion(name, bound)]
+        shown = SHOWN_SCORE.get(task_family(name))
+        if shown is None:
+            continue
+        for read, as_ in ((shown, "acc"), (MARGIN_OF.get(shown), "margin")):
+            if kind == read:
+                normalised[metric(as_, task)] = value
+                for bound in INTERVAL:
+                    if companion(name, bound) in metrics:
+                        normalised[companion(metric(as_, task), bound)] = metrics[companion(name, bound)]
     return normalised
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from cps import tracking
-from cps.analysis.findings import ALPHA
+from cps.analysis.findings import ALPHA, LANGUAGE_ITEMS
 from cps.analysis.significance import MIN_ITEMS, RESAMPLES, own_language_comparisons, summary
 from cps.errors import CpsError
 from cps.metrics import (
@@ -45,6 +45,8 @@ SETTING_PARAMS = ("model", "method", "pattern", "sparsity")
 EVAL_LANG = "eval_lang"
 PRUNING_METRICS = ("m:calib_snr_db.mean", "m:calib_error.total", "m:sparsity.actual", "m:time.prune_s")
 NOTES = {
+    "margin": "mean margin of the gold choice over the best other choice per item (nats, under the score "
+    "the task's accuracy reads; higher is better); (a–b): Student t 95% interval over the items",
     "ppl": "token perplexity on held-out text (each document alone, BOS first; lower is better)",
     "bpb": "bits per UTF-8 byte of the scored held-out text (comparable across tokenizers)",
     "snr": "held-out SNR (dB) of the pruned model's hidden states against the dense model's on each "
@@ -284,9 +286,12 @@ def _too_small_note(answers: pl.DataFrame) -> str:
     if answers.is_empty():
         return "no per-item task results"
     largest = answers.group_by("run_id", "task", "eval_lang").len()["len"].max()
-    if largest >= MIN_ITEMS:
+    if largest >= LANGUAGE_ITEMS:
         return ""
-    return f"task budgets too small: at most {largest} items per task and language (a test needs {MIN_ITEMS})"
+    return (
+        f"task budgets too small: at most {largest} items per task and language (a pooled effect needs "
+        f"{LANGUAGE_ITEMS} a language and {MIN_ITEMS} in all)"
+    )
 
 
 def _findings_section(found: list, report: Report) -> Section:
@@ -486,7 +491,10 @@ def _pivot_sections(
     if config.pivot == EVAL_LANG:
         index = list(dict.fromkeys([*key, *(["model"] if "model" in body.columns else [])]))
         long = _by_language(body, index, columns).drop_nulls(EVAL_LANG)
-        if family == "acc":  # one accuracy per language would mix tasks: keep the task family in the key
+        if family in (
+            "acc",
+            "margin",
+        ):  # one score per language would mix tasks: the task family joins the key
             key = [*key, "task"]
         else:
             long = long.drop("task")
