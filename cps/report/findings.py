@@ -133,7 +133,7 @@ def pooled_frame(inputs: FindingsInputs, chance: pl.DataFrame, delta: float) -> 
     for (setting, model, task), part in joined.group_by("setting", "model", "task", maintain_order=True):
         informative, unknown = _informative(chance, model, task)
         langs = sorted(set(part["eval_lang"].unique().to_list()) - set(informative.get(False, [])))
-        dense_items = _dense_margins(inputs, chance, model, task, langs)
+        dense_items = _dense_margins(inputs, model, task, langs)
         for metric, value, equivalence in (("accuracy", "correct", delta), ("margin", "margin", None)):
             if value not in part.columns or part[value].null_count() == part.height:
                 continue
@@ -180,9 +180,7 @@ def _informative(chance: pl.DataFrame, model: str, task: str) -> tuple[dict[bool
     return found, ""
 
 
-def _dense_margins(
-    inputs: FindingsInputs, chance: pl.DataFrame, model: str, task: str, langs: list[str]
-) -> list[float]:
+def _dense_margins(inputs: FindingsInputs, model: str, task: str, langs: list[str]) -> list[float]:
     """The dense model's per-item margins of a task family in the given languages."""
     if inputs.dense.is_empty() or "margin" not in inputs.answers.columns:
         return []
