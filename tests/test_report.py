@@ -239,11 +239,18 @@ def test_the_html_report_renders_in_chromium(filled, tmp_path):
         loaded = "i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0]"
         images = page.evaluate(f"() => Array.from(document.images).map({loaded})")
         rows = page.evaluate("() => Array.from(document.querySelectorAll('table')).map(t => t.rows.length)")
+        # the findings table links to the sections with the evidence: every link has its target
+        links = page.evaluate(
+            "() => Array.from(document.querySelectorAll('a[href^=\"#\"]'))"
+            ".map(a => [a.getAttribute('href'), !!document.getElementById(a.getAttribute('href').slice(1))])"
+        )
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         browser.close()
     assert images and all(loaded for _, loaded in images), images
     assert len(images) == len(list((tmp_path / "out" / "plots").glob("*.png")))
     assert rows == [section.frame.height + 1 for section in report.sections]
+    assert report.sections[0].title.startswith("Findings")
+    assert ["#ppl-by-language", True] in links and all(found for _, found in links), links
     assert (tmp_path / "report.png").stat().st_size > 20_000
 
 
