@@ -100,3 +100,14 @@ def test_own_language_comparisons_and_the_summary_line():
     assert sw["difference"] == 0 and not sw["significant"]
     (line,) = summary(comparisons)["line"].to_list()
     assert line == "own-language calibration wins significantly in 1 of 2 languages, loses significantly in 0"
+
+
+def test_no_comparison_is_an_empty_frame_of_the_same_schema():
+    """A setting with one calibration language so far (a sweep half done) compares nothing: its
+    empty frame still stacks with the others'."""
+    alone = own_language_comparisons(
+        _items({"en": 0, "sw": 40}).filter(pl.col("calib_lang") == "sw"), "correct"
+    )
+    some = own_language_comparisons(_items({"en": 0, "sw": 40}), "correct", resamples=200)
+    assert alone.is_empty() and alone.schema == some.schema
+    assert pl.concat([alone, some]).height == some.height

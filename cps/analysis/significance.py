@@ -126,7 +126,17 @@ def own_language_comparisons(
             better = result.difference < 0 if value == "nll" else result.difference > 0
             interval = (result.difference, result.low, result.high)
             rows.append((task, lang, other, result.items, *interval, result.significant, better))
-    schema = ["task", "eval_lang", "other", "items", "difference", "low", "high", "significant", "own_better"]
+    schema = {
+        "task": pl.String,
+        "eval_lang": pl.String,
+        "other": pl.String,
+        "items": pl.Int64,
+        "difference": pl.Float64,
+        "low": pl.Float64,
+        "high": pl.Float64,
+        "significant": pl.Boolean,
+        "own_better": pl.Boolean,
+    }
     return pl.DataFrame(rows, schema=schema, orient="row")
 
 
