@@ -422,6 +422,11 @@ def test_claims_4_to_6_on_constructed_analyses():
         pl.col("specific") * 0 + pl.when(pl.col("calib_lang") == pl.col("eval_lang")).then(2.0).otherwise(1.0)
     )
     assert lsar_finding("5", worse, "calib_lang", "analyses", "").verdict == "contradicted"
+    # the agnostic error falls by 35% too: not "about the same" (outside +-10%)
+    both = lsar.with_columns(
+        agnostic=pl.when(pl.col("calib_lang") == pl.col("eval_lang")).then(0.65).otherwise(1.0)
+    )
+    assert lsar_finding("5", both, "calib_lang", "analyses", "").verdict == "contradicted"
 
     lape = pl.DataFrame(
         {"calib_lang": ["en", "sw"] * 4, "lang": ["en"] * 8, "overlap": [0.9] * 8, "prob_change": [0.01] * 8}

@@ -68,8 +68,9 @@ PROTOCOLS = (
     "reproduced when they are the lowest and the gap lies below 0 in every analysis.",
     "5: per (setting, language L), the mean squared hidden-state deviation from the dense model inside "
     "the dense model's language subspace (LSAR) and outside it, own calibration against the mean of "
-    "the others (relative change); reproduced when the inside change is below 0 and below the outside "
-    "one (bootstrap over cells).",
+    "the others (relative change, bootstrap over cells); reproduced when the inside change lies below "
+    "0 and the outside one within ±10% (about the same), contradicted when the inside change lies "
+    "above 0 or the outside one beyond ±10%.",
     "6: the mean change, after pruning, of the activation probability of the dense model's "
     "language-specific neurons (LAPE) in their language (bootstrap over calibration x language "
     "cells); reproduced when its interval excludes 0.",

@@ -44,17 +44,22 @@ HEAD_ROWS = 512
 # Seconds = the measured rates x the study's counted work x a factor per kind of work, plus fixed
 # seconds; the factors and fixed costs fitted to studies/findings.toml's measured split (2 cores).
 COSTS = {
-    "prune_passes": {"wanda": 2.3, "magnitude": 2.3, "sparsegpt": 3.0},  # x calibration decoder passes
-    "prune_fixed_s": 12.0,  # a cell's model load, calibration set, masks and logging
+    # x the decoder over the calibration tokens: Wanda's statistics and pruned passes; SparseGPT's
+    # also its Hessians and column loops (3.7 measured on findings.toml's 8,192-token windows)
+    "prune_passes": {"wanda": 2.3, "magnitude": 2.3, "sparsegpt": 3.7},
+    "prune_fixed_s": 3.0,  # a cell's model load, calibration set, masks and logging
     "held_out": 3.0,  # x held-out tokens' decoder + head: the pass, the SNR meter, dense states
-    "task": 1.0,  # x task work (decoder over the positions, head over the scored ones)
+    "task": 0.82,  # x task work (decoder over the positions, head over the scored ones)
     "eval_fixed_s": 10.0,  # a cell's lm-eval set-up and logging
     "analysis": 2.5,  # x analysis tokens' decoder passes x (members + 1)
     "analysis_fixed_s": 20.0,
 }
-# Planning values for the detectable effect, per task family (accuracy): v and tau^2, measured on
-# the findings study (Gemma-3 270M, Wanda and SparseGPT at 50%).
-PLANNING = {"default": (0.2, 0.0004)}
+# Planning values for the detectable effect (accuracy), measured on findings.toml (Gemma-3 270M,
+# Wanda and SparseGPT at 50%, 7 languages): v, the variance over items of the paired difference
+# own - mean(others), and tau^2, the variance of the true effect across languages (the observed
+# variance of the per-language effects less their sampling variance). SIB's tau^2 stands in where
+# 10 items a language cannot measure it.
+PLANNING = {"sib": (0.068, 0.00091), "flores_next": (0.091, 0.00091), "default": (0.07, 0.00091)}
 
 
 @dataclass(frozen=True)
