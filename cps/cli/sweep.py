@@ -154,7 +154,11 @@ def _print_estimate(study, tasks: list[str], fresh: bool) -> None:
             "cps.stages.estimate)"
         )
     for power in task_power(study, tasks):
-        typer.echo(
-            f"  {power.family}: {power.items} items x {power.languages} languages: detects a pooled "
-            f"own-language accuracy effect of {100 * power.detectable:.1f} points (80% power, 5%)"
-        )
+        head = f"  {power.family}: {power.items} items x {power.languages} languages: "
+        if power.detectable is None:
+            typer.echo(head + "too few to test (a pooled effect needs 10 items a language, 30 in all)")
+        else:
+            typer.echo(
+                head + f"detects a pooled own-language accuracy effect of {100 * power.detectable:.1f} "
+                "points (80% power, 5%)"
+            )

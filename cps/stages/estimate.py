@@ -32,7 +32,7 @@ from typing import Any
 import jinja2
 
 from cps import paths
-from cps.analysis.findings import POWER_Z
+from cps.analysis.findings import LANGUAGE_ITEMS, MIN_ITEMS, POWER_Z
 from cps.evaluation.tasks import BUILDERS, families, pack_family
 from cps.metrics import SHOWN_SCORE, split_task
 from cps.models import LoadOptions, model_id, resolve_model
@@ -49,7 +49,7 @@ COSTS = {
     "prune_passes": {"wanda": 2.3, "magnitude": 2.3, "sparsegpt": 3.7},
     "prune_fixed_s": 3.0,  # a cell's model load, calibration set, masks and logging
     "held_out": 3.0,  # x held-out tokens' decoder + head: the pass, the SNR meter, dense states
-    "task": 0.82,  # x task work (decoder over the positions, head over the scored ones)
+    "task": 0.9,  # x task work (decoder over the positions, head over the scored ones)
     "eval_fixed_s": 10.0,  # a cell's lm-eval set-up and logging
     "analysis": 2.5,  # x analysis tokens' decoder passes x (members + 1)
     "analysis_fixed_s": 20.0,
@@ -89,7 +89,7 @@ class TaskPower:
     family: str
     languages: int
     items: int  # per language (the fewest)
-    detectable: float  # accuracy points / 100
+    detectable: float | None  # accuracy points / 100; None: too few items to test
 
 
 def measured_rates(model: str, options: LoadOptions) -> Rates:
@@ -136,7 +136,7 @@ def measured_rates(model: str, options: LoadOptions) -> Rates:
 class TaskWork:
     items: int
     positions: int  # distinct positions through the decoder: each context once, every choice
-    scored: int  # positions whose log-probability is read (every choice's tokens): the LM head's rows
+    scored: int  # distinct positions whose next-token distribution is read: the LM head's rows
 
 
 def task_work(
@@ -165,10 +165,14 @@ def task_work(
         positions = scored = 0
         for row in rows:
             positions += len(tokenizer(prompt.render(**row))["input_ids"])
-            for choice in row.get("choices") or []:
-                length = len(tokenizer(delimiter + choice, add_special_tokens=False)["input_ids"])
-                positions += alone * length
-                scored += alone * length
+            lengths = [
+                len(tokenizer(delimiter + choice, add_special_tokens=False)["input_ids"])
+                for choice in row.get("choices") or []
+            ]
+            # every choice's tokens run after the prompt; the prompt's last state predicts all their
+            # first tokens (one head row), each later token its own row; alone again after BOS
+            positions += alone * sum(lengths) + (alone - 1)
+            scored += alone * (1 + sum(length - 1 for length in lengths))
         work[name] = TaskWork(len(rows), positions, scored)
     return work
 
@@ -245,6 +249,7 @@ def task_power(study: Study, tasks: list[str]) -> list[TaskPower]:
     for family, counts in by_family.items():
         v, tau2 = PLANNING.get(family, PLANNING["default"])
         languages, items = len(counts), min(counts)
-        detectable = POWER_Z * math.sqrt(v / (items * languages) + tau2 / languages)
+        testable = items >= LANGUAGE_ITEMS and items * languages >= MIN_ITEMS
+        detectable = POWER_Z * math.sqrt(v / (items * languages) + tau2 / languages) if testable else None
         found.append(TaskPower(family, languages, items, detectable))
     return found
