@@ -321,7 +321,7 @@ def test_the_dry_run_estimate_counts_the_studys_own_work(tmp_path, monkeypatch):
     raw = {
         "grid": {"models": ["tiny-llama"], "methods": ["wanda", "sparsegpt"], "calib_langs": ["sw", "zh"]},
         "calibration": {"nsamples": 4, "seqlen": 64},
-        "eval": {"langs": ["sw", "zh"], "tasks": ["sib"], "max_docs": 2, "task_limits": {"sib": 3}},
+        "eval": {"langs": ["sw", "zh"], "tasks": ["sib"], "max_docs": 2, "task_limits": {"sib": 15}},
         "analyze": {"activations": True, "langs": ["sw", "zh"], "max_docs": 1},
         "findings": {"delta": 0.03},
     }
@@ -340,7 +340,7 @@ def test_the_dry_run_estimate_counts_the_studys_own_work(tmp_path, monkeypatch):
     held_out = sum(length(doc.text) for lang in ("sw", "zh") for doc in flores.documents(lang)[:2])
     positions = scored = 0
     for lang in ("sw", "zh"):
-        for item in _sib_items(lang, None)["test"][:3]:
+        for item in _sib_items(lang, None)["test"][:15]:
             positions += length(f"Text: {item['text']}\nTopic:")
             scored += 1  # the prompt's last state predicts every topic's first token
             for topic in SIB_TOPICS:
@@ -363,8 +363,10 @@ def test_the_dry_run_estimate_counts_the_studys_own_work(tmp_path, monkeypatch):
     assert found.analyses_s == pytest.approx(2 * per_group)  # one group per method, 2 members + dense
     (power,) = estimate.task_power(study, tasks)
     v, tau2 = estimate.PLANNING.get("sib", estimate.PLANNING["default"])
-    assert (power.items, power.languages) == (3, 2)
-    assert power.detectable == pytest.approx(POWER_Z * math.sqrt(v / 6 + tau2 / 2))
+    assert (power.items, power.languages) == (15, 2)
+    assert power.detectable == pytest.approx(POWER_Z * math.sqrt(v / 30 + tau2 / 2))
+    few = parse_study({**raw, "eval": {**raw["eval"], "task_limits": {"sib": 9}}})
+    assert estimate.task_power(few, tasks)[0].detectable is None  # under 10 a language: not tested
 
 
 def test_findings_delta_is_checked_and_reaches_the_report(store, tmp_path):

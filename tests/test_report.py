@@ -295,6 +295,6 @@ def test_significance_from_per_item_results(store):
         "own-language calibration wins significantly in 1 of 2 languages, loses significantly in 0"
     )
     text = render(report, "markdown")
-    assert "| xcopa | sw | zh | 0.3 (" in text
+    assert "| xcopa | accuracy | sw | zh | 0.3 (" in text
     without = build_report(store, ReportConfig(pivot="eval_lang", metrics=("ppl",), significance=False))
     assert not any(s.title.startswith("Appendix: own-language") for s in without.sections)
