@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 
+from cps.analysis.masks_overlap import PAPER_LOW_IOU_MODULES, lowest_overlap_modules, paper_agrees
 from cps.analysis.significance import MIN_ITEMS, resample_counts, weighted_means
 from cps.evaluation.tasks import wilson_interval
 from cps.metrics import MARGIN_OF, SHOWN_SCORE, split_task
@@ -45,7 +46,6 @@ RESAMPLES = 10_000
 LANGUAGE_ITEMS = 10  # shared items a language needs to enter a pooled effect
 AGNOSTIC_BAND = 0.10  # claim 5: a relative change of the agnostic error within +-10% is "about the same"
 POWER_Z = 1.959963984540054 + 0.8416212335729143  # two-sided 5%, 80% power
-VERDICTS = ("better", "worse", "equivalent", "inconclusive")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +253,6 @@ class Finding:
     covers: str  # models, methods and languages
     evidence: str  # the report section holding the evidence (its anchor)
     detail: str = ""  # the smallest detectable effect, or what is missing
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 def claim_verdict(reproduced: bool, contradicted: bool) -> str:
@@ -381,11 +380,10 @@ def iou_finding(claim: str, iou: dict[str, pl.DataFrame], evidence: str, covers:
     if not iou:
         return Finding(claim, "no data", "—", "—", covers, evidence, "no analysis with mask IoU")
     numbers, intervals, agreed, below, above = [], [], [], [], []
+    papers = pl.any_horizontal(pl.col("module").str.ends_with(name) for name in PAPER_LOW_IOU_MODULES)
     for setting, frame in sorted(iou.items()):
         early = frame.filter(pl.col("layer") <= frame["layer"].max() // 3)
-        means = early.group_by("module").agg(pl.col("iou").mean()).sort("iou", "module")
-        lowest = means["module"].head(2).to_list()
-        papers = pl.col("module").str.ends_with("o_proj") | pl.col("module").str.ends_with("down_proj")
+        lowest = lowest_overlap_modules(frame)
         per_layer = early.group_by("layer").agg(
             pl.col("iou").filter(papers).mean().alias("paper"),
             pl.col("iou").filter(~papers).mean().alias("rest"),
@@ -394,8 +392,7 @@ def iou_finding(claim: str, iou: dict[str, pl.DataFrame], evidence: str, covers:
         if not gaps:
             continue
         gap, low, high = bootstrap_mean(gaps)
-        agrees = all(any(m.endswith(name) for m in lowest) for name in ("o_proj", "down_proj"))
-        agreed.append(agrees)
+        agreed.append(paper_agrees(lowest))
         below.append(high < 0)
         above.append(low > 0)
         numbers.append(f"{setting}: lowest {', '.join(lowest)}; o/down - rest {gap:+.4f}")

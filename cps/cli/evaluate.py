@@ -80,19 +80,20 @@ def eval_command(
     )
     result = run_eval(config, Store(tracking_uri, experiment), run_id, model=model)
     _print_table(result.scores)
-    _print_tasks(result.items)
+    _print_tasks(result.scores, result.items)
     typer.echo(f"logged into run {result.run_id}")
 
 
-def _print_tasks(items) -> None:
-    """Per task: the score its accuracy reads and the gold-choice margin (95% intervals), and whether
-    the model is above chance (one-sided exact binomial): a task at chance decides nothing."""
+def _print_tasks(scores, items) -> None:
+    """Per task: the score its accuracy reads and the gold-choice margin with their 95% intervals
+    (as logged), and whether the model is above chance (one-sided exact binomial test on its
+    items): a task at chance decides nothing."""
     import polars as pl
     from rich.console import Console
     from rich.table import Table
 
     from cps.analysis.findings import ALPHA, chance_tests, shown_answers
-    from cps.evaluation.tasks import t_interval, wilson_interval
+    from cps.metrics import MARGIN_OF, SHOWN_SCORE
 
     frames = [
         shown_answers(frame, name.removeprefix("items/").removesuffix(".parquet"))
@@ -102,33 +103,30 @@ def _print_tasks(items) -> None:
     answers = [frame for frame in frames if frame is not None]
     if not answers:
         return
+    logged = {(name, metric): (value, low, high) for name, metric, value, _, low, high in scores.iter_rows()}
+
+    def cell(task: str, metric: str | None, digits: str) -> str:
+        value, low, high = logged.get((task, metric), (None, None, None))
+        if value is None:
+            return "—"
+        bounds = "" if low is None else f" ({low:{digits}2f}–{high:{digits}2f})"
+        return f"{value:{digits}3f}{bounds}"
+
     table = Table(title=f"tasks (above chance: one-sided exact binomial, p < {ALPHA})")
     for column in ("task", "lang", "items", "accuracy", "margin", "chance", "p", "informative"):
         table.add_column(column)
-    for test, (_, part) in zip(
-        chance_tests(pl.concat(answers)).iter_rows(named=True),
-        pl.concat(answers).group_by("task", "eval_lang", maintain_order=True),
-        strict=True,
-    ):
-        n = test["items"]
-        low, high = wilson_interval(part["correct"].sum(), n)
-        margins = part["margin"].drop_nulls()
-        margin = "—"
-        if margins.len() > 1:
-            mean, stderr = float(margins.mean()), float(margins.std()) / margins.len() ** 0.5
-            m_low, m_high = t_interval(mean, stderr, margins.len())
-            margin = f"{mean:+.3f} ({m_low:+.2f}–{m_high:+.2f})"
+    for test in chance_tests(pl.concat(answers)).iter_rows(named=True):
+        name, shown = f"{test['task']}_{test['eval_lang']}", SHOWN_SCORE.get(test["task"], "acc")
         informative = test["informative"]
-        mark = "n/a" if informative is None else ("yes" if informative else "NO: at chance")
         table.add_row(
             test["task"],
             test["eval_lang"],
-            str(n),
-            f"{test['accuracy']:.3f} ({low:.2f}–{high:.2f})",
-            margin,
+            str(test["items"]),
+            cell(name, shown, "."),
+            cell(name, MARGIN_OF.get(shown), "+."),
             "—" if test["chance"] is None else f"{test['chance']:.3f}",
             "—" if test["p"] is None else f"{test['p']:.2g}",
-            mark,
+            "n/a" if informative is None else ("yes" if informative else "NO: at chance"),
         )
     Console(width=140).print(table)
 

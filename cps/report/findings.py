@@ -30,7 +30,6 @@ from cps.analysis.findings import (
 from cps.metrics import SHOWN_SCORE, metric_lang
 from cps.report.load import analysis_tables
 
-SETTING_PARAMS = ("model", "method", "pattern", "sparsity")
 ANCHORS = {
     "findings": "findings",
     "chance": "which-tasks-decide",

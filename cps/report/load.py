@@ -21,6 +21,7 @@ from cps.metrics import INTERVAL, MARGIN_OF, SHOWN_SCORE, companion, metric, tas
 
 # Prune metrics logged before the in-sample figures were named for what they are.
 LEGACY_METRICS = {"snr_db.mean": "calib_snr_db.mean", "prune_error.total": "calib_error.total"}
+SETTING_PARAMS = ("model", "method", "pattern", "sparsity")  # what runs are never averaged across
 ANALYSIS_HEADLINES = ("iou.mean", "lape.overlap.mean", "lsar.specific_share.mean", "cross_snr.own_lang_best")
 
 
@@ -139,13 +140,13 @@ def analysis_tables(
             params = record.params
             if params.get("vary") != vary:
                 continue
-            setting = tuple(params.get(key) for key in ("model", "method", "pattern", "sparsity"))
+            setting = tuple(params.get(key) for key in SETTING_PARAMS)
             if setting in seen:
                 continue
             seen.add(setting)
             labels = [
                 pl.lit(value, dtype=pl.String).alias(key)
-                for key, value in zip(("model", "method", "pattern", "sparsity"), setting, strict=True)
+                for key, value in zip(SETTING_PARAMS, setting, strict=True)
             ]
             for name in names:
                 path = tracking.artifact_if_any(store, record.run_id, f"{name}.parquet", scratch)

@@ -39,9 +39,8 @@ from cps.report.findings import (
     pooled_frame,
     shown_margin_note,
 )
-from cps.report.load import analysis_runs, item_results, prune_runs, study_delta
+from cps.report.load import SETTING_PARAMS, analysis_runs, item_results, prune_runs, study_delta
 
-SETTING_PARAMS = ("model", "method", "pattern", "sparsity")
 EVAL_LANG = "eval_lang"
 PRUNING_METRICS = ("m:calib_snr_db.mean", "m:calib_error.total", "m:sparsity.actual", "m:time.prune_s")
 NOTES = {
@@ -425,7 +424,6 @@ def significance_sections(
     table = table.with_columns(
         pl.when(small).then(None).otherwise(pl.col("low")).alias("low"),
         pl.when(small).then(None).otherwise(pl.col("high")).alias("high"),
-        pl.when(small).then(False).otherwise(pl.col("significant")).alias("significant"),
         pl.when(small)
         .then(pl.lit("too small"))
         .otherwise(pl.col("significant").cast(pl.String))
