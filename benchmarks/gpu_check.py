@@ -4,7 +4,15 @@ Prunes Gemma-3 270M with Wanda and SparseGPT in bf16 on the GPU — the model on
 layer onloaded in turn (`cps prune --device cuda`), and streamed from the shards straight to the
 GPU (`--stream`) — evaluates perplexity in two languages, and compares masks (IoU per linear,
 averaged) and perplexities (relative difference) with the CPU fp32 run of the same settings.
-Prints times and peak GPU memory. Without CUDA it says so and exits 2.
+Prints times and peak GPU memory, and a verdict: exit 1 when a CUDA run departs from the CPU fp32
+run beyond the bounds (mask IoU below `--min-iou`, a perplexity further than `--max-ppl-diff`
+from fp32's), 0 when every run is inside them. Without CUDA it says so and exits 2.
+
+The default bounds are what bf16 rounding allows, not what a bug would leave: bf16 keeps 8
+significant bits (relative rounding 2^-9 = 0.2%), so a Wanda score moves by at most ~0.4% and
+only weights that close to the layer's threshold can change sides (well under 1% of them);
+SparseGPT's column updates carry each flip into the later columns, so its masks drift further.
+An IoU under 0.90 or a perplexity 3% off is no longer rounding: a wrong dtype, device or order.
 
     .venv/bin/python benchmarks/gpu_check.py [--nsamples 32 --seqlen 512 --docs 50 --langs en,sw]
 """
@@ -29,6 +37,16 @@ def mask_iou(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return sum(values) / len(values)
 
 
+def departures(iou: float, ppl: dict, reference: dict, min_iou: float, max_ppl_diff: float) -> list[str]:
+    """What lies beyond the bounds for one run against CPU fp32 (a NaN is beyond every bound)."""
+    beyond = [] if iou >= min_iou else [f"IoU {iou:.4f} < {min_iou}"]
+    for lang, value in ppl.items():
+        rel = (value - reference[lang]) / reference[lang]
+        if not abs(rel) <= max_ppl_diff:
+            beyond.append(f"ppl {lang} {rel:+.2%} beyond ±{max_ppl_diff:.0%}")
+    return beyond
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nsamples", type=int, default=32)
@@ -38,6 +56,10 @@ def main() -> int:
     parser.add_argument("--langs", default="en,sw")
     parser.add_argument(
         "--device", default="cuda", help="cpu runs the same code paths (a dry run of this script)"
+    )
+    parser.add_argument("--min-iou", type=float, default=0.90, help="lowest mask IoU with CPU fp32")
+    parser.add_argument(
+        "--max-ppl-diff", type=float, default=0.03, help="largest relative perplexity difference"
     )
     args = parser.parse_args()
     device = args.device
@@ -111,7 +133,8 @@ def main() -> int:
     header = (
         f"{'method':<10} {'setting':<18} {'prune s':>8} {'eval s':>7} {'peak GPU GiB':>12} {'IoU vs CPU':>10}"
     )
-    print(header + "".join(f" {'ppl ' + lang:>10} {'rel diff':>9}" for lang in langs))
+    print(header + "".join(f" {'ppl ' + lang:>10} {'rel diff':>9}" for lang in langs) + "  verdict")
+    failed = []
     for method in ("wanda", "sparsegpt"):
         reference = None
         for setting in ("cpu fp32", "cuda bf16 onload", "cuda bf16 stream"):
@@ -123,7 +146,14 @@ def main() -> int:
             for lang in langs:
                 rel = (ppl[lang] - reference[1][lang]) / reference[1][lang]
                 line += f" {ppl[lang]:>10.3f} {rel:>+9.2%}"
-            print(line, flush=True)
+            beyond = departures(iou, ppl, reference[1], args.min_iou, args.max_ppl_diff)
+            print(line + ("  ok" if not beyond else "  BEYOND: " + "; ".join(beyond)), flush=True)
+            failed += [f"{method} {setting}: {what}" for what in beyond]
+    if failed:
+        print(f"FAILED: {len(failed)} departure(s) from CPU fp32 beyond the bounds:")
+        print("\n".join(f"  {what}" for what in failed))
+        return 1
+    print(f"PASSED: every CUDA run within IoU >= {args.min_iou} and ±{args.max_ppl_diff:.0%} perplexity")
     return 0
 
 

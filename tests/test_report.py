@@ -7,6 +7,7 @@ import math
 import statistics
 
 import pytest
+from conftest import needs_module, unavailable
 
 from cps import tracking
 from cps.errors import CpsError
@@ -224,8 +225,8 @@ def test_the_html_report_renders_in_chromium(filled, tmp_path):
 
     chromium = shutil.which("chromium")
     if chromium is None:
-        pytest.skip("no chromium on PATH (.ci/run installs Debian's chromium package)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency")
+        unavailable("no chromium on PATH (.ci/run installs Debian's chromium package)")
+    sync_api = needs_module("playwright.sync_api", "playwright is a dev dependency")
     config = ReportConfig(
         pivot="eval_lang", metrics=("ppl", "snr", "acc"), filters=(("model", "tiny-llama"),)
     )

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import needs_module, unavailable
 
 from cps import tracking
 from cps.ui import wait_healthy
@@ -73,8 +74,8 @@ def postgres() -> Iterator[str]:
     """A PostgreSQL cluster of its own on a free loopback port; its URI; removed afterwards."""
     binaries = _postgres_bin()
     if binaries is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install postgresql")
-    pytest.importorskip("psycopg", reason="the [server] extra is not installed (psycopg)")
+        unavailable("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install postgresql")
+    needs_module("psycopg", "the [server] extra is not installed (psycopg)")
     home = Path(tempfile.mkdtemp(prefix="cps-pg-"))
     home.chmod(0o755)
     run_as: list[str] = []
