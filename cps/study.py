@@ -233,16 +233,17 @@ def _cells(
     return cells
 
 
-def check_inputs(study: Study) -> list[str]:
+def check_inputs(study: Study, read_tasks: bool = True) -> list[str]:
     """Every corpus, language and task the study reads exists: a missing one fails before any work.
-    Returns the evaluation's task names, expanded."""
+    Returns the evaluation's task names, expanded. `read_tasks=False` (a dry run) checks the task
+    names and languages without reading task data (MKQA may come from the hub only at run time)."""
     for cell in study.cells:
         calibration = cell.prune.calibration
         if calibration is not None:
             corpus = get_corpus(calibration.corpus, calibration.data_dir)
             for lang in calibration.mixture:
                 corpus.require(lang)
-    _, tasks = check_eval_inputs(study.evaluate)
+    _, tasks = check_eval_inputs(study.evaluate, read_tasks)
     for config in study.analyses:
         if config.activations:
             analysis = get_corpus(config.corpus, config.data_dir)

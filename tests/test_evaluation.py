@@ -581,6 +581,21 @@ def test_eval_errors(store):
         run_eval(EvalConfig(tasks=("nonsense_task",)), store, model="tiny-llama")
 
 
+def test_a_pair_without_a_task_is_refused_before_any_run_or_named_when_skipped(store, capsys):
+    """XCOPA has no German: one rule for pack and lm-eval families. `cps eval` fails in one line
+    before a run exists; with skip_missing the pair is left out and named, never dropped in silence."""
+    from cps.evaluation.tasks import missing_tasks
+
+    with pytest.raises(CpsError, match=r"^no task for xcopa_de, xcopa_en; --skip-missing"):
+        expand_tasks(["xcopa", "sib"], ["de", "sw", "en"], None)
+    with pytest.raises(CpsError, match="no task for xcopa_de"):
+        run_eval(EvalConfig(langs=("de", "sw"), tasks=("xcopa",)), store, model="tiny-llama")
+    assert tracking.find_runs(store, "prune", status=None) == []  # refused before the dense run
+    names = expand_tasks(["xcopa", "sib"], ["de", "sw", "en"], None, skip_missing=True)
+    assert names == ["xcopa_sw", "sib_de", "sib_sw", "sib_en"]
+    assert missing_tasks(["xcopa", "sib", "arc"], ["de", "sw"], None) == ["xcopa_de", "arc_sw"]
+
+
 def test_the_papers_task_families_expand_from_lm_evals_index():
     """Without network: the names, the lm-eval tasks handed over, and the pairs lm-eval lacks."""
     from cps.evaluation.tasks import suite_task, task_configs

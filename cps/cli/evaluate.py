@@ -44,7 +44,11 @@ def eval_command(
         int | None, typer.Option(help="Perplexity on the first N held-out documents per language.")
     ] = None,
     skip_missing: Annotated[
-        bool, typer.Option(help="Leave out task families' languages that lm-eval has no task for.")
+        bool,
+        typer.Option(
+            help="Leave out (family, language) pairs with no task (XCOPA in German, ARC in Swahili), "
+            "naming them; without it such a pair fails before any run."
+        ),
     ] = False,
     batch_size: Annotated[int, typer.Option(help="lm-eval batch size.")] = 8,
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto.")] = "cpu",
@@ -78,6 +82,12 @@ def eval_command(
         stream=stream,
         offload_activations=offload_activations,
     )
+    if skip_missing:
+        from cps.evaluation.tasks import missing_tasks
+
+        left_out = missing_tasks(list(config.tasks), list(config.langs), data_dir)
+        if left_out:
+            typer.echo(f"no task for {', '.join(left_out)}: left out (--skip-missing)")
     result = run_eval(config, Store(tracking_uri, experiment), run_id, model=model)
     _print_table(result.scores)
     _print_tasks(result.scores, result.items)

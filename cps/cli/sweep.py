@@ -36,8 +36,8 @@ def sweep_command(
     study = load_study(study_file, data_dir)
     store = Store(tracking_uri, experiment)
     client(store)
-    if dry_run:
-        tasks = check_inputs(study)
+    if dry_run:  # plans without reading task data: it says where each task's data will come from
+        tasks = check_inputs(study, read_tasks=False)
         plans = plan_cells(study, store)
         _print_plan(study.name, [(p.cell.label, ACTIONS[p.action], p.run_id or "") for p in plans])
         pending = sum(1 for plan in plans if plan.pending)
@@ -45,9 +45,10 @@ def sweep_command(
         typer.echo(
             f"{pending} of {len(plans)} cells to run; then analyses by {', '.join(analyses) or 'none'}"
         )
-        _print_tasks(study, tasks)
-        _print_estimate(study, tasks, pending == len(plans))
+        local = _print_tasks(study, tasks)
+        _print_estimate(study, local, pending == len(plans))
         return
+    _say_missing(study)
     run = local_executor if executor == "local" else ray_executor(address, cpus_per_cell)
     result = run_sweep(study, store, run)
     done = len(result.plans) - len(result.failed)
@@ -97,9 +98,20 @@ def _print_plan(name: str, rows: list[tuple[str, str, str]]) -> None:
     Console(width=140).print(table)
 
 
-def _print_tasks(study, tasks: list[str]) -> None:
-    """The tasks per evaluation language, the suite pairs lm-eval lacks, and the derived GPU cost."""
-    from cps.evaluation.tasks import PAPER_FAMILIES
+def _say_missing(study) -> None:
+    """The (family, language) pairs the study asks for and leaves out (`skip_missing`), in one line."""
+    from cps.evaluation.tasks import missing_tasks
+
+    evaluate = study.evaluate
+    missing = missing_tasks(list(evaluate.tasks), list(evaluate.langs), evaluate.data_dir)
+    if missing:
+        typer.echo(f"no task for {', '.join(missing)}: left out (skip_missing)")
+
+
+def _print_tasks(study, tasks: list[str]) -> list[str]:
+    """The tasks per evaluation language, the pairs left out, where each task's data comes from
+    and the derived GPU cost. Returns the tasks whose data is on this machine."""
+    from cps.evaluation.tasks import task_data
     from cps.metrics import split_task
     from cps.study import estimate_gpu_hours
 
@@ -115,15 +127,17 @@ def _print_tasks(study, tasks: list[str]) -> None:
     typer.echo("tasks per evaluation language (plus perplexity and held-out SNR in each):")
     for lang in study.evaluate.langs:
         typer.echo(f"  {lang}: {', '.join(by_lang.get(lang, [])) or '(none)'}")
-    missing = [
-        f"{family}_{lang}"
-        for family in study.evaluate.tasks
-        if family in PAPER_FAMILIES
-        for lang in study.evaluate.langs
-        if f"{family}_{lang}" not in tasks
-    ]
-    if missing:
-        typer.echo(f"  no task for {', '.join(missing)} (left out: skip_missing)")
+    _say_missing(study)
+    typer.echo("task data (not read by a dry run):")
+    local: list[str] = []
+    sources = task_data(tasks, study.evaluate.data_dir)
+    for data in sources:
+        state = {True: "here", False: "NOT HERE", None: "fetched by lm-eval"}[data.here]
+        typer.echo(f"  {data.family} ({len(data.tasks)} tasks): {data.source} [{state}]")
+        local += list(data.tasks) if data.here else []
+    absent = [data.family for data in sources if data.here is False]
+    if absent:
+        typer.echo(f"  the time and power below leave out {', '.join(absent)}: its data is not here")
     estimate = estimate_gpu_hours(study, tasks)
     if estimate.gpu_hours is None:
         typer.echo("GPU time: unknown (a model's size is unknown)")
@@ -134,6 +148,7 @@ def _print_tasks(study, tasks: list[str]) -> None:
             "2.3x (Wanda) or 3.0x (SparseGPT) a dense pass over the calibration tokens, as measured "
             "on the CPU; see cps.study)"
         )
+    return local
 
 
 def _print_estimate(study, tasks: list[str], fresh: bool) -> None:

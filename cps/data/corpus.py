@@ -71,6 +71,11 @@ class Corpus(ABC):
             raise CpsError(f"corpus {self.name!r} has no {code!r} data under {self.root} (has: {have})")
         return code
 
+    def where(self) -> tuple[str, bool]:
+        """Where this corpus's data comes from and whether it is on this machine (a dry run says
+        both without reading the data)."""
+        return str(self.root), self.root.is_dir()
+
     def fingerprint(self, lang: str) -> str:
         """Content hash of everything this corpus reads for `lang`."""
         digest = hashlib.sha256(self.name.encode())

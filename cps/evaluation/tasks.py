@@ -193,31 +193,42 @@ PAPER_FAMILIES = (*SUITE, "mkqa")  # the paper's five task families
 def expand_tasks(
     specs: list[str], langs: list[str], data_dir: str | None, skip_missing: bool = False
 ) -> list[str]:
-    """Family names become one task `<family>_<lang>` per requested language that has one: a pack
-    family where the data dir holds the language, a suite family where lm-eval has a task for it.
-    Suite pairs without a task fail in one line naming them, or are left out with `skip_missing`.
-    Other names stay as they are (any lm-eval task)."""
+    """Family names become one task `<family>_<lang>` per requested language: a pack family where
+    its data holds the language, a suite family where lm-eval has a task for it. One rule for both:
+    a (family, language) pair with no task fails in one line naming every such pair, or is left out
+    with `skip_missing` (`missing_tasks` lists them, for the caller to say). Other names stay as
+    they are (any lm-eval task)."""
     names: list[str] = []
-    missing: list[str] = []
     for spec in specs:
-        if spec in families():
-            builder = BUILDERS[families()[spec]["builder"]]
-            present = set(builder.languages(data_dir))
-            names += [f"{spec}_{lang}" for lang in langs if lang in present]
-            if spec in PAPER_FAMILIES:  # the paper's suite: a language without the task is reported
-                missing += [f"{spec}_{lang}" for lang in langs if lang not in present]
-        elif spec in SUITE:
-            for lang in langs:
-                name = f"{spec}_{lang}"
-                (names if suite_task(name) else missing).append(name)
+        if spec in families() or spec in SUITE:
+            names += [f"{spec}_{lang}" for lang in langs if _has_task(spec, lang, data_dir)]
         else:
             names.append(spec)
-    if missing:
-        pairs = ", ".join(missing)
-        if not skip_missing:
-            raise CpsError(f"lm-eval has no task for {pairs}; --skip-missing evaluates the rest")
-        log.warning("lm-eval has no task for %s: left out", pairs)
+    missing = missing_tasks(specs, langs, data_dir)
+    if missing and not skip_missing:
+        raise CpsError(
+            f"no task for {', '.join(missing)}; --skip-missing (a study: [eval] skip_missing = true) "
+            "evaluates the rest"
+        )
     return list(dict.fromkeys(names))
+
+
+def missing_tasks(specs: list[str], langs: list[str], data_dir: str | None) -> list[str]:
+    """The (family, language) pairs asked for that have no task: `xcopa_de` (XCOPA has no German),
+    `arc_sw` (lm-eval has no Swahili ARC)."""
+    return [
+        f"{spec}_{lang}"
+        for spec in specs
+        if spec in families() or spec in SUITE
+        for lang in langs
+        if not _has_task(spec, lang, data_dir)
+    ]
+
+
+def _has_task(family: str, lang: str, data_dir: str | None) -> bool:
+    if family in SUITE:
+        return suite_task(f"{family}_{lang}") is not None
+    return lang in BUILDERS[families()[family]["builder"]].languages(data_dir)
 
 
 def suite_task(name: str) -> str | None:
@@ -247,10 +258,13 @@ def _first_items(
     return {**everything, split: rows[:count]}
 
 
-def pack_task_config(name: str, data_dir: str | None, limit: float | None = None) -> dict[str, Any]:
+def pack_task_config(
+    name: str, data_dir: str | None, limit: float | None = None, read: bool = True
+) -> dict[str, Any]:
     """The lm-eval config of a pack task, its data built from the data dir when lm-eval asks;
     with `limit`, only the items lm-eval's `limit` would evaluate (so that tasks of different
-    limits run in one lm-eval call, their requests scored together)."""
+    limits run in one lm-eval call, their requests scored together). `read=False` (a dry run)
+    checks the name and language without reading the task's data."""
     family, lang = split_task(name)
     if pack_family(name) is None or lang is None:
         raise CpsError(f"{name!r} is not a task of the cps pack")
@@ -259,7 +273,8 @@ def pack_task_config(name: str, data_dir: str | None, limit: float | None = None
     if lang not in builder.languages(data_dir):
         raise CpsError(f"task {name}: no {family} data for language {lang!r} in the data dir")
     items = partial(builder.items, lang, data_dir)
-    items()  # read and validate now: missing or broken data is a user error before lm-eval runs
+    if read:  # read and validate now: missing or broken data is a user error before lm-eval runs
+        items()
     if limit is not None:
         lm_eval_config = spec["lm_eval"]
         split = lm_eval_config.get("test_split") or lm_eval_config["validation_split"]
@@ -323,15 +338,19 @@ def _standard_task_names() -> frozenset[str]:
 
 
 def task_configs(
-    names: list[str], data_dir: str | None, limits: Mapping[str, float | None] | None = None
+    names: list[str],
+    data_dir: str | None,
+    limits: Mapping[str, float | None] | None = None,
+    read: bool = True,
 ) -> list[str | dict[str, Any]]:
     """lm-eval's config for each name: a pack task's own (its items cut to `limits[name]`), else
-    the name of an lm-eval task."""
+    the name of an lm-eval task (from lm-eval's index: no dataset is loaded). `read=False`: no
+    pack task's data is read either."""
     configs: list[str | dict[str, Any]] = []
     standard: frozenset[str] | None = None
     for name in names:
         if pack_family(name) is not None:
-            configs.append(pack_task_config(name, data_dir, (limits or {}).get(name)))
+            configs.append(pack_task_config(name, data_dir, (limits or {}).get(name), read))
             continue
         resolved = suite_task(name)
         if resolved is not None:
@@ -416,14 +435,41 @@ def item_frame(name: str, task: Any, samples: list[dict[str, Any]]) -> pl.DataFr
     return pl.DataFrame(rows, infer_schema_length=None)
 
 
-def check_eval_inputs(config: EvalConfig) -> tuple[list[str], list[str]]:
+def check_eval_inputs(config: EvalConfig, read_tasks: bool = True) -> tuple[list[str], list[str]]:
     """Everything of an evaluation a user can get wrong, before any model is loaded: its languages
-    (held-out text present) and its task names, expanded (task data present)."""
+    (held-out text present) and its task names, expanded (task data present and readable, unless
+    `read_tasks=False`: a dry run plans without reading task data, `task_data` says where it is)."""
     corpus = get_corpus(config.corpus, config.data_dir)
     langs = [corpus.require(lang) for lang in config.langs]
     task_names = expand_tasks(list(config.tasks), langs, config.data_dir, config.skip_missing)
-    task_configs(task_names, config.data_dir)
+    task_configs(task_names, config.data_dir, read=read_tasks)
     return langs, task_names
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """Where the data of one task family comes from, and whether it is on this machine now."""
+
+    family: str
+    tasks: tuple[str, ...]
+    source: str
+    here: bool | None  # None: lm-eval fetches (or finds in its cache) the dataset at run time
+
+
+def task_data(names: list[str], data_dir: str | None) -> list[TaskData]:
+    """The data each task will need, per family, read from nothing but the file system."""
+    by_family: dict[str, list[str]] = {}
+    for name in names:
+        by_family.setdefault(pack_family(name) or split_task(name)[0], []).append(name)
+    found = []
+    for family, tasks in by_family.items():
+        if family in families():
+            source, here = get_corpus(BUILDERS[families()[family]["builder"]].corpus, data_dir).where()
+        else:
+            resolved = sorted({suite_task(name) or name for name in tasks})
+            source, here = f"lm-eval's dataset of {', '.join(resolved)}, at run time", None
+        found.append(TaskData(family, tuple(tasks), source, here))
+    return found
 
 
 def run_tasks(
