@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import csv
+import sys
+import types
 from pathlib import Path
 
 import pytest
 
-from cps.data import get_corpus
+from cps.data import get_corpus, mc4
 from cps.data.inventory import inventory
 from cps.errors import CpsError
 from cps.paths import data_dir
@@ -91,6 +93,50 @@ def test_mc4_offline_gives_a_clear_message(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     with pytest.raises(CpsError, match=r"mC4 .* needs network access.*--corpus ntrex"):
         get_corpus("mc4").documents("sw")
+
+
+def _streamed_mc4(monkeypatch, texts: list[str]) -> tuple[list[tuple], list[int]]:
+    """`datasets` replaced by a stub whose `load_dataset` streams records shaped as allenai/c4's
+    ({"text", "timestamp", "url"}); returns the calls it got and how many records were pulled."""
+    calls: list[tuple] = []
+    pulled = [0]
+
+    def stream():
+        for number, text in enumerate(texts):
+            pulled[0] += 1
+            yield {"text": text, "timestamp": "2019-04-22T08:12:32Z", "url": f"https://example.org/{number}"}
+
+    def load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        return stream()
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setattr(mc4, "probe_hub", lambda: None)
+    return calls, pulled
+
+
+def test_mc4_streams_documents_in_order_up_to_the_character_budget(monkeypatch):
+    texts = ["Habari ya asubuhi.", "Leo ni siku nzuri.", "x" * 30, "Kwaheri.", "Tutaonana kesho."]
+    calls, pulled = _streamed_mc4(monkeypatch, texts)
+    docs = get_corpus("mc4").documents("sw", max_chars=40)
+    # the train split of the language's config, streamed, with no loading script to trust
+    assert calls == [(("allenai/c4", "sw"), {"split": "train", "streaming": True})]
+    # whole documents in stream order; the one that reaches the budget is the last (18 + 18 + 30 >= 40)
+    assert [d.text for d in docs] == texts[:3]
+    assert [d.id for d in docs] == ["mc4.sw.0", "mc4.sw.1", "mc4.sw.2"]
+    assert pulled == [3]  # nothing read past the budget
+    assert [
+        d.text for d in get_corpus("mc4").documents("zh", max_chars=10**6)
+    ] == texts  # the stream ends first
+    assert calls[-1][0] == ("allenai/c4", "zh")
+
+
+def test_mc4_empty_stream_or_language_without_mc4(monkeypatch):
+    _streamed_mc4(monkeypatch, [])
+    with pytest.raises(CpsError, match="mC4 config 'sw' returned no documents"):
+        get_corpus("mc4").documents("sw")
+    with pytest.raises(CpsError, match="has no 'qu' data"):  # Quechua: not in mC4
+        get_corpus("mc4").documents("qu")
 
 
 def test_inventory_counts_everything_and_reports_broken_files(corpora, tmp_path):

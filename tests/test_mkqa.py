@@ -1,13 +1,19 @@
-"""MKQA: MKQA's answer scoring against hand-computed values, and the pack task end to end on a
-fixture file in the official schema."""
+"""MKQA: MKQA's answer scoring against hand-computed values, the reader on files in the official
+format (local, gzipped, downloaded), and the pack task end to end on a fixture file."""
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import math
+import urllib.error
+import urllib.request
 
 import pytest
 
+from cps.data import get_corpus
+from cps.data import mkqa as mkqa_data
 from cps.errors import CpsError
 from cps.evaluation import mkqa
 from cps.evaluation.tasks import expand_tasks, run_tasks
@@ -93,3 +99,140 @@ def test_mkqa_runs_through_lm_eval_and_keeps_what_recomputes_it(tmp_path):
     assert sorted(results.items["mkqa_en"]["answers"][0]) == ["Paris"]
     assert sorted(results.items["mkqa_en"]["answers"][1]) == ["Shakespeare", "William Shakespeare"]
     assert results.items["mkqa_en"]["answers"][2].to_list() == [""]  # unanswerable: expects no answer
+
+
+# Three records as the official mkqa.jsonl.gz has them (github.com/apple/ml-mkqa, its
+# tests/testdata): `query`, `queries` and `answers` per language, an integer `example_id`,
+# `entity` and `aliases` only on some answers, `text: null` for long and unanswerable answers.
+OFFICIAL_RECORDS = [
+    {
+        "query": "who directed gladiator",
+        "queries": {
+            "en": "who directed gladiator",
+            "zh_cn": "角斗士的导演是谁",
+            "de": "Wer war Regisseur von Gladiator",
+        },
+        "answers": {
+            "en": [
+                {
+                    "type": "entity",
+                    "entity": "Q56005",
+                    "text": "Ridley Scott",
+                    "aliases": ["Sir Ridley Scott"],
+                }
+            ],
+            "zh_cn": [{"type": "entity", "text": "雷德利·斯科特", "entity": "Q56005"}],
+            "de": [{"type": "entity", "entity": "Q56005", "text": "Ridley Scott", "aliases": []}],
+        },
+        "example_id": 7631360939705650347,
+    },
+    {
+        "query": "where can i go with a uk visa",
+        "queries": {
+            "en": "where can i go with a uk visa",
+            "zh_cn": "如果我有英国签证我可以去哪里？",
+            "de": "Wohin mit UK-Visum",
+        },
+        "answers": {lang: [{"type": "long_answer", "text": None}] for lang in ("en", "zh_cn", "de")},
+        "example_id": -7449157003522518870,
+    },
+    {
+        "query": "when did help me help you come out",
+        "queries": {
+            "en": "when did help me help you come out",
+            "zh_cn": "help me help you 是何时上映的",
+            "de": "Wann kam Help Me Help You heraus",
+        },
+        "answers": {
+            lang: [
+                {"type": "date", "text": "2017", "aliases": ["2017"]},
+                {"type": "date", "text": "2017-05-18", "aliases": ["18 May 2017"]},
+            ]
+            for lang in ("en", "zh_cn", "de")
+        },
+        "example_id": 36228854473990432,
+    },
+]
+
+
+def _official_gz() -> bytes:
+    return gzip.compress("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in OFFICIAL_RECORDS).encode())
+
+
+def _check_items(corpus) -> None:
+    zh = corpus.items("zh")  # cps's zh is MKQA's zh_cn
+    assert [item["question"] for item in zh] == [r["queries"]["zh_cn"] for r in OFFICIAL_RECORDS]
+    assert [item["example_id"] for item in zh] == [
+        "7631360939705650347",
+        "-7449157003522518870",
+        "36228854473990432",
+    ]
+    assert [item["answers"] for item in zh] == [
+        ["雷德利·斯科特"],
+        [""],
+        ["18 May 2017", "2017", "2017-05-18"],
+    ]
+    en = corpus.items("en")
+    assert en[0] == {
+        "example_id": "7631360939705650347",
+        "question": "who directed gladiator",
+        "answers": ["Ridley Scott", "Sir Ridley Scott"],
+    }
+    assert [item["question"] for item in corpus.items("de")][1] == "Wohin mit UK-Visum"
+
+
+def test_mkqa_reads_the_official_gzipped_file_from_the_data_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(urllib.request, "urlopen", _no_network)
+    (tmp_path / "mkqa").mkdir()
+    (tmp_path / "mkqa" / "mkqa.jsonl.gz").write_bytes(_official_gz())
+    corpus = get_corpus("mkqa", tmp_path)
+    assert corpus.files("en") == [tmp_path / "mkqa" / "mkqa.jsonl.gz"]
+    _check_items(corpus)
+    # a plain mkqa.jsonl comes first
+    (tmp_path / "mkqa" / "mkqa.jsonl").write_text(json.dumps(OFFICIAL_RECORDS[0]), encoding="utf-8")
+    assert [item["question"] for item in get_corpus("mkqa", tmp_path).items("en")] == [
+        "who directed gladiator"
+    ]
+
+
+def test_mkqa_without_a_file_downloads_the_official_release_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("CPS_CACHE_DIR", str(tmp_path / "cache"))
+    asked: list[str] = []
+
+    def urlopen(url, timeout):
+        asked.append(url)
+        return io.BytesIO(_official_gz())
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    (tmp_path / "data").mkdir()
+    _check_items(get_corpus("mkqa", tmp_path / "data"))
+    assert asked == ["https://github.com/apple/ml-mkqa/raw/main/dataset/mkqa.jsonl.gz"]
+    assert [p.name for p in (tmp_path / "cache" / "mkqa").iterdir()] == ["mkqa.jsonl.gz"]  # no partial left
+    _check_items(get_corpus("mkqa", tmp_path / "data"))  # a new reader: from the cache
+    assert len(asked) == 1
+
+
+def _no_network(url, timeout):
+    raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+
+@pytest.mark.parametrize(
+    ("urlopen", "reason"),
+    [
+        (_no_network, "name resolution"),
+        (lambda url, timeout: io.BytesIO(_official_gz()[:-40]), "end-of-stream"),  # cut short
+    ],
+    ids=["offline", "cut-short"],
+)
+def test_mkqa_unreachable_or_broken_download_is_one_line_and_not_cached(
+    tmp_path, monkeypatch, urlopen, reason
+):
+    monkeypatch.setenv("CPS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    with pytest.raises(
+        CpsError, match=rf"no mkqa/mkqa.jsonl.*official release .* unreachable .*{reason}"
+    ) as caught:
+        get_corpus("mkqa", tmp_path).items("en")
+    assert "\n" not in str(caught.value)
+    assert not list((tmp_path / "cache" / "mkqa").iterdir())
+    assert mkqa_data.OFFICIAL_URL in str(caught.value)

@@ -30,7 +30,7 @@ def get_corpus(spec: str, data_dir_override: str | Path | None = None) -> Corpus
         raise CpsError(f"corpus {name!r} takes no argument (got {spec!r})")
     if not cls.needs_data_dir:
         return cls(Path("."))
-    if cls.optional_folder:  # the data dir's copy when there is one (MKQA: else the hub)
+    if cls.optional_folder:  # the data dir's copy when there is one (MKQA: else its release)
         try:
             return cls(data_dir(data_dir_override) / name)
         except CpsError:
