@@ -438,3 +438,5 @@ def test_claims_4_to_6_on_constructed_analyses():
     mixed = lape.with_columns(prob_change=pl.Series([0.01, -0.01] * 4))
     found = lape_finding("6", mixed, "analyses", "")
     assert found.verdict == "inconclusive" and "smallest detectable change" in found.detail
+    none = lape.with_columns(prob_change=pl.lit(None, dtype=pl.Float64))  # no dense neurons at all
+    assert lape_finding("6", none, "analyses", "").verdict == "no data"

@@ -465,7 +465,11 @@ def lape_finding(claim: str, lape: pl.DataFrame, evidence: str, covers: str) -> 
         return Finding(
             claim, "no data", "—", "—", covers, evidence, "no LAPE analysis (analyze with activations)"
         )
-    changes = lape["prob_change"].drop_nulls().to_list()
+    changes = lape["prob_change"].drop_nulls().to_list()  # null: no dense neurons of that language
+    if not changes:
+        return Finding(
+            claim, "no data", "—", "—", covers, evidence, "the dense model has no language-specific neurons"
+        )
     mean, low, high = bootstrap_mean(changes)
     overlap = float(lape["overlap"].mean())
     result = claim_verdict(low > 0 or high < 0, False)

@@ -70,7 +70,8 @@ def neuron_overlap(
 ) -> pl.DataFrame:
     """Per language: the dense model's language-specific neurons against the pruned model's (IoU of
     the (layer, neuron) sets; 1.0 when both are empty), and the mean change of the activation
-    probability of the dense model's neurons. Probabilities: (layers, neurons, languages)."""
+    probability of the dense model's neurons (null when it has none: no mean, not a change of 0).
+    Probabilities: (layers, neurons, languages)."""
     rows = []
     change = pruned_probabilities - dense_probabilities
     for index, lang in enumerate(languages):
@@ -78,7 +79,13 @@ def neuron_overlap(
         after = {tuple(x) for x in pruned.assignment[lang].tolist()}
         overlap = len(before & after) / len(before | after) if before | after else 1.0
         where = dense.assignment[lang]
-        shift = change[where[:, 0], where[:, 1], index].mean().item() if len(where) else 0.0
+        shift = change[where[:, 0], where[:, 1], index].mean().item() if len(where) else None
         rows.append((lang, len(before), len(after), overlap, shift))
-    schema = ["lang", "dense_neurons", "pruned_neurons", "overlap", "prob_change"]
+    schema = {
+        "lang": pl.String,
+        "dense_neurons": pl.Int64,
+        "pruned_neurons": pl.Int64,
+        "overlap": pl.Float64,
+        "prob_change": pl.Float64,
+    }
     return pl.DataFrame(rows, schema=schema, orient="row")
