@@ -2,7 +2,9 @@
 
 Store: `--tracking-uri` > `MLFLOW_TRACKING_URI` > `sqlite:///mlruns/mlflow.db` (artifacts under
 `mlruns/artifacts`). Runs are created through `start_run`, which always ends them: FINISHED on
-success, FAILED on an error, KILLED on Ctrl-C or SIGTERM — never left RUNNING.
+success, FAILED on an error, KILLED on Ctrl-C or SIGTERM — never left RUNNING. While open, a run's
+heartbeat tag says its process is alive, so a run whose process died outright, on any host, is
+recognised and ended FAILED later (`fail_stale_runs`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -43,11 +46,18 @@ from cps.paths import file_lock
 if TYPE_CHECKING:
     import polars as pl
 
+log = logging.getLogger(__name__)
+
 DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
 DEFAULT_EXPERIMENT = "cps"
 STAGE_TAG = "cps.stage"
 STAGES = ("calibrate", "prune", "eval", "analyze", "sweep")
 _PARAM_MAX = 6000  # MLflow's limit on a param value
+HEARTBEAT_TAG = "cps.heartbeat"
+HEARTBEAT_S = 60.0  # how often an open run says that its process is alive
+# Missed heartbeats after which another host's run is taken for dead: a slow store or a busy
+# interpreter delays a beat, never five.
+STALE_AFTER_BEATS = 5
 
 
 @dataclass(frozen=True)
@@ -175,16 +185,27 @@ def client(store: Store) -> MlflowClient:
     return _client_for(store.resolved_uri)
 
 
+# MLflow 3's UI opens an experiment on the page its kind names: without the tag, on the GenAI
+# overview (traces, token usage); a model-training experiment opens on its runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+NOTE_TAG = "mlflow.note.content"  # the run's description: the UI shows it on the run's page
+
+
 def experiment_id(store: Store, create: bool = True) -> str | None:
     mlflow_client = client(store)
     experiment = mlflow_client.get_experiment_by_name(store.experiment)
     if experiment is not None:
+        if create and experiment.tags.get(EXPERIMENT_KIND_TAG) is None:  # made by an older cps
+            mlflow_client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
     if not create:
         return None
     try:
         return mlflow_client.create_experiment(
-            store.experiment, artifact_location=artifact_root(store.resolved_uri)
+            store.experiment,
+            artifact_location=artifact_root(store.resolved_uri),
+            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
         )
     except MlflowException:  # created meanwhile by another process
         experiment = mlflow_client.get_experiment_by_name(store.experiment)
@@ -490,8 +511,9 @@ def start_run(
 ) -> Iterator[TrackedRun]:
     """Create a run with `cps.stage`, params and provenance; end it FINISHED, FAILED or KILLED.
 
-    Every run records the host and process that wrote it (`cps.host`, `cps.pid`), so a run left
-    RUNNING by a process that was killed outright can be recognised later (`fail_stale_runs`).
+    Every run records the host and process that wrote it (`cps.host`, `cps.pid`) and, while it is
+    open, a heartbeat (`cps.heartbeat`), so a run left RUNNING by a process that was killed outright
+    can be recognised later (`fail_stale_runs`).
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
@@ -520,19 +542,59 @@ def resume_run(store: Store, run_id: str) -> Iterator[TrackedRun]:
 
 @contextmanager
 def _ending(tracked: TrackedRun) -> Iterator[None]:
+    """The run's heartbeat while it is open; then its end, after the heartbeat's last write."""
     status = "FAILED"
+    heartbeat = _Heartbeat(tracked)
     try:
+        heartbeat.start()
         yield
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit):
         status = "KILLED"
         raise
     finally:
-        tracked._client.set_terminated(tracked.run_id, status=status)
+        try:
+            heartbeat.stop()
+        finally:
+            tracked._client.set_terminated(tracked.run_id, status=status)
+
+
+class _Heartbeat:
+    """A daemon thread that sets `cps.heartbeat` (unix seconds) on an open run every `HEARTBEAT_S`:
+    a process on another host cannot look up the run's pid, so it reads this (`fail_stale_runs`).
+
+    Lifecycle: started once the run exists (`_ending`); `stop` wakes it and waits for a write under way,
+    so nothing is written once the run has ended. A failed write is logged at debug and the next
+    one tried: the heartbeat never ends a run. Daemon: it never keeps a process alive."""
+
+    def __init__(self, tracked: TrackedRun) -> None:
+        self._tracked = tracked
+        self._stopped = threading.Event()
+        name = f"cps-heartbeat-{tracked.run_id}"
+        self._thread = threading.Thread(target=self._beat, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stopped.wait(HEARTBEAT_S):
+            try:
+                self._tracked.set_tags(_heartbeat_tag())
+            except Exception as error:  # any store error (database, network): the run goes on
+                log.debug("heartbeat of run %s not written: %s", self._tracked.run_id, first_line(error))
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread.ident is not None:  # started
+            self._thread.join()
+
+
+def _heartbeat_tag() -> dict[str, str]:
+    return {HEARTBEAT_TAG: f"{time.time():.3f}"}
 
 
 def _process_tags() -> dict[str, str]:
-    return {"cps.host": socket.gethostname(), "cps.pid": str(os.getpid())}
+    return {"cps.host": socket.gethostname(), "cps.pid": str(os.getpid()), **_heartbeat_tag()}
 
 
 def _process_alive(pid: int) -> bool:
@@ -546,19 +608,40 @@ def _process_alive(pid: int) -> bool:
 
 
 def fail_stale_runs(store: Store) -> list[str]:
-    """End as FAILED the RUNNING runs whose writing process on this host no longer exists
-    (killed with SIGKILL, out of memory, power loss). Runs of live processes and of other hosts
-    are left alone. Returns the ids it ended."""
-    host = socket.gethostname()
+    """End as FAILED the RUNNING runs whose writing process is gone (killed with SIGKILL, out of
+    memory, power loss, its node lost): on this host, its pid no longer exists; on another host
+    (a Ray worker's node), its heartbeat is older than `STALE_AFTER_BEATS` x `HEARTBEAT_S` (a run
+    without one: its start). Runs of live processes, and runs that are no cps run's (no
+    `cps.host`), are left alone. Returns the ids it ended."""
+    host, now = socket.gethostname(), time.time()
     ended = []
     for record in find_runs(store, status="RUNNING"):
-        pid = record.tags.get("cps.pid", "")
-        if record.tags.get("cps.host") != host or not pid.isdigit() or _process_alive(int(pid)):
+        reason = _stale_reason(record, host, now)
+        if reason is None:
             continue
         client(store).set_terminated(record.run_id, status="FAILED")
-        open_run(store, record.run_id).set_tags({"cps.failure": f"process {pid} on {host} died"})
+        open_run(store, record.run_id).set_tags({"cps.failure": reason})
         ended.append(record.run_id)
     return ended
+
+
+def _stale_reason(record: RunRecord, host: str, now: float) -> str | None:
+    """Why a RUNNING run's writing process is gone, or None while it may be alive. Another host's
+    clock is trusted to within the grace period."""
+    writer, pid = record.tags.get("cps.host"), record.tags.get("cps.pid", "")
+    if writer is None:
+        return None
+    if writer == host:
+        alive = not pid.isdigit() or _process_alive(int(pid))
+        return None if alive else f"process {pid} on {host} died"
+    try:
+        last = float(record.tags[HEARTBEAT_TAG])
+    except (KeyError, ValueError):
+        last = record.start_time / 1000
+    silent = now - last
+    if silent <= STALE_AFTER_BEATS * HEARTBEAT_S:
+        return None
+    return f"process {pid or '?'} on {writer}: no heartbeat for {silent:.0f} s"
 
 
 def open_run(store: Store, run_id: str) -> TrackedRun:

@@ -7,9 +7,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest.mock import ANY
 
 import polars as pl
 import pytest
+from conftest import needs_module
 
 from cps import config as config_module
 from cps import tracking
@@ -273,7 +275,7 @@ def test_sweep_resumes_after_a_killed_cell(tmp_path, store):
 
 
 def test_ray_executor_runs_a_two_cell_grid(tmp_path, store):
-    pytest.importorskip("ray")
+    needs_module("ray", "the [ray] extra is not installed")
     from cps.stages.sweep import ray_executor
 
     study = load_study(tiny_study(tmp_path, name="ray", langs=("sw", "zh"), tasks=("xcopa",)))
@@ -337,3 +339,163 @@ def test_a_sqlite_store_is_refused_for_a_cluster_of_several_nodes(tmp_path):
     with pytest.raises(CpsError, match="one machine's file"):
         check_store_reach(tracking.Store(str(tmp_path / "mlruns")), nodes=2)
     check_store_reach(tracking.Store("http://10.0.0.5:5000"), nodes=8)
+
+
+def test_cluster_shape_sizes_cells_and_refuses_a_local_store_across_nodes(tmp_path, monkeypatch):
+    from cps.stages.sweep import cluster_shape
+
+    monkeypatch.chdir(tmp_path)
+    relative = tracking.Store("sqlite:///mlruns/mlflow.db", "exp")
+    server = tracking.Store("http://10.0.0.5:5000")
+    gpus = cluster_shape(1, {"GPU": 2.0, "CPU": 16.0}, relative, cpus_per_cell=4, local=True)
+    assert gpus.resources == {"num_gpus": 1} and gpus.keeps_weights
+    # the cells get the store as this process sees it, whatever their working folder
+    assert gpus.store == tracking.Store(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "exp")
+    cpus = cluster_shape(1, {"CPU": 16.0, "GPU": 0.0}, relative, cpus_per_cell=4, local=True)
+    assert cpus.resources == {"num_cpus": 4}
+    assert not cluster_shape(1, {"CPU": 8.0}, relative, 1, local=False).keeps_weights  # --address
+    many = cluster_shape(3, {"CPU": 96.0}, server, 2, local=True)
+    assert many.resources == {"num_cpus": 2} and not many.keeps_weights  # weights on other nodes
+    with pytest.raises(CpsError, match=r"3 nodes but the tracking store .* one machine's file"):
+        cluster_shape(3, {"CPU": 96.0}, relative, 2, local=False)
+
+
+class _TaskError(Exception):
+    """Ray's RayTaskError: the cell's own exception as `.cause`."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(f"task failed\n{cause!r}")
+        self.cause = cause
+
+
+class _FakeCluster:
+    """A `ClusterBackend` without Ray: tasks end in the order `ends` gives (indices of submission);
+    a result that is an exception is raised by `get`."""
+
+    def __init__(
+        self, results: list, ends: list[int], nodes: int = 1, gpus: float = 0.0, started: bool = True
+    ):
+        self.results, self.ends, self.nodes, self.gpus, self.started = results, ends, nodes, gpus, started
+        self.local = True
+        self.calls: list[str] = []
+        self.submitted: list[tuple] = []
+        self.resources: dict | None = None
+
+    def init(self) -> bool:
+        self.calls.append("init")
+        return self.started
+
+    def cluster(self) -> tuple[int, dict[str, float]]:
+        return self.nodes, {"CPU": 8.0, "GPU": self.gpus}
+
+    def remote(self, resources):
+        self.resources = dict(resources)
+
+        def submit(*args) -> int:
+            self.submitted.append(args)
+            return len(self.submitted) - 1
+
+        return submit
+
+    def wait(self, refs: list[int]) -> int:
+        self.calls.append("wait")
+        return next(ref for ref in self.ends if ref in refs)
+
+    def get(self, ref: int):
+        result = self.results[ref]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def shutdown(self) -> None:
+        self.calls.append("shutdown")
+
+
+def _plans(tmp_path: Path) -> list[sweep_stage.CellPlan]:
+    study = load_study(tiny_study(tmp_path, langs=("sw", "zh", "ru")))
+    return [sweep_stage.CellPlan(cell, "run") for cell in study.cells]
+
+
+def test_cluster_session_yields_each_cell_as_it_ends_without_ray(tmp_path, store):
+    from cps.stages.sweep import ClusterSession
+
+    plans = _plans(tmp_path)
+    results = [
+        ("run-sw", 5.0, 2.0),
+        _TaskError(MemoryError("CUDA out of memory\nstack")),
+        ("run-ru", 7.0, 3.0),
+    ]
+    cluster = _FakeCluster(results, ends=[2, 1, 0], gpus=4.0)
+    outcomes = list(ClusterSession(cluster, cpus_per_cell=3).run(plans, store, {"cps.study": "x"}, keep=True))
+    assert [o.plan for o in outcomes] == [plans[2], plans[1], plans[0]]  # in the order they ended
+    assert [(o.run_id, o.seconds, o.eval_seconds, o.error) for o in outcomes[::2]] == [
+        ("run-ru", 7.0, 3.0, None),
+        ("run-sw", 5.0, 2.0, None),
+    ]
+    failed = outcomes[1]
+    assert failed.run_id is None and failed.eval_seconds is None and failed.seconds >= 0
+    assert failed.error == "MemoryError: CUDA out of memory"  # the cell's exception, first line
+    assert cluster.resources == {"num_gpus": 1}
+    assert [args[0] for args in cluster.submitted] == plans  # every cell submitted before any wait
+    assert all(args[1:] == (store, {"cps.study": "x"}, 3, True) for args in cluster.submitted)
+    assert cluster.calls == ["init", "wait", "wait", "wait", "shutdown"]
+
+    # an error that wraps nothing is its own; a cluster this session did not start stays up
+    cluster = _FakeCluster([RuntimeError("worker died")], ends=[0], started=False)
+    (outcome,) = ClusterSession(cluster).run(plans[:1], store, {})
+    assert outcome.error == "RuntimeError: worker died" and "shutdown" not in cluster.calls
+    assert cluster.resources == {"num_cpus": 1} and cluster.submitted[0][-1] is False  # keep: not asked
+
+
+def test_cluster_session_shuts_down_what_it_started_however_it_ends(tmp_path, store):
+    from cps.stages.sweep import ClusterSession
+
+    plans = _plans(tmp_path)
+    refused = _FakeCluster([], ends=[], nodes=2)  # a SQLite store on two nodes
+    with pytest.raises(CpsError, match="2 nodes"):
+        list(ClusterSession(refused).run(plans, store, {}))
+    assert refused.submitted == [] and refused.calls == ["init", "shutdown"]
+    stopped = _FakeCluster([("a", 1.0, 0.5), ("b", 1.0, 0.5), ("c", 1.0, 0.5)], ends=[0, 1, 2])
+    outcomes = ClusterSession(stopped).run(plans, store, {})
+    assert next(outcomes).run_id == "a"
+    outcomes.close()  # the consumer stopped early (Ctrl-C in the sweep's loop)
+    assert stopped.calls == ["init", "wait", "shutdown"]
+
+
+def test_ray_backend_starts_a_local_instance_or_says_it_cannot_reach_the_cluster(monkeypatch):
+    """The adapter's calls, against a stand-in `ray` module."""
+    import types
+
+    from cps.stages.sweep import RayBackend
+
+    calls: list[dict] = []
+    state = {"initialized": False, "error": None}
+
+    def init(**kwargs) -> None:
+        calls.append(kwargs)
+        if state["error"]:
+            raise state["error"]
+
+    fake = types.SimpleNamespace(init=init, is_initialized=lambda: state["initialized"])
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setenv("CPS_DATA_DIR", "/data")
+    monkeypatch.setenv("HF_HOME", "/hf")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert RayBackend().init() is True
+    (local,) = calls
+    assert local["address"] is None and local["_node_ip_address"] == "127.0.0.1"
+    assert local["object_store_memory"] == 512 * 2**20 and not local["include_dashboard"]
+    assert local["runtime_env"] == {
+        "env_vars": {"CPS_DATA_DIR": "/data", "CPS_CACHE_DIR": ANY, "HF_HOME": "/hf"}
+    }
+    calls.clear()
+    assert RayBackend("ray://head:10001").init() is True
+    assert calls[0]["address"] == "ray://head:10001" and "_node_ip_address" not in calls[0]
+    state["error"] = ConnectionError("could not connect to head:10001\ndetails")
+    with pytest.raises(CpsError, match=r"^cannot reach the Ray cluster ray://head:10001: could not connect"):
+        RayBackend("ray://head:10001").init()
+    state["initialized"], calls[:] = True, []
+    assert RayBackend().init() is False and calls == []  # already connected: used, never shut down
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(CpsError, match=r"needs Ray: pip install"):
+        RayBackend().init()

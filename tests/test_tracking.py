@@ -1,5 +1,11 @@
 from __future__ import annotations
 
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +37,105 @@ def test_runs_never_stay_running(store):
     assert tracking.get_run(store, failed.run_id).status == "FAILED"
     assert tracking.get_run(store, killed.run_id).status == "KILLED"
     assert tracking.find_runs(store, status="RUNNING") == []
+
+
+def _running_run(store, start_time: float | None = None, **tags: str) -> str:
+    """A RUNNING run as another process would have left it (its tags as given)."""
+    run = tracking.client(store).create_run(
+        tracking.experiment_id(store),
+        start_time=None if start_time is None else int(start_time * 1000),
+        tags={tracking.STAGE_TAG: "prune", **tags},
+    )
+    return run.info.run_id
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_stale_runs_of_this_host_and_of_other_hosts_end_failed(store):
+    """This host: the pid decides. Another host (a Ray worker's node): its heartbeat, else its start."""
+    host, grace = socket.gethostname(), tracking.STALE_AFTER_BEATS * tracking.HEARTBEAT_S
+    long_ago, now = time.time() - 2 * grace, time.time()
+    beat = tracking.HEARTBEAT_TAG
+    silent = _running_run(store, **{"cps.host": "node-7", "cps.pid": "4242", beat: f"{long_ago:.3f}"})
+    never_beat = _running_run(store, start_time=long_ago, **{"cps.host": "node-7", "cps.pid": "4243"})
+    dead_here = _running_run(store, **{"cps.host": host, "cps.pid": str(_dead_pid()), beat: f"{now:.3f}"})
+    beating = _running_run(store, **{"cps.host": "node-7", "cps.pid": "4244", beat: f"{now - grace / 2:.3f}"})
+    just_started = _running_run(store, start_time=now, **{"cps.host": "node-7", "cps.pid": "4245"})
+    alive_here = _running_run(
+        store, **{"cps.host": host, "cps.pid": str(os.getpid()), beat: f"{long_ago:.3f}"}
+    )
+    not_ours = _running_run(store, start_time=long_ago)  # no cps.host: not a cps run
+
+    assert sorted(tracking.fail_stale_runs(store)) == sorted([silent, never_beat, dead_here])
+    for run_id in (silent, never_beat, dead_here):
+        assert tracking.get_run(store, run_id).status == "FAILED"
+    for run_id in (beating, just_started, alive_here, not_ours):
+        assert tracking.get_run(store, run_id).status == "RUNNING"
+    failure = tracking.get_run(store, silent).tags["cps.failure"]
+    assert failure.startswith("process 4242 on node-7: no heartbeat for ") and "died" not in failure
+    assert tracking.get_run(store, dead_here).tags["cps.failure"].endswith(f"on {host} died")
+    assert tracking.fail_stale_runs(store) == []
+
+
+def _heartbeat_threads(run_id: str) -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == f"cps-heartbeat-{run_id}"]
+
+
+def test_an_open_run_beats_until_it_ends(store, monkeypatch):
+    monkeypatch.setattr(tracking, "HEARTBEAT_S", 0.05)
+    with tracking.start_run(store, "prune", {}) as run:
+        first = float(tracking.get_run(store, run.run_id).tags[tracking.HEARTBEAT_TAG])  # set at start
+        (thread,) = _heartbeat_threads(run.run_id)
+        assert thread.daemon  # never keeps the process alive
+        deadline, beats = time.monotonic() + 10, {first}
+        while len(beats) < 3 and time.monotonic() < deadline:
+            beats.add(float(tracking.get_run(store, run.run_id).tags[tracking.HEARTBEAT_TAG]))
+            time.sleep(0.02)
+        assert len(beats) >= 3 and max(beats) > first  # refreshed, more than once
+    assert _heartbeat_threads(run.run_id) == [] and not thread.is_alive()
+    ended = tracking.get_run(store, run.run_id)
+    time.sleep(0.3)  # six beats' time: nothing written after the end
+    assert tracking.get_run(store, run.run_id).tags == ended.tags and ended.status == "FINISHED"
+    # a resumed run beats again, from its resume on, and stops with it
+    with tracking.resume_run(store, run.run_id):
+        resumed = float(tracking.get_run(store, run.run_id).tags[tracking.HEARTBEAT_TAG])
+        assert resumed > float(ended.tags[tracking.HEARTBEAT_TAG])
+        assert len(_heartbeat_threads(run.run_id)) == 1
+    assert _heartbeat_threads(run.run_id) == []
+
+
+class _HeartbeatFails:
+    """A client whose tag writes fail for the heartbeat only."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=()):
+        if any(tag.key == tracking.HEARTBEAT_TAG for tag in tags):
+            raise OSError("database is locked")
+        return self.real.log_batch(run_id, metrics=metrics, params=params, tags=tags)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_a_failing_heartbeat_never_ends_its_run(store, monkeypatch, caplog):
+    monkeypatch.setattr(tracking, "HEARTBEAT_S", 0.02)
+    with caplog.at_level(logging.DEBUG, logger="cps.tracking"), tracking.start_run(store, "prune", {}) as run:
+        run._client = _HeartbeatFails(run._client)
+        deadline = time.monotonic() + 10
+        while "database is locked" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.02)
+        run.log_metrics({"still.writing": 1.0})
+    record = tracking.get_run(store, run.run_id)
+    assert record.status == "FINISHED" and record.metrics["still.writing"] == 1.0
+    failed = [r for r in caplog.records if "heartbeat of run" in r.getMessage()]
+    assert failed and {r.levelno for r in failed} == {logging.DEBUG}
+    assert _heartbeat_threads(run.run_id) == []
 
 
 def test_find_runs_filters_by_stage_params_and_status(store):

@@ -17,6 +17,7 @@ from cps.data import get_corpus
 from cps.data.calibration import CalibrationSet, build_calibration, known_fingerprint, record_fingerprint
 from cps.errors import CpsError
 from cps.models import load_tokenizer, model_id, model_location, resolve_model
+from cps.notes import describe
 from cps.runs import CALIBRATION_ARTIFACT
 
 
@@ -85,6 +86,7 @@ def run_calibrate(
         run.log_metrics(calib.summary_metrics())
         tracking.log_datasets(run, [calibration_dataset(calib)])
         run.set_tags({"cps.calib_cache_hit": calib.cache_hit})
+        describe(store, run.run_id)
         with tempfile.TemporaryDirectory() as folder:
             shutil.copyfile(calib.cache_path, Path(folder) / CALIBRATION_ARTIFACT)
             stats = {code: {**asdict(s), "coverage": s.coverage} for code, s in calib.stats.items()}

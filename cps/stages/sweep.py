@@ -18,8 +18,9 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import polars as pl
 import torch
@@ -185,72 +186,166 @@ def ray_executor(address: str | None = None, cpus_per_cell: int = 1) -> Callable
     Every worker writes to the same store: give an `http://` tracking server (or a store every
     node can reach) when the cluster spans machines.
     """
+    return ClusterSession(RayBackend(address), cpus_per_cell).run
 
-    def execute(
-        plans: list[CellPlan], store: tracking.Store, tags: dict[str, str], keep: bool = False
-    ) -> Iterator[CellOutcome]:
-        try:
-            import ray  # optional: pip install 'cps[ray]'
-        except ImportError:
-            raise CpsError("the ray executor needs Ray: pip install 'cps[ray]'") from None
-        env = {
-            name: os.environ[name]
-            for name in ("CPS_DATA_DIR", "CPS_CACHE_DIR", "MLFLOW_TRACKING_URI", "HF_HOME")
-            if name in os.environ
-        }
-        started_here = not ray.is_initialized()
-        if started_here:
-            try:
-                # Without an address: a local instance on the loopback interface, small object store.
-                local = {"_node_ip_address": "127.0.0.1", "object_store_memory": 512 * 2**20}
-                ray.init(
-                    address=address,
-                    runtime_env={"env_vars": env},
-                    include_dashboard=False,
-                    log_to_driver=True,
-                    configure_logging=False,
-                    **({} if address else local),
-                )
-            except (ConnectionError, RuntimeError, ValueError) as error:
-                raise CpsError(
-                    f"cannot reach the Ray cluster {address or '(local)'}: {first_line(error)}"
-                ) from None
-        try:
-            nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
-            check_store_reach(store, nodes)
-            gpus = ray.cluster_resources().get("GPU", 0)
-            resources = {"num_gpus": 1} if gpus else {"num_cpus": cpus_per_cell}
-            remote = ray.remote(**resources, max_retries=0)(_ray_cell)
-            resolved = tracking.Store(store.resolved_uri, store.experiment)
-            keep = keep and not address  # kept weights live in one machine's cache: local only
-            pending = {remote.remote(plan, resolved, tags, cpus_per_cell, keep): plan for plan in plans}
-            submitted = {ref: time.perf_counter() for ref in pending}
-            while pending:
-                (ready,), _ = ray.wait(list(pending), num_returns=1)
-                plan = pending.pop(ready)
-                try:
-                    run_id, seconds, evaluated = ray.get(ready)
-                    yield CellOutcome(plan, run_id, seconds=seconds, eval_seconds=evaluated)
-                except Exception as error:  # RayTaskError wraps the cell's exception
-                    cause = getattr(error, "cause", None) or error
-                    message = f"{type(cause).__name__}: {first_line(cause)}"
-                    yield CellOutcome(plan, None, message, time.perf_counter() - submitted[ready])
-        finally:
-            if started_here:
-                ray.shutdown()
 
-    return execute
+# Environment a worker needs to find the same data, caches and store as this process.
+WORKER_ENV = ("CPS_DATA_DIR", "CPS_CACHE_DIR", "MLFLOW_TRACKING_URI", "HF_HOME")
+# Stores every node reaches over the network; anything else is a file on one machine.
+SERVER_STORES = ("http://", "https://", "postgresql", "mysql", "mssql")
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    """How a sweep runs its cells on the cluster at hand."""
+
+    resources: dict[str, int]  # per cell: {"num_gpus": 1} or {"num_cpus": n}
+    store: tracking.Store  # as the cells see it: resolved, since a worker's working folder is not ours
+    keeps_weights: bool  # kept weights live in one machine's cache: a local, one-node cluster only
+
+
+def cluster_shape(
+    nodes: int, resources: Mapping[str, float], store: tracking.Store, cpus_per_cell: int, local: bool
+) -> ClusterShape:
+    """From what the cluster reports (alive nodes, its resources: `{"GPU": 8.0, "CPU": 64.0}`) and
+    whether it was started here (`local`, no address): the shape of the sweep. A store on one
+    machine's disk with more than one node is refused (`check_store_reach`)."""
+    check_store_reach(store, nodes)
+    per_cell = {"num_gpus": 1} if resources.get("GPU", 0) else {"num_cpus": cpus_per_cell}
+    resolved = tracking.Store(store.resolved_uri, store.experiment)
+    return ClusterShape(per_cell, resolved, keeps_weights=local and nodes == 1)
 
 
 def check_store_reach(store: tracking.Store, nodes: int) -> None:
     """A SQLite store (or a plain folder) is one machine's file: workers on other nodes would each
     write a store of their own, or corrupt a shared one over a network file system."""
     uri = store.resolved_uri
-    if nodes > 1 and not uri.startswith(("http://", "https://", "postgresql", "mysql", "mssql")):
+    if nodes > 1 and not uri.startswith(SERVER_STORES):
         raise CpsError(
             f"the Ray cluster has {nodes} nodes but the tracking store {uri} is one machine's file; "
             "run an MLflow server (README: 'Many machines') and pass --tracking-uri http://HOST:PORT"
         )
+
+
+class ClusterBackend(Protocol):
+    """What a `ClusterSession` asks of a cluster: `RayBackend`, or a stand-in in the tests."""
+
+    local: bool  # the cluster is started on this machine (no address given)
+
+    def init(self) -> bool:
+        """Connect (or start a local cluster); True when started here, so `shutdown` is due."""
+        ...
+
+    def cluster(self) -> tuple[int, Mapping[str, float]]:
+        """The alive nodes and the cluster's resources."""
+        ...
+
+    def remote(self, resources: Mapping[str, int]) -> Callable[..., Any]:
+        """A function submitting `_ray_cell(...)` as a task with these resources, returning its
+        reference."""
+        ...
+
+    def wait(self, refs: list[Any]) -> Any:
+        """The first of `refs` to end."""
+        ...
+
+    def get(self, ref: Any) -> tuple[str, float, float]:
+        """An ended cell's (run id, seconds, evaluation seconds), or its error raised (wrapped,
+        the cell's own exception as `.cause`, as Ray's `RayTaskError` does)."""
+        ...
+
+    def shutdown(self) -> None: ...
+
+
+@dataclass
+class ClusterSession:
+    """One sweep's cells on a cluster. `run` connects, sizes the cells to the cluster
+    (`cluster_shape`), submits every cell, yields each cell's outcome as it ends (a cell's
+    exception becomes its outcome's error), and shuts down a cluster it started, however it ends."""
+
+    backend: ClusterBackend
+    cpus_per_cell: int = 1
+
+    def run(
+        self, plans: list[CellPlan], store: tracking.Store, tags: dict[str, str], keep: bool = False
+    ) -> Iterator[CellOutcome]:
+        started_here = self.backend.init()
+        try:
+            nodes, resources = self.backend.cluster()
+            shape = cluster_shape(nodes, resources, store, self.cpus_per_cell, self.backend.local)
+            submit = self.backend.remote(shape.resources)
+            keep = keep and shape.keeps_weights
+            pending = {submit(plan, shape.store, tags, self.cpus_per_cell, keep): plan for plan in plans}
+            submitted = {ref: time.perf_counter() for ref in pending}
+            while pending:
+                ready = self.backend.wait(list(pending))
+                plan = pending.pop(ready)
+                try:
+                    run_id, seconds, evaluated = self.backend.get(ready)
+                    yield CellOutcome(plan, run_id, seconds=seconds, eval_seconds=evaluated)
+                except Exception as error:  # the task's error wraps the cell's exception
+                    cause = getattr(error, "cause", None) or error
+                    message = f"{type(cause).__name__}: {first_line(cause)}"
+                    yield CellOutcome(plan, None, message, time.perf_counter() - submitted[ready])
+        finally:
+            if started_here:
+                self.backend.shutdown()
+
+
+class RayBackend:
+    """`ClusterBackend` on Ray: the cluster at `address`, or without one a local instance on the
+    loopback interface with a small object store. Workers get this process's `WORKER_ENV`."""
+
+    def __init__(self, address: str | None = None) -> None:
+        self.address = address
+        self.local = not address
+
+    @property
+    def _ray(self) -> Any:
+        # Imported on use: Ray is optional (pip install 'cps[ray]') and slow to import.
+        try:
+            import ray
+        except ImportError:
+            raise CpsError("the ray executor needs Ray: pip install 'cps[ray]'") from None
+        return ray
+
+    def init(self) -> bool:
+        ray = self._ray
+        if ray.is_initialized():
+            return False
+        env = {name: os.environ[name] for name in WORKER_ENV if name in os.environ}
+        local = {"_node_ip_address": "127.0.0.1", "object_store_memory": 512 * 2**20}
+        try:
+            ray.init(
+                address=self.address,
+                runtime_env={"env_vars": env},
+                include_dashboard=False,
+                log_to_driver=True,
+                configure_logging=False,
+                **(local if self.local else {}),
+            )
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            raise CpsError(
+                f"cannot reach the Ray cluster {self.address or '(local)'}: {first_line(error)}"
+            ) from None
+        return True
+
+    def cluster(self) -> tuple[int, Mapping[str, float]]:
+        ray = self._ray
+        return sum(1 for node in ray.nodes() if node.get("Alive")), ray.cluster_resources()
+
+    def remote(self, resources: Mapping[str, int]) -> Callable[..., Any]:
+        return self._ray.remote(**resources, max_retries=0)(_ray_cell).remote
+
+    def wait(self, refs: list[Any]) -> Any:
+        (ready,), _ = self._ray.wait(refs, num_returns=1)
+        return ready
+
+    def get(self, ref: Any) -> tuple[str, float, float]:
+        return self._ray.get(ref)
+
+    def shutdown(self) -> None:
+        self._ray.shutdown()
 
 
 # ---------------------------------------------------------------------------------------------
