@@ -132,27 +132,41 @@ def test_shipped_studies_parse():
     assert {c.prune.calibration.nsamples for c in paper.cells if c.prune.calibration} == {512}
 
 
-def test_the_paper_study_dry_run_lists_its_tasks_and_cost(tmp_path, corpora):
+def test_the_paper_study_dry_run_lists_its_tasks_and_cost(tmp_path, corpora, monkeypatch):
+    """On a data dir without MKQA and no network: the dry run plans without reading task data, and
+    says where each family's data will come from."""
+    from typer.testing import CliRunner
+
+    from cps.cli import app
+    from cps.data import mkqa
+    from cps.evaluation.tasks import task_data
     from cps.study import check_inputs, estimate_gpu_hours
 
-    for corpus in ("flores", "ntrex", "xcopa"):  # the shared corpora, plus an MKQA file
+    for corpus in ("flores", "ntrex", "xcopa"):  # the shared corpora: no mkqa/ among them
         (tmp_path / corpus).symlink_to(corpora / corpus)
-    (tmp_path / "mkqa").mkdir()
-    codes = ("ar", "de", "en", "es", "ru", "zh_cn")
-    example = {
-        "example_id": 1,
-        "queries": dict.fromkeys(codes, "q"),
-        "answers": {c: [{"type": "entity", "text": "a"}] for c in codes},
-    }
-    (tmp_path / "mkqa" / "mkqa.jsonl").write_text(json.dumps(example), encoding="utf-8")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a dry run read MKQA")
+
+    monkeypatch.setattr(mkqa, "_official_file", no_download)
     paper = load_study(REPO / "studies" / "paper.toml", str(tmp_path))
-    tasks = check_inputs(paper)  # offline: lm-eval task names from its index, no hub data loaded
+    tasks = check_inputs(paper, read_tasks=False)  # offline: lm-eval task names from its index
     families = ("belebele", "mmlu", "arc", "hellaswag", "mkqa")
     expected = {f"{f}_{lang}" for f in families for lang in paper.evaluate.langs}
     assert set(tasks) == expected - {"arc_sw", "hellaswag_sw", "hellaswag_zh", "mkqa_sw"}
+    sources = {data.family: data for data in task_data(tasks, str(tmp_path))}
+    assert sources["mkqa"].here is False and mkqa.OFFICIAL_URL in sources["mkqa"].source
+    assert sources["belebele"].here is None and "belebele_swh_Latn" in sources["belebele"].source
     estimate = estimate_gpu_hours(paper, tasks)
     # by hand: per cell ~93M evaluation tokens (MMLU dominates) at 2 x 8.03e9 FLOPs / 400 TFLOP/s
     assert estimate.cells == 170 and 150 < estimate.gpu_hours < 220
+    argv = ["sweep", str(REPO / "studies" / "paper.toml"), "--dry-run", "--data-dir", str(tmp_path)]
+    argv += ["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    assert "no task for arc_sw, hellaswag_sw, hellaswag_zh, mkqa_sw: left out (skip_missing)" in result.output
+    assert "mkqa (6 tasks)" in result.output and "[NOT HERE]" in result.output
+    assert "170 of 170 cells to run" in result.output
 
 
 def test_sweep_skips_done_cells_and_reruns_a_crashed_one(tmp_path, store, monkeypatch):
