@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from cps.errors import CpsError
 from cps.languages import PAPER_LANGUAGES, get_language, mixture_label, parse_mixture
 from cps.metrics import split_task
-from cps.models import DEFAULT_MODEL, LoadOptions, resolve_model
+from cps.models import DEFAULT_MODEL, LoadOptions, dtype_name, resolve_dtype, resolve_model
 from cps.pruning.base import MethodOptions, method_class
 from cps.pruning.engine import EngineConfig
 from cps.pruning.masks import SparsityTarget
@@ -101,6 +101,12 @@ class PruneConfig:
         return self.method is None
 
     @property
+    def load_options(self) -> LoadOptions:
+        return LoadOptions(
+            self.dtype, self.device, stream=self.stream, offload_activations=self.offload_activations
+        )
+
+    @property
     def method_name(self) -> str:
         return self.method or DENSE
 
@@ -122,7 +128,9 @@ class PruneConfig:
     def identity(self, calibration: CalibrationConfig | None = None) -> dict[str, object]:
         """The params of its run that follow from the settings alone (all but `model_id` and
         `calib_hash`): the run logs them, and a sweep finds a cell's finished run by them.
-        `calibration` is the one actually used (a reused calibrate run's), default the config's."""
+        `calibration` is the one actually used (a reused calibrate run's), default the config's.
+        `dtype` is the one pruned in (`auto` resolved for `device`): an evaluation that prunes
+        the run again does so in it."""
         calibration = calibration or self.calibration
         params: dict[str, object] = {"model": self.model}
         if calibration is None:  # the dense baseline: no calibration involved
@@ -141,7 +149,7 @@ class PruneConfig:
             "sparsity": target.sparsity,
             "pattern": target.pattern,
             "true_sequential": self.true_sequential,
-            "dtype": self.dtype,
+            "dtype": dtype_name(resolve_dtype(self.dtype, self.device)),
         }
         if self.method is not None:  # the options that shape this method's result
             options = self.options

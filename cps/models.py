@@ -61,19 +61,42 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class LoadOptions:
+    """How to load a model; `placement` turns these into a device and a dtype."""
+
     dtype: str = "auto"
-    device: str = "cpu"
+    device: str = "cpu"  # where the model computes
     trust_remote_code: bool = False
     # Layer streaming (`cps.streaming.load`): None decides by free memory; activations between
     # layers in files with `offload_activations`.
     stream: bool | None = None
     offload_activations: bool = False
+    # In memory, the weights stay on the CPU and the pruning engine moves one layer at a time to
+    # `device` (pruning a model larger than the GPU's memory); the dtype is still `device`'s.
+    hold_on_cpu: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise CpsError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
         if not (self.device in ("cpu", "auto") or self.device.startswith(("cuda", "mps"))):
             raise CpsError(f"unknown device {self.device!r}; use cpu, cuda, cuda:N or auto")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a loaded model's weights are held, where it computes, and in which dtype."""
+
+    device: str  # an in-memory model's weights: on `compute`, or on the CPU (`hold_on_cpu`)
+    compute: str  # where its layers run (a streamed model reads each layer straight to it)
+    dtype: torch.dtype
+
+
+def placement(options: LoadOptions) -> Placement:
+    """The one rule of every load (prune, eval, analyze; dense, in memory or streamed): the compute
+    device is `options.device` resolved, and the dtype is `resolve_dtype`'s for that device
+    (`--dtype auto`: bfloat16 on CUDA, float32 elsewhere), wherever the weights are held."""
+    compute = resolve_device(options.device)
+    held = "cpu" if options.hold_on_cpu else compute
+    return Placement(held, compute, resolve_dtype(options.dtype, compute))
 
 
 @dataclass
@@ -470,7 +493,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
 
 
 def resolve_device(device: str) -> str:
-
+    """`auto`: CUDA when this machine has it, else the CPU; a CUDA device it lacks is refused."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -479,10 +502,18 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """The README's rule: `auto` is bfloat16 when the model computes on CUDA, float32 elsewhere
+    (CPU, MPS). `device` is where it computes (`auto` resolved here, but a device this machine lacks
+    is not refused: a run's params follow from its settings on any machine)."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    compute = resolve_device("auto") if device == "auto" else device
+    return torch.bfloat16 if compute.startswith("cuda") else torch.float32
 
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, dtype)
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.bfloat16` -> `bfloat16`: a `LoadOptions.dtype` and the `dtype` param of a run."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _no_warnings(record: logging.LogRecord) -> bool:
@@ -582,12 +613,12 @@ def _shortened(keys: list[str], shown: int = 6) -> list[str]:
 
 def load_model(name: str, options: LoadOptions | None = None, tokenizer: bool = True) -> LoadedModel:
     """Load a causal LM and (unless `tokenizer=False`: Gemma-3's takes seconds and 0.12 GB) its
-    tokenizer, in eval mode, on `options.device`."""
+    tokenizer, in eval mode, where and in the dtype `placement(options)` says."""
 
     options = options or LoadOptions()
     spec = resolve_model(name)
-    device = resolve_device(options.device)
-    dtype = resolve_dtype(options.dtype, device)
+    where = placement(options)
+    dtype = where.dtype
     wanted = tokenizer or spec.source == "tiny"  # a tiny model is built for its tokenizer's vocabulary
     tokenizer = load_tokenizer(name, options.trust_remote_code) if wanted else None
     if spec.source == "tiny":
@@ -604,7 +635,7 @@ def load_model(name: str, options: LoadOptions | None = None, tokenizer: bool = 
             ),
         )
     model.eval()
-    model.to(device)
+    model.to(where.device)
     return LoadedModel(spec, model, tokenizer)
 
 

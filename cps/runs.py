@@ -34,9 +34,8 @@ from cps.models import (
     load_model,
     load_tokenizer,
     model_id,
+    placement,
     pretrained,
-    resolve_device,
-    resolve_dtype,
     resolve_model,
     weights_folder,
 )
@@ -49,7 +48,6 @@ from cps.streaming import (
     WeightReader,
     copy_tensors,
     load,
-    model_device,
     open_loaded,
     streamed,
     wants_stream,
@@ -76,7 +74,8 @@ def prune_params(config: PruneConfig, calib: CalibrationSet | None) -> dict[str,
 
 
 def dense_run(store: tracking.Store, model: str, dtype: str) -> str:
-    """The `method=dense` run of this model, created (without loading anything) when there is none."""
+    """The `method=dense` run of this model in `dtype` (resolved, as runs log it), created (without
+    loading anything) when there is none."""
     config = PruneConfig(model, method=None, dtype=dtype)
     wanted = {"method": DENSE, "model": model, "model_id": model_id(resolve_model(model)), "dtype": dtype}
     existing = tracking.find_runs(store, "prune", wanted)
@@ -85,6 +84,16 @@ def dense_run(store: tracking.Store, model: str, dtype: str) -> str:
     with tracking.start_run(store, "prune", prune_params(config, None), f"dense-{model}") as run:
         run.log_metrics(DENSE_METRICS)
     return run.run_id
+
+
+def pruned_dtype(record: tracking.RunRecord) -> str:
+    """The dtype a prune run pruned in: its `dtype` param, resolved since issue 25. Runs from before
+    logged `auto` as given: pruned in memory, that was float32 (the model was loaded on the CPU and
+    `auto` resolved there); streamed, it depended on a device the run did not record (`auto` stays)."""
+    dtype = record.params.get("dtype", "auto")
+    if dtype == "auto" and record.tags.get("cps.streamed") != "True":
+        return "float32"
+    return dtype
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,30 +242,50 @@ def _streamed_run_model(
     store: tracking.Store, record: tracking.RunRecord, options: LoadOptions, tokenizer: bool
 ) -> LoadedModel:
     """The run's weights streamed: the dense shards with the kept weights over them, or with the
-    masks applied as each weight is read, or (a method that updates the weights) pruned again
-    layer by layer into shards of the cache."""
+    masks applied as each weight is read, or (a method that updates the weights) with the layers
+    pruned again over them (`_pruned_again_shards`)."""
     params = record.params
-    loaded = open_loaded(params["model"], weights_folder(resolve_model(params["model"])), options, tokenizer)
+    kept = kept_weights_path(record.run_id)
+    masks = None if kept.is_file() else run_masks(store, record.run_id)
+    updates = masks is not None and method_class(params["method"]).updates_weights
+    pruned_again = _pruned_again_shards(store, record, options, masks) if updates else None
+    dense = weights_folder(resolve_model(params["model"]))
+    loaded = open_loaded(params["model"], dense, options, tokenizer)
     source = streamed(loaded.model)
     assert source is not None
-    if kept_weights_path(record.run_id).is_file():
-        source.use_overlay(WeightReader(kept_weights_path(record.run_id)))
+    if masks is None:
+        source.use_overlay(WeightReader(kept))
         return replace(loaded, origin=ORIGINS["kept"])
-    masks = run_masks(store, record.run_id)
-    if not method_class(params["method"]).updates_weights:
-        _check_masks(record, masks, loaded.model)
-        source.overrides = {f"{name}.weight": partial(_masked, mask=mask) for name, mask in masks.items()}
-        return replace(loaded, origin=ORIGINS["masks"])
+    if pruned_again is not None:
+        source.use_overlay(WeightReader(pruned_again))
+        return replace(loaded, origin=ORIGINS["pruned_again"])
+    _check_masks(record, masks, loaded.model)
+    source.overrides = {f"{name}.weight": partial(_masked, mask=mask) for name, mask in masks.items()}
+    return replace(loaded, origin=ORIGINS["masks"])
+
+
+def _pruned_again_shards(
+    store: tracking.Store, record: tracking.RunRecord, options: LoadOptions, masks: dict[str, torch.Tensor]
+) -> Path:
+    """The layers of a run whose method updates the weights, pruned again layer by layer into
+    shards of the cache (once), in the dtype the run pruned in whatever the evaluation's: read
+    over the dense shards, they are converted to the evaluation's dtype like any checkpoint."""
     folder = cache_dir() / "pruned" / f"{record.run_id}.layers"
-    if not (folder / "model.safetensors.index.json").is_file():
-        writer = ShardWriter(staging(folder))
-        _prune_again(
-            store, record, loaded, masks, lambda index, layer: writer.write(source.layer_state(layer))
-        )
-        writer.close()
-        publish(writer.folder, folder)
-    source.use_overlay(WeightReader(folder))
-    return replace(loaded, origin=ORIGINS["pruned_again"])
+    if (folder / "model.safetensors.index.json").is_file():
+        return folder
+    again = replace(options, dtype=pruned_dtype(record))
+    name = record.params["model"]
+    loaded = open_loaded(name, weights_folder(resolve_model(name)), again, tokenizer=False)
+    source = streamed(loaded.model)
+    assert source is not None
+    writer = ShardWriter(staging(folder))
+
+    def write_layer(index: int, layer: torch.nn.Module) -> None:
+        writer.write(source.layer_state(layer))
+
+    _prune_again(store, record, loaded, masks, placement(again).compute, write_layer)
+    writer.close()
+    return publish(writer.folder, folder)
 
 
 def _masked(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -265,14 +294,12 @@ def _masked(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def _load_saved(record: tracking.RunRecord, options: LoadOptions, folder: Path) -> LoadedModel:
 
-    device = resolve_device(options.device)
-    model = pretrained(
-        f"run {record.run_id}'s saved model ({folder})", folder, dtype=resolve_dtype(options.dtype, device)
-    )
+    where = placement(options)
+    model = pretrained(f"run {record.run_id}'s saved model ({folder})", folder, dtype=where.dtype)
     # The tokenizer of the source model, exactly as pruning used it: a copy reloaded beside another
     # architecture's config can come back as that architecture's tokenizer class.
     tokenizer = load_tokenizer(record.params["model"], options.trust_remote_code)
-    model.eval().to(device)
+    model.eval().to(where.device)
     return LoadedModel(resolve_model(record.params["model"]), model, tokenizer, ORIGINS["saved"])
 
 
@@ -298,14 +325,27 @@ def _load_kept(store: tracking.Store, record: tracking.RunRecord, options: LoadO
 
 def _rebuild(store: tracking.Store, record: tracking.RunRecord, options: LoadOptions) -> LoadedModel:
     masks = run_masks(store, record.run_id)
-    loaded = load_model(record.params["model"], options)
-    if not method_class(record.params["method"]).updates_weights:  # the dense weights, masked
-        _check_masks(record, masks, loaded.model)
-        with torch.no_grad():
-            for name, mask in masks.items():
-                loaded.model.get_submodule(name).weight.mul_(~mask.to(loaded.model.device))
-        return replace(loaded, origin=ORIGINS["masks"])
-    return replace(_prune_again(store, record, loaded, masks), origin=ORIGINS["pruned_again"])
+    if method_class(record.params["method"]).updates_weights:
+        return _rebuild_pruned_again(store, record, options, masks)
+    loaded = load_model(record.params["model"], options)  # the dense weights, masked
+    _check_masks(record, masks, loaded.model)
+    with torch.no_grad():
+        for name, mask in masks.items():
+            loaded.model.get_submodule(name).weight.mul_(~mask.to(loaded.model.device))
+    return replace(loaded, origin=ORIGINS["masks"])
+
+
+def _rebuild_pruned_again(
+    store: tracking.Store, record: tracking.RunRecord, options: LoadOptions, masks: dict[str, torch.Tensor]
+) -> LoadedModel:
+    """Pruned again as `cps prune` pruned it: in the run's dtype, held on the CPU, each layer
+    computed on the evaluation's device; then placed as the run's saved model would be loaded."""
+    again = replace(options, dtype=pruned_dtype(record), hold_on_cpu=True)
+    loaded = load_model(record.params["model"], again)
+    _prune_again(store, record, loaded, masks, placement(again).compute)
+    where = placement(options)
+    loaded.model.to(where.device, where.dtype)
+    return replace(loaded, origin=ORIGINS["pruned_again"])
 
 
 def _check_masks(record: tracking.RunRecord, masks: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
@@ -322,9 +362,11 @@ def _prune_again(
     record: tracking.RunRecord,
     loaded: LoadedModel,
     masks: dict[str, torch.Tensor],
+    device: str,
     on_layer: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> LoadedModel:
-    """A method that updates the weights: prune again (deterministic), check the masks agree."""
+    """A method that updates the weights: prune again (deterministic; each layer computed on
+    `device`), check the masks agree."""
     params = record.params
     calib_run = record.tags.get("cps.calib_run_id")
     if not calib_run:
@@ -343,7 +385,7 @@ def _prune_again(
         calibration=replace(calib.config, model=params["model"]),
         pattern=params["pattern"],
         sparsity=None if ":" in params["pattern"] else float(params["sparsity"]),
-        device=str(model_device(loaded.model)),
+        device=device,
         true_sequential=params.get("true_sequential") == "True",
         **options,
     )

@@ -19,6 +19,7 @@ import ctypes
 import gc
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -46,8 +47,7 @@ from cps.models import (
     decoder_layers,
     load_model,
     load_tokenizer,
-    resolve_device,
-    resolve_dtype,
+    placement,
     resolve_model,
     weights_folder,
 )
@@ -517,19 +517,31 @@ def streamed(model: nn.Module) -> StreamedModel | None:
     return getattr(model, "_cps_streamed", None)
 
 
-def weights_bytes(folder: str | Path) -> int:
-    return sum(path.stat().st_size for path in Path(folder).glob("*.safetensors"))
+def loaded_bytes(folder: str | Path, dtype: torch.dtype) -> int:
+    """The memory the weights in `folder` take once loaded in `dtype`, from the safetensors headers:
+    each floating-point tensor at `dtype`'s element size (a bf16 checkpoint loaded in float32 takes
+    twice its files), any other as stored."""
+    total = 0
+    for path in Path(folder).glob("*.safetensors"):
+        header, _ = _header(path)
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            stored = _DTYPES[info["dtype"]]
+            begin, end = info["data_offsets"]
+            total += math.prod(info["shape"]) * dtype.itemsize if stored.is_floating_point else end - begin
+    return total
 
 
 def wants_stream(name: str, options: LoadOptions) -> bool:
-    """`options.stream`, or when unset: stream when the weights would not fit in 60% of the free
-    memory (tiny test models never do)."""
+    """`options.stream`, or when unset: stream when the weights, in the dtype they would be loaded
+    in (`placement`), would not fit in 60% of the free memory (tiny test models never do)."""
     if options.stream is not None:
         return options.stream
     spec = resolve_model(name)
     if spec.source == "tiny":
         return False
-    return stream_by_default(weights_bytes(weights_folder(spec)), name)
+    return stream_by_default(loaded_bytes(weights_folder(spec), placement(options).dtype), name)
 
 
 def load(name: str, options: LoadOptions, tokenizer: bool = True) -> LoadedModel:
@@ -542,11 +554,10 @@ def load(name: str, options: LoadOptions, tokenizer: bool = True) -> LoadedModel
 
 def open_loaded(name: str, folder: str | Path, options: LoadOptions, tokenizer: bool = True) -> LoadedModel:
     """A streamed model of the weights in `folder`, with the tokenizer of model `name` (or None:
-    Gemma-3's takes 0.12 GB and seconds, and pruning does not need it)."""
-    device = resolve_device(options.device)
-    streamed_model = open_streamed(
-        folder, resolve_dtype(options.dtype, device), device, options.trust_remote_code
-    )
+    Gemma-3's takes 0.12 GB and seconds, and pruning does not need it). It computes where
+    `placement(options)` says, in its dtype; it holds no weights (`hold_on_cpu` does not apply)."""
+    where = placement(options)
+    streamed_model = open_streamed(folder, where.dtype, where.compute, options.trust_remote_code)
     streamed_model.offload = options.offload_activations
     loaded_tokenizer = load_tokenizer(name, options.trust_remote_code) if tokenizer else None
     return LoadedModel(resolve_model(name), streamed_model.model, loaded_tokenizer)  # type: ignore[arg-type]

@@ -82,6 +82,18 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 90.0) -> 
     raise CpsError(f"the MLflow server did not answer {url}/health within {timeout:.0f} s")
 
 
+# MLflow 3.17's UI shows the workflow its sidebar switch (or this URL parameter) names, GenAI by
+# default (traces, token usage) whatever the experiment's kind tag says: cps runs are model training.
+WORKFLOW = "workflowType=machine_learning"
+
+
+def first_page(url: str, store: tracking.Store) -> str:
+    """The page a user opens: the experiment's runs table (the experiments list where the store has
+    no such experiment yet)."""
+    experiment = tracking.experiment_id(store, create=False)
+    return f"{url}/#/experiments/{experiment}?{WORKFLOW}" if experiment else f"{url}/#/?{WORKFLOW}"
+
+
 def serve(store: tracking.Store, config: UiConfig, announce=print) -> int:
     """Start the server, print its URL once /health answers, and wait; Ctrl-C / SIGTERM stop it."""
     tracking.client(store)  # the store exists and is usable (migrated) before the server reads it
@@ -95,7 +107,7 @@ def serve(store: tracking.Store, config: UiConfig, announce=print) -> int:
     url = f"http://{host}:{config.port}"
     try:
         wait_healthy(url, process)
-        announce(f"MLflow UI for {store.resolved_uri}: {url}  (Ctrl-C stops it)")
+        announce(f"MLflow UI for {store.resolved_uri}: {first_page(url, store)}  (Ctrl-C stops it)")
         return process.wait()
     except KeyboardInterrupt:
         return 0

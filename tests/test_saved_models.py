@@ -79,6 +79,7 @@ def saved_run_loads_anywhere(store, tmp_path: Path, name: str, method: str, stre
     return result.run_id
 
 
+@pytest.mark.slow  # ~60 s (`make test-all`, CI)
 def test_gemma_saved_in_memory_loads_anywhere_and_evaluates_like_its_masks(store, tmp_path, monkeypatch):
     """The issue's case: Gemma-3's tied embedding survives `cps prune`'s save; `cps eval` of the
     saved run equals `cps eval` of the same run rebuilt from dense x masks."""

@@ -136,6 +136,7 @@ def test_stream_turns_itself_on_when_the_model_would_not_fit(monkeypatch, caplog
     assert not streaming.wants_stream("tiny-llama", LoadOptions())
 
 
+@pytest.mark.slow  # ~50 s: the tiny models check the same equality by default (`make test-all`, CI)
 def test_gemma3_270m_streamed_equals_in_memory(gemma):
     ids = build_calibration(
         CalibrationConfig("gemma3-270m", "sw", nsamples=2, seqlen=64), gemma.tokenizer

@@ -288,6 +288,7 @@ def test_sweep_resumes_after_a_killed_cell(tmp_path, store):
     assert all(plan.action == "done" for plan in plan_cells(study, store))
 
 
+@pytest.mark.slow  # ~50 s: ClusterSession is tested without Ray by default (`make test-all`, CI)
 def test_ray_executor_runs_a_two_cell_grid(tmp_path, store):
     needs_module("ray", "the [ray] extra is not installed")
     from cps.stages.sweep import ray_executor

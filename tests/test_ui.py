@@ -8,10 +8,12 @@ import time
 import urllib.request
 
 import pytest
+from conftest import needs_module, unavailable
 
 from cps import tracking
 from cps.errors import CpsError
-from cps.ui import UiConfig, is_loopback, server_command
+from cps.notes import describe
+from cps.ui import WORKFLOW, UiConfig, is_loopback, server_command
 
 
 def _free_port() -> int:
@@ -34,9 +36,14 @@ def test_loopback_by_default_and_the_server_command(store):
         UiConfig(port=70000)
 
 
-def test_ui_answers_health_on_loopback_and_stops_cleanly(store):
-    with tracking.start_run(store, "calibrate", {"model": "tiny-llama"}) as run:
+def test_ui_answers_health_on_loopback_and_stops_cleanly(store, tmp_path):
+    """`cps ui` on a store: /health, the REST API finds the run, and in headless Chromium the
+    experiment opens on its runs table (a model-training experiment, not MLflow 3's GenAI overview),
+    the run's description on its page."""
+    params = {"model": "tiny-llama", "nsamples": 4, "seqlen": 8}
+    with tracking.start_run(store, "calibrate", params, "calib-ui-check") as run:
         run.log_metrics({"tokens": 1.0})
+    note = describe(store, run.run_id)
     port = _free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "cps", "ui", "--port", str(port), "--tracking-uri", str(store.uri)],
@@ -59,6 +66,8 @@ def test_ui_answers_health_on_loopback_and_stops_cleanly(store):
             f"{url}/api/2.0/mlflow/runs/get?run_id={run.run_id}", timeout=10
         ) as reply:
             assert run.run_id in reply.read().decode()
+        assert f"{url}/#/experiments/{tracking.experiment_id(store)}?{WORKFLOW}" in line  # printed
+        first_page, run_page = _browse(line.split()[-4], run.run_id, tmp_path, note)
     finally:
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=60)
@@ -66,6 +75,42 @@ def test_ui_answers_health_on_loopback_and_stops_cleanly(store):
     with socket.socket() as probe:  # the server and its workers are gone: the port is free again
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(("127.0.0.1", port))
+    assert "Runs" in first_page and "calib-ui-check" in first_page, first_page[:400]
+    assert "Traces\n0" not in first_page  # not the GenAI overview
+    assert note in run_page
+
+
+def _browse(address: str, run_id: str, folder, note: str) -> tuple[str, str]:
+    """The text of the page `cps ui` prints and of the run's page (one click from it), read
+    in headless Chromium once they show what is looked for (or after 30 s); screenshots stay in
+    `folder` for a person to look at."""
+    import shutil
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        unavailable("no chromium on PATH (.ci/run installs Debian's chromium package)")
+    sync_api = needs_module("playwright.sync_api", "playwright is a dev dependency")
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+
+    def settled(page, wanted: str) -> str:
+        deadline = time.monotonic() + 30
+        text = page.inner_text("body")
+        while wanted not in text and time.monotonic() < deadline:
+            page.wait_for_timeout(250)
+            text = page.inner_text("body")
+        return text
+
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=flags)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(address, wait_until="load")
+        first = settled(page, "calib-ui-check")
+        page.screenshot(path=str(folder / "experiment.png"))
+        page.goto(address.replace("?", f"/runs/{run_id}?"), wait_until="load")
+        run_text = settled(page, note)
+        page.screenshot(path=str(folder / "run.png"))
+        browser.close()
+    return first, run_text
 
 
 def test_ui_refuses_a_port_in_use(store):

@@ -43,6 +43,7 @@ from cps.evaluation.activations import ActivationStats, activation_statistics
 from cps.evaluation.hidden import DenseStates, PositionSample, ReferenceKey, reference_plan, save_reference
 from cps.evaluation.windows import HeldOutText, held_out_windows
 from cps.models import LoadOptions, model_id, resolve_model
+from cps.notes import describe
 from cps.runs import load_run_model, run_layer_stats, run_masks
 from cps.streaming import load
 
@@ -118,6 +119,7 @@ def analyze_group(
     frames = {"iou": iou, "iou_pairs": language_pairs(iou), "calib_snr": calib_snr, **tables}
     with tracking.start_run(store, "analyze", analysis_params(group, config), name, tags) as run:
         run.log_metrics(headlines)
+        describe(store, run.run_id)
         run.set_tags({"cps.paper_low_iou_agrees": agrees, "cps.lowest_iou_modules": ",".join(lowest)})
         run.log_frames({f"{artifact}.parquet": frame for artifact, frame in frames.items()})
         from cps.analysis.plots import group_figures  # matplotlib: only when there is a figure to draw

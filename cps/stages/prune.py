@@ -23,16 +23,16 @@ from cps.data.calibration import CalibrationSet
 from cps.errors import CpsError
 from cps.models import (
     LoadedModel,
-    LoadOptions,
     forget_tokenizers,
     load_model,
     load_tokenizer,
     name_architecture,
-    resolve_device,
+    placement,
     resolve_model,
     tokenizer_loaded,
     weights_folder,
 )
+from cps.notes import describe
 from cps.pruning.base import get_method
 from cps.pruning.engine import EngineResult, prune_model
 from cps.pruning.masks import save_masks
@@ -61,6 +61,9 @@ class PruneResult:
     metrics: dict[str, float]
     calib: CalibrationSet | None
     model: LoadedModel | None = None  # the pruned model in memory, when asked for (keep_model)
+
+
+Outcome = tuple[LoadedModel | None, pl.DataFrame, dict[str, float]]  # the model, layer stats, metrics
 
 
 def peak_rss_gb() -> float:
@@ -119,50 +122,6 @@ def _calibration(
     return result.calib, result.run_id
 
 
-def _prune_streamed(
-    run: tracking.TrackedRun,
-    config: PruneConfig,
-    calib: CalibrationSet,
-    options: LoadOptions,
-    work: Path,
-    tokenizer: bool,
-) -> tuple[LoadedModel, pl.DataFrame, dict[str, float]]:
-    """Prune layer by layer from the shards: each pruned layer is written to a shard as soon as it
-    is done (`work/model`, a `from_pretrained` folder once closed). Returns the pruned model: the
-    same skeleton, streamed from the dense shards with the pruned layers over them."""
-    spec = resolve_model(config.model)
-    folder = weights_folder(spec)
-    forget_tokenizers()  # the calibration text is tokenized: its tokenizer's memory, and what
-    return_freed_memory(collect=True)  # tokenizing it left behind, go to the layers
-    loaded = open_loaded(config.model, folder, options, tokenizer=False)
-    source = streamed(loaded.model)
-    assert source is not None
-    writer = ShardWriter(work / "model")
-    method = get_method(config.method_name, config.options)
-    engine = replace(config.engine, device=options.device)
-
-    def write_layer(index: int, layer: nn.Module) -> None:
-        writer.write(source.layer_state(layer))
-
-    result = prune_model(loaded.model, calib.input_ids, method, config.target, engine, write_layer)
-    if config.save_model:  # the rest (embeddings, final norm, head) copied byte for byte
-        inside = {name for _, names in writer.shards for name in names}
-        rest = [name for name, _ in loaded.model.named_parameters() if name not in inside]
-        writer.copy(source.reader, {name: source.source_name(name) for name in rest})
-    writer.close()
-    for extra in ("config.json", "generation_config.json"):
-        if (folder / extra).is_file():
-            shutil.copyfile(folder / extra, work / "model" / extra)
-    name_architecture(work / "model" / "config.json", loaded.model)
-    # Every layer is released again: the same skeleton reads the pruned layers from now on. The
-    # tokenizer (0.12 GB for Gemma-3, 0.45 GB while loading) only when the model is saved or evaluated next.
-    source.use_overlay(WeightReader(work / "model"))
-    if tokenizer or config.save_model:
-        loaded.tokenizer = _tokenizer(config.model, options.trust_remote_code)
-    stats, metrics = _log_outputs(run, config, loaded, result, saved=work / "model")
-    return loaded, stats, metrics
-
-
 def run_prune(
     config: PruneConfig,
     store: tracking.Store,
@@ -175,56 +134,118 @@ def run_prune(
     With `keep_model` the pruned model comes back in memory (on the CPU). `then(run_id, model)` runs
     before the run ends (a sweep evaluates there), so the run is FINISHED only when it is done too.
     """
-    tracking.client(store)  # an unreachable store fails before any work
-    device = resolve_device(config.device)
+    tracking.client(store)  # an unreachable store fails before any work,
+    placement(config.load_options)  # and so does a device this machine lacks
     calib, calib_run = (None, None) if config.dense else _calibration(config, store, tags)
     torch.manual_seed(calib.config.seed if calib else 0)
     params = prune_params(config, calib)
     run_name = f"{config.method_name}-{config.model}-{params['calib_lang']}-{params['pattern']}"
-    stream_options = LoadOptions(
-        config.dtype, device, stream=config.stream, offload_activations=config.offload_activations
-    )
-    stream = not config.dense and wants_stream(config.model, stream_options)
+    stream = not config.dense and wants_stream(config.model, config.load_options)
     if stream and keep_model:
         raise CpsError("a streamed model is never whole in memory: keep_model needs --no-stream")
+    evaluated = then is not None  # evaluated next: the model with its tokenizer
     with (
         tracking.start_run(store, "prune", params, run_name, tags) as run,
         tempfile.TemporaryDirectory() as work,
     ):
-        if calib_run:
-            run.set_tags({"cps.calib_run_id": calib_run})
-        if calib is not None:
-            tracking.log_datasets(run, [calibration_dataset(calib)])
-        if calib is None:  # the dense baseline prunes nothing: a model only for whoever asks for one
-            metrics = {**DENSE_METRICS, "mem.peak_rss_gb": peak_rss_gb()}
-            run.log_metrics(metrics)
-            stats, loaded = pl.DataFrame(), None
-            if then is not None or keep_model:
-                loaded = load(config.model, replace(stream_options, device="cpu"))
+        _log_inputs(run, calib, calib_run)
+        if calib is None:
+            loaded, stats, metrics = _dense_baseline(run, config, evaluated or keep_model)
         elif stream:
-            run.set_tags({"cps.streamed": True})
-            loaded, stats, metrics = _prune_streamed(
-                run, config, calib, stream_options, Path(work), tokenizer=then is not None
-            )
+            loaded, stats, metrics = _prune_streamed(run, config, calib, Path(work), evaluated)
         else:
-            # The model stays on the CPU; the engine moves one layer at a time to the device.
-            # The tokenizer only once pruned, for a saved model or an evaluation next (the
-            # calibration set came by its fingerprint): not held through the pruning.
-            loaded = load_model(config.model, LoadOptions(config.dtype, "cpu"), tokenizer=False)
-            if loaded.model.dtype != torch.float32 and device == "cpu":
-                log.info("pruning in %s on the CPU", loaded.model.dtype)
-            method = get_method(config.method_name, config.options)
-            engine = replace(config.engine, device=device)
-            result = prune_model(loaded.model, calib.input_ids, method, config.target, engine)
-            if loaded.tokenizer is None and (config.save_model or then is not None):
-                loaded.tokenizer = _tokenizer(config.model)
-            stats, metrics = _log_outputs(run, config, loaded, result)
-        if loaded is not None:
-            loaded.origin = ORIGINS["dense" if calib is None else "pruned"]
+            loaded, stats, metrics = _prune_in_memory(run, config, calib, evaluated)
+        describe(store, run.run_id)
         if then is not None:
             assert loaded is not None
             then(run.run_id, loaded)
     return PruneResult(run.run_id, stats, metrics, calib, loaded if keep_model else None)
+
+
+def _log_inputs(run: tracking.TrackedRun, calib: CalibrationSet | None, calib_run: str | None) -> None:
+    if calib_run:
+        run.set_tags({"cps.calib_run_id": calib_run})
+    if calib is not None:
+        tracking.log_datasets(run, [calibration_dataset(calib)])
+
+
+def _dense_baseline(run: tracking.TrackedRun, config: PruneConfig, wanted: bool) -> Outcome:
+    """The dense baseline prunes nothing: its metrics, and a model only for whoever asks for one
+    (held on the CPU unless streamed, as a pruned model comes back; in the dtype of the device it
+    computes on)."""
+    metrics = {**DENSE_METRICS, "mem.peak_rss_gb": peak_rss_gb()}
+    run.log_metrics(metrics)
+    loaded = None
+    if wanted:
+        loaded = load(config.model, replace(config.load_options, hold_on_cpu=True))
+        loaded.origin = ORIGINS["dense"]
+    return loaded, pl.DataFrame(), metrics
+
+
+def _prune_in_memory(
+    run: tracking.TrackedRun, config: PruneConfig, calib: CalibrationSet, evaluated: bool
+) -> Outcome:
+    """The model stays on the CPU, in the dtype of the device it computes on; the engine moves one
+    layer at a time to that device. The tokenizer only once pruned, for a saved model or an
+    evaluation next (the calibration set came by its fingerprint): not held through the pruning."""
+    options = replace(config.load_options, hold_on_cpu=True)
+    loaded = load_model(config.model, options, tokenizer=False)
+    engine = replace(config.engine, device=placement(options).compute)
+    if loaded.model.dtype != torch.float32 and engine.device == "cpu":
+        log.info("pruning in %s on the CPU", loaded.model.dtype)
+    method = get_method(config.method_name, config.options)
+    result = prune_model(loaded.model, calib.input_ids, method, config.target, engine)
+    if loaded.tokenizer is None and (config.save_model or evaluated):
+        loaded.tokenizer = _tokenizer(config.model)
+    loaded.origin = ORIGINS["pruned"]
+    return loaded, *_log_outputs(run, config, loaded, result)
+
+
+def _prune_streamed(
+    run: tracking.TrackedRun, config: PruneConfig, calib: CalibrationSet, work: Path, evaluated: bool
+) -> Outcome:
+    """Prune layer by layer from the shards: each pruned layer is written to a shard as soon as it
+    is done (`work/model`, a `from_pretrained` folder once closed). Returns the pruned model: the
+    same skeleton, streamed from the dense shards with the pruned layers over them."""
+    run.set_tags({"cps.streamed": True})
+    forget_tokenizers()  # the calibration text is tokenized: its tokenizer's memory, and what
+    return_freed_memory(collect=True)  # tokenizing it left behind, go to the layers
+    folder = weights_folder(resolve_model(config.model))
+    loaded = open_loaded(config.model, folder, config.load_options, tokenizer=False)
+    source = streamed(loaded.model)
+    assert source is not None
+    writer = ShardWriter(work / "model")
+    method = get_method(config.method_name, config.options)
+    engine = replace(config.engine, device=placement(config.load_options).compute)
+
+    def write_layer(index: int, layer: nn.Module) -> None:
+        writer.write(source.layer_state(layer))
+
+    result = prune_model(loaded.model, calib.input_ids, method, config.target, engine, write_layer)
+    _close_shards(writer, loaded.model, folder, config.save_model)
+    # Every layer is released again: the same skeleton reads the pruned layers from now on. The
+    # tokenizer (0.12 GB for Gemma-3, 0.45 GB while loading) only when the model is saved or evaluated next.
+    source.use_overlay(WeightReader(work / "model"))
+    if evaluated or config.save_model:
+        loaded.tokenizer = _tokenizer(config.model, config.load_options.trust_remote_code)
+    loaded.origin = ORIGINS["pruned"]
+    return loaded, *_log_outputs(run, config, loaded, result, saved=work / "model")
+
+
+def _close_shards(writer: ShardWriter, model: nn.Module, dense: Path, whole: bool) -> None:
+    """Finish the folder of pruned shards: with `whole` (a saved model) the rest (embeddings, final
+    norm, head) copied byte for byte from the dense shards; the config files; the model's class."""
+    source = streamed(model)
+    assert source is not None
+    if whole:
+        inside = {name for _, names in writer.shards for name in names}
+        rest = [name for name, _ in model.named_parameters() if name not in inside]
+        writer.copy(source.reader, {name: source.source_name(name) for name in rest})
+    writer.close()
+    for extra in ("config.json", "generation_config.json"):
+        if (dense / extra).is_file():
+            shutil.copyfile(dense / extra, writer.folder / extra)
+    name_architecture(writer.folder / "config.json", model)
 
 
 def _tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

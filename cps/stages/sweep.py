@@ -30,6 +30,7 @@ from cps import tracking
 from cps.analysis.groups import comparison_groups
 from cps.config import EVAL_FINGERPRINT_TAG, FINDINGS_DELTA_TAG
 from cps.errors import CpsError, first_line
+from cps.notes import describe
 from cps.pruning.base import method_class
 from cps.runs import drop_kept_weights, keep_weights
 from cps.stages.analyze import analysis_params, analyze_group
@@ -429,6 +430,7 @@ def run_sweep(
             }
         )
         parent.log_frame(plan_frame(plans, outcomes), "cells.parquet")
+        describe(store, parent.run_id)
     return result
 
 
