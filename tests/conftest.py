@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,7 +46,7 @@ def _corpora() -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _environment(tmp_path_factory: pytest.TempPathFactory) -> None:
+def _environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Every test sees the corpora via CPS_DATA_DIR and a session cache dir.
 
     Converted models and tokenizers are linked from the persistent cache (converting Gemma takes a
@@ -57,6 +60,16 @@ def _environment(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["CPS_CACHE_DIR"] = str(cache)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Temporary files of this session (and its subprocesses) in a folder removed at its end: MLflow
+    # downloads a model into a folder of its own that it never removes (`mlflow.transformers.
+    # load_model`: 1.7 GB a Gemma), and a SIGKILLed cell leaves its work folder behind.
+    # A short path, as the system's own: Ray and PostgreSQL put unix sockets under it (108 bytes at most).
+    scratch = Path(tempfile.mkdtemp(prefix="cps-t-"))
+    os.environ["TMPDIR"] = str(scratch)
+    tempfile.tempdir = str(scratch)
+    yield
+    tempfile.tempdir = None
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 @pytest.fixture

@@ -58,6 +58,18 @@ def test_placement_refuses_cuda_where_there_is_none(monkeypatch):
         placement(LoadOptions("auto", "cuda"))
 
 
+def _engine_spy(seen: dict):
+    """A stand-in for the pruning engine: records the model's dtype, where its weights are held and
+    where the engine computes, then stops before anything moves to the (faked) GPU."""
+
+    def spy(model, ids, method, target, engine, on_layer=None):
+        parameter = next(model.parameters())
+        seen.update(dtype=parameter.dtype, held=parameter.device.type, compute=engine.device)
+        raise Stop
+
+    return spy
+
+
 def test_the_dense_baseline_loads_bf16_for_cuda_auto_and_logs_it(store, cuda):
     result = run_prune(PruneConfig("tiny-llama", method=None, device="cuda"), store, keep_model=True)
     parameter = next(result.model.model.parameters())
@@ -67,14 +79,8 @@ def test_the_dense_baseline_loads_bf16_for_cuda_auto_and_logs_it(store, cuda):
 
 
 def test_pruning_in_memory_loads_bf16_for_cuda_auto_on_the_cpu(store, cuda, monkeypatch):
-    seen = {}
-
-    def spy(model, ids, method, target, engine, on_layer=None):
-        parameter = next(model.parameters())
-        seen.update(dtype=parameter.dtype, held=parameter.device.type, compute=engine.device)
-        raise Stop
-
-    monkeypatch.setattr(prune_stage, "prune_model", spy)
+    seen: dict = {}
+    monkeypatch.setattr(prune_stage, "prune_model", _engine_spy(seen))
     with pytest.raises(Stop):
         run_prune(PruneConfig("tiny-llama", "wanda", CALIBRATION, device="cuda"), store)
     assert seen == {"dtype": torch.bfloat16, "held": "cpu", "compute": "cuda"}
@@ -120,13 +126,7 @@ def test_an_unsaved_sparsegpt_run_is_pruned_again_in_the_dtype_it_was_pruned_in(
     # `cps eval --device cuda`: pruned again in bf16 on the CPU, each layer computed on the GPU.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     seen = {}
-
-    def stop(model, ids, method, target, engine, on_layer=None):
-        parameter = next(model.parameters())
-        seen.update(dtype=parameter.dtype, held=parameter.device.type, compute=engine.device)
-        raise Stop
-
-    monkeypatch.setattr(runs, "prune_model", stop)
+    monkeypatch.setattr(runs, "prune_model", _engine_spy(seen))
     with pytest.raises(Stop):
         run_eval(EvalConfig(langs=("sw",), seqlen=32, max_docs=1, device="cuda"), store, pruned.run_id)
     assert seen == {"dtype": torch.bfloat16, "held": "cpu", "compute": "cuda"}
