@@ -32,10 +32,11 @@ $(STAMP): pyproject.toml
 test: setup
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 
+# Everything, the slow tests too: what CI runs (.ci/run, with CPS_REQUIRE_SERVICES=1).
 test-all: setup
 	$(BIN)/python -m pytest -n 2 --dist loadfile -m ""
 
-# The embedded study (studies/demo.toml, ~11 min on 2 CPU cores); rerunning resumes where it stopped.
+# The embedded study (studies/demo.toml, 10.6 min on 2 CPU cores: README); rerunning resumes where it stopped.
 demo: setup
 	$(BIN)/cps sweep studies/demo.toml
 	$(BIN)/cps report --filter study=demo --pivot eval_lang --metrics ppl,snr,acc --out reports/demo

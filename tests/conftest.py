@@ -65,6 +65,7 @@ def _environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     # load_model`: 1.7 GB a Gemma), and a SIGKILLed cell leaves its work folder behind.
     # A short path, as the system's own: Ray and PostgreSQL put unix sockets under it (108 bytes at most).
     scratch = Path(tempfile.mkdtemp(prefix="cps-t-"))
+    scratch.chmod(0o1777)  # as /tmp: the PostgreSQL test runs its server as another user
     os.environ["TMPDIR"] = str(scratch)
     tempfile.tempdir = str(scratch)
     yield
