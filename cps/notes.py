@@ -70,7 +70,11 @@ def _in_sample(metrics: Mapping[str, float]) -> str:
 
 
 def _held_out(params: Mapping[str, str], metrics: Mapping[str, float]) -> str:
-    ppl = {metric_lang(name): value for name, value in metrics.items() if name.startswith("ppl.")}
+    ppl = {
+        metric_lang(name): value
+        for name, value in metrics.items()
+        if name.startswith("ppl.") and metric_lang(name)
+    }
     if not ppl:
         return ""
     own = params.get("calib_lang", "")
@@ -78,7 +82,10 @@ def _held_out(params: Mapping[str, str], metrics: Mapping[str, float]) -> str:
     text = f"held-out ppl {first} {ppl[first]:.1f}"
     if len(ppl) > 1:
         text += f" (mean of {len(ppl)}: {sum(ppl.values()) / len(ppl):.1f})"
-    snr = [value for name, value in metrics.items() if name.startswith("snr_db.") and math.isfinite(value)]
+    snr = [  # snr_db.<lang>, not the per-layer series snr_db.<lang>.layer (its last layer's value)
+        value for name, value in metrics.items() if metric_lang(name) and name.startswith("snr_db.")
+    ]
+    snr = [value for value in snr if math.isfinite(value)]
     if snr:
         text += f", SNR {sum(snr) / len(snr):.1f} dB"
     return text

@@ -13,10 +13,11 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import torch
@@ -78,12 +79,27 @@ def dense_run(store: tracking.Store, model: str, dtype: str) -> str:
     loading anything) when there is none."""
     config = PruneConfig(model, method=None, dtype=dtype)
     wanted = {"method": DENSE, "model": model, "model_id": model_id(resolve_model(model)), "dtype": dtype}
-    existing = tracking.find_runs(store, "prune", wanted)
+    existing = find_prune_runs(store, wanted)
     if existing:
         return existing[0].run_id
     with tracking.start_run(store, "prune", prune_params(config, None), f"dense-{model}") as run:
         run.log_metrics(DENSE_METRICS)
     return run.run_id
+
+
+def find_prune_runs(
+    store: tracking.Store, params: Mapping[str, Any], status: str | None = "FINISHED"
+) -> list[tracking.RunRecord]:
+    """Prune runs with these params (`tracking.find_runs`), newest first; a run logged before issue
+    25, with `dtype=auto`, matches the dtype it pruned in (`pruned_dtype`), so that stores made
+    before find their finished cells and dense runs."""
+    found = tracking.find_runs(store, "prune", params, status)
+    dtype = params.get("dtype")
+    if dtype is None or dtype == "auto":
+        return found
+    legacy = tracking.find_runs(store, "prune", {**params, "dtype": "auto"}, status)
+    found += [record for record in legacy if pruned_dtype(record) == dtype]
+    return sorted(found, key=lambda record: record.start_time, reverse=True)
 
 
 def pruned_dtype(record: tracking.RunRecord) -> str:
@@ -344,8 +360,18 @@ def _rebuild_pruned_again(
     loaded = load_model(record.params["model"], again)
     _prune_again(store, record, loaded, masks, placement(again).compute)
     where = placement(options)
-    loaded.model.to(where.device, where.dtype)
-    return replace(loaded, origin=ORIGINS["pruned_again"])
+    if where.dtype == loaded.model.dtype:
+        loaded.model.to(where.device)
+        return replace(loaded, origin=ORIGINS["pruned_again"])
+    # Evaluated in another dtype: the pruned model's weights cast into a load in that dtype, as its
+    # saved weights would load; the buffers (rotary frequencies, which a bfloat16 load keeps in
+    # float32) are that load's own, not the pruned model's cast.
+    placed = load_model(record.params["model"], options)
+    pruned = dict(loaded.model.named_parameters())
+    with torch.no_grad():
+        for name, target in placed.model.named_parameters():
+            target.copy_(pruned[name].to(target.dtype))
+    return replace(placed, origin=ORIGINS["pruned_again"])
 
 
 def _check_masks(record: tracking.RunRecord, masks: dict[str, torch.Tensor], model: torch.nn.Module) -> None:

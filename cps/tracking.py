@@ -58,6 +58,7 @@ HEARTBEAT_S = 60.0  # how often an open run says that its process is alive
 # Missed heartbeats after which another host's run is taken for dead: a slow store or a busy
 # interpreter delays a beat, never five.
 STALE_AFTER_BEATS = 5
+STOP_WAIT_S = 30.0  # the longest a run's end waits for a heartbeat write under way
 
 
 @dataclass(frozen=True)
@@ -585,8 +586,8 @@ class _Heartbeat:
 
     def stop(self) -> None:
         self._stopped.set()
-        if self._thread.ident is not None:  # started
-            self._thread.join()
+        if self._thread.ident is not None:  # started; a write stuck on an unreachable server (its
+            self._thread.join(STOP_WAIT_S)  # retries take minutes) does not hold the run's end up
 
 
 def _heartbeat_tag() -> dict[str, str]:

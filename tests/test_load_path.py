@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from cps import runs, streaming, tracking
 from cps.config import CalibrationConfig, EvalConfig, PruneConfig
 from cps.errors import CpsError
-from cps.models import LoadOptions, Placement, placement
+from cps.models import LoadOptions, Placement, load_model, placement
 from cps.stages import prune as prune_stage
 from cps.stages.evaluate import run_eval
 from cps.stages.prune import run_prune
@@ -122,6 +122,9 @@ def test_an_unsaved_sparsegpt_run_is_pruned_again_in_the_dtype_it_was_pruned_in(
     for name, weight in rebuilt.model.state_dict().items():
         assert weight.dtype == torch.float32
         assert torch.equal(weight, expected[name].float()), name
+    fresh = load_model("tiny-llama", LoadOptions(), tokenizer=False).model  # buffers as a float32 load's
+    buffers = {name: buffer.dtype for name, buffer in fresh.named_buffers()}
+    assert {name: buffer.dtype for name, buffer in rebuilt.model.named_buffers()} == buffers
 
     # `cps eval --device cuda`: pruned again in bf16 on the CPU, each layer computed on the GPU.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -167,3 +170,6 @@ def test_the_streaming_decision_counts_the_bytes_of_the_loaded_dtype(tmp_path, m
     # from the headers: floating-point tensors at the loaded dtype's size, the rest as stored
     assert streaming.loaded_bytes(folder, torch.float32) == 4 * parameters + 16 * 8
     assert streaming.loaded_bytes(folder, torch.bfloat16) == 2 * parameters + 16 * 8
+    # a dtype cps does not read (fp8) counts as stored, instead of failing the decision
+    save_file({"q.weight": torch.zeros(8, 8, dtype=torch.float8_e4m3fn)}, str(folder / "extra.safetensors"))
+    assert streaming.loaded_bytes(folder, torch.float32) == 4 * parameters + 16 * 8 + 64

@@ -24,6 +24,7 @@ def test_a_pruned_and_evaluated_run_is_described_by_its_headline_figures():
         "ppl.zh": 50.0,
         "snr_db.sw": 10.0,
         "snr_db.en": 8.0,
+        "snr_db.sw.layer": 2.0,  # a per-layer series' last value: not a language's SNR
         "acc.sib_sw": 0.6,
         "acc.sib_en": 0.7,
         "acc_stderr.sib_sw": 0.05,

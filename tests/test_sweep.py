@@ -514,3 +514,36 @@ def test_ray_backend_starts_a_local_instance_or_says_it_cannot_reach_the_cluster
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(CpsError, match=r"needs Ray: pip install"):
         RayBackend().init()
+
+
+def test_runs_logged_before_dtypes_were_resolved_still_count_as_done(tmp_path, store):
+    """A store made before issue 25 logged `dtype=auto`: its finished cells are found (not pruned
+    and evaluated again) and its dense run is reused, as pruned in memory on the CPU = float32."""
+    from cps.config import EVAL_FINGERPRINT_TAG
+    from cps.models import model_id, resolve_model
+    from cps.runs import dense_run
+
+    study = load_study(tiny_study(tmp_path, langs=("sw",), dense=True))
+    assert {cell.key["dtype"] for cell in study.cells} == {"float32"}
+    logged = {"model_id": model_id(resolve_model("tiny-llama")), "dtype": "auto"}  # as runs logged them
+    old = {}
+    for cell in study.cells:
+        with tracking.start_run(store, "prune", {**cell.key, **logged}) as run:
+            run.set_tags({EVAL_FINGERPRINT_TAG: study.evaluate.fingerprint()})
+        old[cell.label] = run.run_id
+    plans = plan_cells(study, store)
+    assert [(plan.action, plan.run_id) for plan in plans] == [("done", old[p.cell.label]) for p in plans]
+    dense = next(cell for cell in study.cells if cell.prune.method is None)
+    assert dense_run(store, dense.prune.model, "float32") == old[dense.label]
+    with tracking.start_run(store, "prune", {**dense.key, **logged}) as streamed:
+        streamed.set_tags({"cps.streamed": True})  # its dtype is unknown: never taken for float32
+    assert dense_run(store, dense.prune.model, "float32") == old[dense.label]
+
+
+@pytest.mark.parametrize("name", ["demo", "findings", "paper"])
+def test_every_shipped_study_plans(name):
+    """Each study in studies/ passes the checks a sweep makes before any work (task data not read)."""
+    from cps.study import check_inputs
+
+    study = load_study(REPO / "studies" / f"{name}.toml")
+    assert check_inputs(study, read_tasks=False)

@@ -104,7 +104,7 @@ def _say_missing(study) -> None:
 
     evaluate = study.evaluate
     missing = missing_tasks(list(evaluate.tasks), list(evaluate.langs), evaluate.data_dir)
-    if missing:
+    if missing and evaluate.skip_missing:  # without it, check_inputs refuses them in one line
         typer.echo(f"no task for {', '.join(missing)}: left out (skip_missing)")
 
 

@@ -32,7 +32,7 @@ from cps.config import EVAL_FINGERPRINT_TAG, FINDINGS_DELTA_TAG
 from cps.errors import CpsError, first_line
 from cps.notes import describe
 from cps.pruning.base import method_class
-from cps.runs import drop_kept_weights, keep_weights
+from cps.runs import drop_kept_weights, find_prune_runs, keep_weights
 from cps.stages.analyze import analysis_params, analyze_group
 from cps.stages.evaluate import run_eval
 from cps.stages.prune import run_prune
@@ -106,7 +106,7 @@ def plan_cells(study: Study, store: tracking.Store) -> list[CellPlan]:
     fingerprint = study.evaluate.fingerprint()
     plans = []
     for cell in study.cells:
-        runs = tracking.find_runs(store, "prune", cell.key, status=None)
+        runs = find_prune_runs(store, cell.key, status=None)
         finished = [run for run in runs if run.status == "FINISHED"]
         complete = [run for run in finished if run.tags.get(EVAL_FINGERPRINT_TAG) == fingerprint]
         if complete:
