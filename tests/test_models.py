@@ -109,6 +109,7 @@ def _flores_dev(lang: str, count: int) -> list[str]:
         return [row["text"] for row in rows if row["sib_split"] == "dev"][:count]
 
 
+@pytest.mark.slow  # ~28 s; the default suite prunes and scores Gemma-3 270M end to end elsewhere
 def test_gemma3_270m_from_pypi_has_a_sane_english_perplexity(gemma):
     assert gemma.spec.source == "embedded"
     assert len(decoder_layers(gemma.model)) == 18
