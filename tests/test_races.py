@@ -31,6 +31,7 @@ def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow  # ~45 s: four cps processes at once (`make test-all`, CI)
 def test_workers_started_at_once_on_a_fresh_cache_and_store_all_succeed(tmp_path: Path):
     """Four prunes at once, each building the same tokenizer, calibration set and SQLite store."""
     env = dict(os.environ, CPS_CACHE_DIR=str(tmp_path / "cache"))  # nothing converted yet
