@@ -198,13 +198,7 @@ def expand_tasks(
     a (family, language) pair with no task fails in one line naming every such pair, or is left out
     with `skip_missing` (`missing_tasks` lists them, for the caller to say). Other names stay as
     they are (any lm-eval task)."""
-    names: list[str] = []
-    for spec in specs:
-        if spec in families() or spec in SUITE:
-            names += [f"{spec}_{lang}" for lang in langs if _has_task(spec, lang, data_dir)]
-        else:
-            names.append(spec)
-    missing = missing_tasks(specs, langs, data_dir)
+    names, missing = _pairs(specs, langs, data_dir)
     if missing and not skip_missing:
         raise CpsError(
             f"no task for {', '.join(missing)}; --skip-missing (a study: [eval] skip_missing = true) "
@@ -216,19 +210,23 @@ def expand_tasks(
 def missing_tasks(specs: list[str], langs: list[str], data_dir: str | None) -> list[str]:
     """The (family, language) pairs asked for that have no task: `xcopa_de` (XCOPA has no German),
     `arc_sw` (lm-eval has no Swahili ARC)."""
-    return [
-        f"{spec}_{lang}"
-        for spec in specs
-        if spec in families() or spec in SUITE
-        for lang in langs
-        if not _has_task(spec, lang, data_dir)
-    ]
+    return _pairs(specs, langs, data_dir)[1]
 
 
-def _has_task(family: str, lang: str, data_dir: str | None) -> bool:
-    if family in SUITE:
-        return suite_task(f"{family}_{lang}") is not None
-    return lang in BUILDERS[families()[family]["builder"]].languages(data_dir)
+def _pairs(specs: list[str], langs: list[str], data_dir: str | None) -> tuple[list[str], list[str]]:
+    """The task names `specs` expand to, and the (family, language) pairs that have no task."""
+    names: list[str] = []
+    missing: list[str] = []
+    for spec in specs:
+        if spec not in families() and spec not in SUITE:
+            names.append(spec)
+            continue
+        present = None if spec in SUITE else BUILDERS[families()[spec]["builder"]].languages(data_dir)
+        for lang in langs:
+            name = f"{spec}_{lang}"
+            found = suite_task(name) is not None if present is None else lang in present
+            (names if found else missing).append(name)
+    return names, missing
 
 
 def suite_task(name: str) -> str | None:
