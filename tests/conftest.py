@@ -6,7 +6,9 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,6 +37,22 @@ def needs_module(name: str, reason: str):
         return importlib.import_module(name)
     except ImportError:
         unavailable(reason)
+
+
+@contextmanager
+def chromium_page(width: int = 1400, height: int = 900) -> Iterator[Any]:
+    """A page of headless Chromium (Debian's, driven by playwright), under the rule of `unavailable`."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        unavailable("no chromium on PATH (.ci/run installs Debian's chromium package)")
+    sync_api = needs_module("playwright.sync_api", "playwright is a dev dependency")
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=flags)
+        try:
+            yield browser.new_page(viewport={"width": width, "height": height})
+        finally:
+            browser.close()
 
 
 def _corpora() -> Path:

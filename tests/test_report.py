@@ -7,7 +7,7 @@ import math
 import statistics
 
 import pytest
-from conftest import needs_module, unavailable
+from conftest import chromium_page
 
 from cps import tracking
 from cps.errors import CpsError
@@ -221,21 +221,12 @@ def test_heatmaps_star_every_tie_and_keep_their_titles_inside(filled):
 def test_the_html_report_renders_in_chromium(filled, tmp_path):
     """Headless Chromium opens report.html: every image loads, every table renders; the screenshot
     stays in the test's folder for a person to look at."""
-    import shutil
-
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        unavailable("no chromium on PATH (.ci/run installs Debian's chromium package)")
-    sync_api = needs_module("playwright.sync_api", "playwright is a dev dependency")
     config = ReportConfig(
         pivot="eval_lang", metrics=("ppl", "snr", "acc"), filters=(("model", "tiny-llama"),)
     )
     report = build_report(filled, config)
     write_report(report, tmp_path / "out")
-    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=flags)
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
+    with chromium_page() as page:
         page.goto((tmp_path / "out" / "report.html").as_uri(), wait_until="load")
         loaded = "i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0]"
         images = page.evaluate(f"() => Array.from(document.images).map({loaded})")
@@ -246,7 +237,6 @@ def test_the_html_report_renders_in_chromium(filled, tmp_path):
             ".map(a => [a.getAttribute('href'), !!document.getElementById(a.getAttribute('href').slice(1))])"
         )
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
-        browser.close()
     assert images and all(loaded for _, loaded in images), images
     assert len(images) == len(list((tmp_path / "out" / "plots").glob("*.png")))
     assert rows == [section.frame.height + 1 for section in report.sections]

@@ -8,7 +8,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import needs_module, unavailable
+from conftest import chromium_page
 
 from cps import tracking
 from cps.errors import CpsError
@@ -84,13 +84,6 @@ def _browse(address: str, run_id: str, folder, note: str) -> tuple[str, str]:
     """The text of the page `cps ui` prints and of the run's page (one click from it), read
     in headless Chromium once they show what is looked for (or after 30 s); screenshots stay in
     `folder` for a person to look at."""
-    import shutil
-
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        unavailable("no chromium on PATH (.ci/run installs Debian's chromium package)")
-    sync_api = needs_module("playwright.sync_api", "playwright is a dev dependency")
-    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
 
     def settled(page, wanted: str) -> str:
         deadline = time.monotonic() + 30
@@ -100,16 +93,13 @@ def _browse(address: str, run_id: str, folder, note: str) -> tuple[str, str]:
             text = page.inner_text("body")
         return text
 
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=flags)
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
+    with chromium_page() as page:
         page.goto(address, wait_until="load")
         first = settled(page, "calib-ui-check")
         page.screenshot(path=str(folder / "experiment.png"))
         page.goto(address.replace("?", f"/runs/{run_id}?"), wait_until="load")
         run_text = settled(page, note)
         page.screenshot(path=str(folder / "run.png"))
-        browser.close()
     return first, run_text
 
 
