@@ -16,14 +16,47 @@ from cps.errors import CpsError
 from cps.languages import PAPER_LANGUAGES, get_language, mixture_label, parse_mixture
 from cps.metrics import split_task
 from cps.models import DEFAULT_MODEL, LoadOptions, dtype_name, resolve_dtype, resolve_model
-from cps.pruning.base import MethodOptions, method_class
-from cps.pruning.engine import EngineConfig
+from cps.pruning.base import MethodOptions, method_class, refinement_class
+from cps.pruning.engine import EngineConfig, OwlAllocation, PrunePlan
 from cps.pruning.masks import SparsityTarget
 
 DENSE = "dense"  # the `method` param of the dense baseline's run, which prunes nothing
 PROTOCOL_VERSION = 2  # held-out scoring (cps.evaluation.windows); 1: one stream, BOS only first
 EVAL_FINGERPRINT_TAG = "cps.eval.fingerprint"
 FINDINGS_DELTA_TAG = "cps.findings_delta"  # on a sweep run: its study's [findings] delta
+
+
+ALLOCATIONS = ("uniform", "owl")
+
+
+def combination_error(
+    method: str, pattern: str, allocation: str = "uniform", refine: str = "none"
+) -> str | None:
+    """Why a method cannot run with this pattern, allocation or refinement (one line), else None.
+    A study's grid leaves such cells out and names them; a command refuses them."""
+    cls = method_class(method)
+    structured = pattern != "unstructured"
+    if structured and not cls.supports_nm:
+        return f"{method} has no N:M form: use --pattern unstructured"
+    if allocation == "owl" and cls.removes_layers:
+        return f"{method} removes whole layers: OWL allocates sparsity within them (use --allocation uniform)"
+    if allocation == "owl" and structured:
+        return f"OWL allocates unstructured sparsity; {pattern} fixes every layer's share"
+    if refine != "none" and (cls.updates_weights or cls.removes_layers):
+        what = "changes the kept weights" if cls.updates_weights else "removes whole layers"
+        return f"--refine {refine} refines a mask over the dense weights; {method} {what}"
+    return None
+
+
+def variant(method: str, allocation: str | None = "uniform", refine: str | None = "none") -> str:
+    """A method with what runs around it, as tables name it: wanda, wanda+owl, wanda+owl+dsnot.
+    Runs logged before allocations and refinements existed have neither param (uniform, none)."""
+    parts = [method]
+    if allocation not in (None, "", "uniform"):
+        parts.append(str(allocation))
+    if refine not in (None, "", "none"):
+        parts.append(str(refine))
+    return "+".join(parts)
 
 
 def default_stride(seqlen: int) -> int:
@@ -79,6 +112,15 @@ class PruneConfig:
     calib_run: str | None = None
     save_model: bool = True
     stream: bool | None = None  # layer streaming from the shards; None: when the model would not fit
+    allocation: str = "uniform"  # uniform | owl: the sparsity of each decoder layer
+    owl_m: float = 5.0  # OWL: outliers are scores above M times their layer's mean
+    owl_lambda: float = 0.08  # OWL: layer sparsities within target +- lambda
+    refine: str = "none"  # a mask refinement after the method: none | dsnot
+    ria_a: float = 0.5
+    dsnot_cycles: int = 50
+    dsnot_threshold: float = 0.1
+    dsnot_var_power: float = 1.0
+    dsnot_skip: str = "mlp"
 
     def __post_init__(self) -> None:
         resolve_model(self.model)
@@ -86,7 +128,7 @@ class PruneConfig:
             if self.calibration is not None or self.calib_run:
                 raise CpsError("the dense baseline prunes nothing and takes no calibration")
         else:
-            method_class(self.method)  # unknown methods fail before any work
+            self._check_method()
             if self.calibration is None and self.calib_run is None:
                 raise CpsError("--lang is required (the calibration language), unless --calib RUN_ID")
             if self.calibration is not None and self.calibration.model != self.model:
@@ -96,9 +138,32 @@ class PruneConfig:
         self.target, self.options  # noqa: B018  (validated here, used later)
         LoadOptions(self.dtype, self.device)
 
+    def _check_method(self) -> None:
+        """The method exists and takes the pattern, allocation and refinement asked for: an
+        impossible combination fails before any work (`combination_error` says why)."""
+        method_class(str(self.method))  # unknown methods fail first
+        if self.allocation not in ALLOCATIONS:
+            raise CpsError(f"unknown allocation {self.allocation!r}; use {' or '.join(ALLOCATIONS)}")
+        if self.owl_m <= 0:
+            raise CpsError(f"--owl-m must be positive (got {self.owl_m:g})")
+        if not 0 < self.owl_lambda < 0.5:
+            raise CpsError(f"--owl-lambda must be in (0, 0.5) (got {self.owl_lambda:g})")
+        if self.refine != "none":
+            refinement_class(self.refine)
+        problem = combination_error(str(self.method), self.pattern, self.allocation, self.refine)
+        if problem:
+            raise CpsError(problem)
+
     @property
     def dense(self) -> bool:
         return self.method is None
+
+    @property
+    def plan(self) -> PrunePlan:
+        """The allocation and refinement around the method, for the engine."""
+        allocation = OwlAllocation(self.owl_m, self.owl_lambda) if self.allocation == "owl" else None
+        refinement = None if self.refine == "none" else refinement_class(self.refine)(self.options)
+        return PrunePlan(allocation, refinement)
 
     @property
     def load_options(self) -> LoadOptions:
@@ -111,6 +176,10 @@ class PruneConfig:
         return self.method or DENSE
 
     @property
+    def variant(self) -> str:
+        return variant(self.method_name, self.allocation, self.refine)
+
+    @property
     def target(self) -> SparsityTarget:
         if self.dense:
             return SparsityTarget(0.0)
@@ -119,7 +188,15 @@ class PruneConfig:
 
     @property
     def options(self) -> MethodOptions:
-        return MethodOptions(self.blocksize, self.dampening)
+        return MethodOptions(
+            self.blocksize,
+            self.dampening,
+            self.ria_a,
+            self.dsnot_cycles,
+            self.dsnot_threshold,
+            self.dsnot_var_power,
+            self.dsnot_skip,
+        )
 
     @property
     def engine(self) -> EngineConfig:
@@ -154,6 +231,12 @@ class PruneConfig:
         if self.method is not None:  # the options that shape this method's result
             options = self.options
             params |= {name: getattr(options, name) for name in method_class(self.method).logged_options}
+            params |= {"allocation": self.allocation, "refine": self.refine}
+            if self.allocation == "owl":
+                params |= {"owl_m": self.owl_m, "owl_lambda": self.owl_lambda}
+            if self.refine != "none":
+                logged = refinement_class(self.refine).logged_options
+                params |= {name: getattr(options, name) for name in logged}
         return params
 
 

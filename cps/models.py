@@ -15,7 +15,8 @@ import logging
 import re
 import shutil
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -668,3 +669,39 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         raise CpsError(f"cannot find the decoder layers of {type(model).__name__}")
     candidates.sort(key=lambda c: (not c[0].endswith("layers"), c[0].count(".")))
     return candidates[0][1]
+
+
+@contextmanager
+def without_layers(model: nn.Module, removed: Iterable[int]) -> Iterator[nn.Module]:
+    """The model with decoder layers `removed` taken out for the duration (a layer-removal run's
+    saved model): the layer stack, `num_hidden_layers`, the per-layer `layer_types` (Gemma-3's
+    sliding and full attention, each kept layer keeping its own) and each kept layer's cache index
+    (`layer_idx`) follow; everything is put back on exit."""
+    layers = decoder_layers(model)
+    config = model.config.get_text_config()
+    gone = set(removed)
+    kept = [index for index in range(len(layers)) if index not in gone]
+    before = list(layers), config.num_hidden_layers, getattr(config, "layer_types", None)
+    indices = {module: module.layer_idx for module in layers.modules() if hasattr(module, "layer_idx")}
+    _restack(layers, [before[0][index] for index in kept])
+    config.num_hidden_layers = len(kept)
+    if before[2] is not None:
+        config.layer_types = [before[2][index] for index in kept]
+    for position, layer in enumerate(layers):
+        for module in layer.modules():
+            if module in indices:
+                module.layer_idx = position
+    try:
+        yield model
+    finally:
+        _restack(layers, before[0])
+        config.num_hidden_layers = before[1]
+        if before[2] is not None:
+            config.layer_types = before[2]
+        for module, index in indices.items():
+            module.layer_idx = index
+
+
+def _restack(layers: nn.ModuleList, modules: list[nn.Module]) -> None:
+    del layers[:]
+    layers.extend(modules)

@@ -91,8 +91,24 @@ def find_prune_runs(
     store: tracking.Store, params: Mapping[str, Any], status: str | None = "FINISHED"
 ) -> list[tracking.RunRecord]:
     """Prune runs with these params (`tracking.find_runs`), newest first; a run logged before issue
-    25, with `dtype=auto`, matches the dtype it pruned in (`pruned_dtype`), so that stores made
-    before find their finished cells and dense runs."""
+    25, with `dtype=auto`, matches the dtype it pruned in (`pruned_dtype`), and one logged before
+    issue 26, without `allocation` and `refine`, matches uniform and none: stores made before find
+    their finished cells and dense runs."""
+    if _BEFORE_ALLOCATIONS.items() <= {k: str(v) for k, v in params.items()}.items():
+        # a run from before issue 26 logged neither param: it was uniform and unrefined
+        plain = {k: v for k, v in params.items() if k not in _BEFORE_ALLOCATIONS}
+        found = _find_by_dtype(store, params, status)
+        found += [r for r in _find_by_dtype(store, plain, status) if "allocation" not in r.params]
+        return sorted(found, key=lambda record: record.start_time, reverse=True)
+    return _find_by_dtype(store, params, status)
+
+
+_BEFORE_ALLOCATIONS = {"allocation": "uniform", "refine": "none"}
+
+
+def _find_by_dtype(
+    store: tracking.Store, params: Mapping[str, Any], status: str | None
+) -> list[tracking.RunRecord]:
     found = tracking.find_runs(store, "prune", params, status)
     dtype = params.get("dtype")
     if dtype is None or dtype == "auto":

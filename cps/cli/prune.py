@@ -26,7 +26,9 @@ def prune_command(
         typer.Option("--lang", "-l", help="Calibration language or mixture (en:0.5,sw:0.5)."),
     ] = None,
     model: Model = "gemma3-270m",
-    method: Annotated[str, typer.Option(help="wanda | sparsegpt | magnitude | dense.")] = "wanda",
+    method: Annotated[
+        str, typer.Option(help="wanda | sparsegpt | ria | magnitude | shortgpt (whole layers) | dense.")
+    ] = "wanda",
     sparsity: Annotated[
         float | None, typer.Option(help="Unstructured sparsity in [0, 1); default 0.5.")
     ] = None,
@@ -45,6 +47,24 @@ def prune_command(
     ] = False,
     blocksize: Annotated[int, typer.Option(help="SparseGPT block size.")] = 128,
     dampening: Annotated[float, typer.Option(help="SparseGPT dampening (share of mean diag H).")] = 0.01,
+    allocation: Annotated[
+        str,
+        typer.Option(help="Sparsity per decoder layer: uniform | owl (outlier-weighted, arXiv 2310.05175)."),
+    ] = "uniform",
+    owl_m: Annotated[
+        float, typer.Option(help="OWL: outliers are scores above M x their layer's mean.")
+    ] = 5.0,
+    owl_lambda: Annotated[float, typer.Option(help="OWL: layer sparsities within target +- lambda.")] = 0.08,
+    refine: Annotated[
+        str, typer.Option(help="Mask refinement after the method: none | dsnot (arXiv 2310.08915).")
+    ] = "none",
+    ria_a: Annotated[float, typer.Option(help="RIA: exponent a of ||X_j||^a.")] = 0.5,
+    dsnot_cycles: Annotated[int, typer.Option(help="DSnoT: swaps per row at most.")] = 50,
+    dsnot_threshold: Annotated[float, typer.Option(help="DSnoT: stop a row below this error.")] = 0.1,
+    dsnot_var_power: Annotated[float, typer.Option(help="DSnoT: regrow by W E[X] / Var(X)^power.")] = 1.0,
+    dsnot_skip: Annotated[
+        str, typer.Option(help="DSnoT: sub-block left unrefined: mlp (the reference) | self_attn | none.")
+    ] = "mlp",
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto.")] = "cpu",
     dtype: Annotated[
         str, typer.Option(help="auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16.")
@@ -57,7 +77,8 @@ def prune_command(
     tracking_uri: TrackingUri = None,
     experiment: Experiment = "cps",
 ) -> None:
-    """Prune with Wanda, SparseGPT or magnitude; log params, per-layer error/SNR, masks and model."""
+    """Prune with Wanda, SparseGPT, RIA, magnitude or ShortGPT (whole layers), optionally with OWL's
+    layer-wise sparsity and DSnoT's mask refinement; log params, per-layer error/SNR, masks and model."""
     from cps.config import DENSE, CalibrationConfig, PruneConfig
     from cps.stages.prune import run_prune
     from cps.tracking import Store
@@ -82,11 +103,20 @@ def prune_command(
         calib_run=calib,
         save_model=save_model,
         stream=stream,
+        allocation=allocation,
+        owl_m=owl_m,
+        owl_lambda=owl_lambda,
+        refine=refine,
+        ria_a=ria_a,
+        dsnot_cycles=dsnot_cycles,
+        dsnot_threshold=dsnot_threshold,
+        dsnot_var_power=dsnot_var_power,
+        dsnot_skip=dsnot_skip,
     )
     store = Store(tracking_uri, experiment)
     result = run_prune(config, store)
     metrics = result.metrics
-    typer.echo(f"run {result.run_id}: {method} {config.target.pattern} on {model}")
+    typer.echo(f"run {result.run_id}: {config.variant} {config.target.pattern} on {model}")
     typer.echo(f"  actual sparsity {metrics['sparsity.actual']:.4f}")
     if "calib_snr_db.mean" in metrics:
         typer.echo(

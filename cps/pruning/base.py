@@ -30,6 +30,16 @@ class InputStats:
     gram: torch.Tensor | None  # H = X^T X summed over tokens, fp32 (in, in)
     tokens: int
     squares: torch.Tensor | None = None  # sum over tokens of X_tj^2, fp32 (in,)
+    # First moments, gathered only for a refinement that reads them (DSnoT, `needs_moments`):
+    sums: torch.Tensor | None = None  # sum over tokens of X_tj, fp32 (in,)
+    window_var: torch.Tensor | None = None  # mean over windows of each window's variance of X_j (in,)
+    windows: int = 0  # calibration windows (sequences) the tokens came in
+
+    def column_means(self) -> torch.Tensor:
+        """E[X_j] over the calibration tokens (in,)."""
+        if self.sums is None:
+            raise ValueError("this step needs the column sums of X: declare needs_moments = True")
+        return self.sums / max(self.tokens, 1)
 
     def column_norms(self) -> torch.Tensor:
         """||X_j||_2 per input column (in,)."""
@@ -46,12 +56,27 @@ class InputStats:
 class MethodOptions:
     blocksize: int = 128  # SparseGPT: columns per lazy-update block
     dampening: float = 0.01  # SparseGPT: fraction of mean(diag H) added to the diagonal
+    ria_a: float = 0.5  # RIA: exponent of the activation norm ||X_j||^a
+    # DSnoT (the reference's defaults: max_cycle_time 50, update_threshold 0.1,
+    # pow_of_var_regrowing 1, skip_layer mlp):
+    dsnot_cycles: int = 50  # regrow/prune swaps per row at most
+    dsnot_threshold: float = 0.1  # a row stops once |its expected reconstruction error| is below
+    dsnot_var_power: float = 1.0  # regrowing ranks by W_ij E[X_j] / Var(X_j)^power
+    dsnot_skip: str = "mlp"  # sub-block left as the mask method left it: mlp | self_attn | none
 
     def __post_init__(self) -> None:
         if self.blocksize < 1:
             raise CpsError(f"--blocksize must be positive (got {self.blocksize})")
         if not 0 < self.dampening < 1e3:
             raise CpsError(f"--dampening must be positive (got {self.dampening:g})")
+        if not 0 <= self.ria_a <= 4:
+            raise CpsError(f"--ria-a must be in [0, 4] (got {self.ria_a:g})")
+        if self.dsnot_cycles < 1:
+            raise CpsError(f"--dsnot-cycles must be positive (got {self.dsnot_cycles})")
+        if self.dsnot_threshold < 0:
+            raise CpsError(f"--dsnot-threshold must be non-negative (got {self.dsnot_threshold:g})")
+        if self.dsnot_skip not in ("mlp", "self_attn", "none"):
+            raise CpsError(f"--dsnot-skip must be mlp, self_attn or none (got {self.dsnot_skip!r})")
 
 
 @dataclass
@@ -71,6 +96,8 @@ class PruningMethod(ABC):
     updates_weights: ClassVar[bool] = False
     needs_gram: ClassVar[bool] = False  # the full X^T X (else the engine sums only squared columns)
     logged_options: ClassVar[tuple[str, ...]] = ()
+    removes_layers: ClassVar[bool] = False  # structured: whole decoder layers go (`choose_layers`)
+    supports_nm: ClassVar[bool] = True  # N:M patterns make sense for it
 
     def __init__(self, options: MethodOptions | None = None) -> None:
         self.options = options or MethodOptions()
@@ -86,9 +113,45 @@ class PruningMethod(ABC):
         q, k and v); a method may do them together where that saves work, with the same results."""
         return [self.prune(weight, stats, target) for weight in weights]
 
+    def choose_layers(self, influence: list[float], target: SparsityTarget) -> list[int]:
+        """A layer-removing method: the decoder layers to remove, from each layer's Block
+        Influence (1 - cosine of its input and output hidden states)."""
+        raise NotImplementedError(f"{self.name} prunes within layers")
+
 
 METHODS: Registry[PruningMethod] = Registry()
 register = METHODS.register
+
+
+class MaskRefinement(ABC):
+    """A step after a mask method (`--refine NAME`), registered under its module's name: it takes
+    one linear's dense weight and mask and returns a new mask of the same sparsity. It reads the
+    inputs' first moments when `needs_moments` (the engine then gathers `sums` and `window_var`)."""
+
+    name: ClassVar[str]
+    needs_moments: ClassVar[bool] = True
+    logged_options: ClassVar[tuple[str, ...]] = ()  # the `MethodOptions` fields its run logs
+
+    def __init__(self, options: MethodOptions | None = None) -> None:
+        self.options = options or MethodOptions()
+
+    @abstractmethod
+    def refine(
+        self, module: str, weight: torch.Tensor, mask: torch.Tensor, stats: InputStats, target: SparsityTarget
+    ) -> torch.Tensor:
+        """The refined bool mask (out, in), True = pruned; `module` is the linear's name inside its
+        decoder layer (e.g. mlp.down_proj), `weight` its dense fp32 weight (out, in)."""
+
+
+REFINEMENTS: Registry[MaskRefinement] = Registry()
+register_refinement = REFINEMENTS.register
+
+
+def refinement_class(name: str) -> type[MaskRefinement]:
+    _discover_methods()
+    if name not in REFINEMENTS:
+        raise CpsError(f"unknown refinement {name!r}; use one of {', '.join(sorted(REFINEMENTS))} or none")
+    return REFINEMENTS[name]
 
 
 def method_class(name: str) -> type[PruningMethod]:

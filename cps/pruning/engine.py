@@ -25,8 +25,8 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,8 +36,10 @@ from tqdm.auto import tqdm
 
 from cps.hooks import layer_output
 from cps.models import decoder_layers
-from cps.pruning.base import InputStats, PruningMethod
+from cps.pruning.base import InputStats, MaskRefinement, PruningMethod
 from cps.pruning.masks import PackedMasks, SparsityTarget
+from cps.pruning.owl import outlier_ratio, owl_sparsities
+from cps.pruning.wanda import wanda_scores
 from cps.streaming import LayerCalls, capture_layer_calls, move, return_freed_memory, streamed
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,10 @@ class EngineResult:
     stats: list[LinearStats] = field(default_factory=list)
     seconds: float = 0.0
     error_estimate: str = "exact"  # or "sample:<tokens>/<all tokens>" (see `TokenSample`)
+    layer_targets: list[float] | None = None  # OWL: each layer's allocated sparsity
+    outlier_ratios: list[float] | None = None  # OWL: each layer's D_l (percent)
+    block_influence: list[float] | None = None  # layer removal: each layer's Block Influence
+    removed_layers: list[int] | None = None  # layer removal: the removed decoder layers
 
 
 @dataclass
@@ -135,6 +141,9 @@ class _Group:
     squares: torch.Tensor | None = None  # sum of X_tj^2 per column (the others)
     sample: list[torch.Tensor] = field(default_factory=list)  # weighted sampled rows of X
     tokens: int = 0
+    sums: torch.Tensor | None = None  # sum of X_tj per column (a refinement's first moments)
+    window_var: torch.Tensor | None = None  # sum over windows of each window's variance of X_j
+    windows: int = 0
 
 
 def accumulate_upper_gram(gram: torch.Tensor, X: torch.Tensor) -> None:
@@ -172,9 +181,14 @@ class _StatsHooks:
         layout: list[list[str]] | None = None,
         squares: bool = False,
         sample: TokenSample | None = None,
+        moments: bool = False,
+        gram: bool = True,
     ) -> None:
+        self.gram = gram  # sum X^T X where no sample is drawn (off: a pass that reads only squares)
         self.squares = squares  # sum each column's squares (what a method without X^T X reads)
         self.sample = sample  # None: sum the full X^T X (exact error and signal); else sampled rows
+        self.moments = moments  # column sums and per-window variances (a refinement reads them)
+        self.stop_early = True  # end a pass at the last input it gathers (its outputs are unused)
         self.batch = 0
         self.linears = _linears(layer)
         self.groups = [_Group(list(names)) for names in layout or []]
@@ -206,15 +220,17 @@ class _StatsHooks:
                 if self.squares:
                     squares = flat.mul(flat).sum(dim=0)  # 5-10x faster than vector_norm(dim=0) on CPU
                     group.squares = squares if group.squares is None else group.squares.add_(squares)
-                if self.sample is None:
+                if self.moments:
+                    _add_moments(group, x.reshape(-1, x.shape[-2], x.shape[-1]).float())
+                if self.sample is None and self.gram:
                     if group.gram is None:
                         group.gram = flat.new_zeros(flat.shape[1], flat.shape[1])
                     accumulate_upper_gram(group.gram, flat)
-                else:
+                elif self.sample is not None:
                     rows = self.sample.rows[self.batch].to(flat.device)
                     roots = self.sample.roots[self.batch].to(flat.device)
                     group.sample.append(flat[rows] * roots[:, None])
-            if self.frozen and index == max(self.active):
+            if self.stop_early and self.frozen and index == max(self.active):
                 raise _StopForward  # nothing after this input is needed
 
         return collect
@@ -223,12 +239,16 @@ class _StatsHooks:
     def layout(self) -> list[list[str]]:
         return [group.names for group in self.groups]
 
-    def run(self, forward: Callable[[torch.Tensor], Any], batches: list[torch.Tensor]) -> None:
+    def run(self, forward: Callable[[torch.Tensor], Any], batches: Any) -> None:
+        """One pass over `batches`; where `stop_early` is off, each batch's output replaces it
+        (`batches` is then the buffer of the next layer's inputs)."""
         if self.frozen:
             self.active &= set(range(len(self.groups)))
         for self.batch, batch in enumerate(batches):
             with suppress(_StopForward):
-                forward(batch)
+                output = forward(batch)
+                if not self.stop_early:
+                    batches[self.batch] = output.to(batch.device)
             self._seen.clear()
             if not self.frozen:
                 self.frozen = True
@@ -239,16 +259,34 @@ class _StatsHooks:
             handle.remove()
 
 
+def _add_moments(group: _Group, windows: torch.Tensor) -> None:
+    """Column sums and the sum of per-window population variances, from X (windows, L, in)."""
+    sums = windows.sum(dim=(0, 1))
+    variance = torch.var(windows, dim=1, unbiased=False).sum(dim=0)
+    group.sums = sums if group.sums is None else group.sums.add_(sums)
+    group.window_var = variance if group.window_var is None else group.window_var.add_(variance)
+    group.windows += windows.shape[0]
+
+
+def _input_stats(group: _Group, gram: torch.Tensor | None) -> InputStats:
+    window_var = None if group.window_var is None else group.window_var / max(group.windows, 1)
+    return InputStats(gram, group.tokens, group.squares, group.sums, window_var, group.windows)
+
+
 def _prune_group(
-    group: _Group, layer: nn.Module, method: PruningMethod, target: SparsityTarget
+    group: _Group,
+    layer: nn.Module,
+    method: PruningMethod,
+    target: SparsityTarget,
+    refinement: MaskRefinement | None = None,
 ) -> dict[str, tuple[torch.Tensor, float, float, float]]:
-    """Prune every linear of a group; returns name -> (mask, error, signal, stored sparsity).
-    Error and signal are exact from X^T X, or estimated from the weighted sampled rows."""
+    """Prune every linear of a group (then refine its mask); returns name -> (mask, error, signal,
+    stored sparsity). Error and signal are exact from X^T X, or estimated from the weighted sampled rows."""
     linears = _linears(layer)
     if group.gram is not None:
         gram = symmetrize(group.gram)
         group.gram = None  # free the accumulator before the (in, in) products below
-        stats = InputStats(gram, group.tokens, group.squares)
+        stats = _input_stats(group, gram)
 
         def energy(matrix: torch.Tensor) -> float:  # ||matrix X^T||_F^2 = tr(matrix H matrix^T)
             return torch.sum((matrix @ gram) * matrix).item()
@@ -256,7 +294,7 @@ def _prune_group(
     else:
         sample = torch.cat(group.sample)
         group.sample = []
-        stats = InputStats(None, group.tokens, group.squares)
+        stats = _input_stats(group, None)
 
         def energy(matrix: torch.Tensor) -> float:
             return torch.sum((sample @ matrix.T) ** 2).item()
@@ -269,6 +307,8 @@ def _prune_group(
     )
     for name, W, pruned in zip(group.names, weights, outcome, strict=True):
         linear = linears[name]
+        if refinement is not None:  # a mask-only method's mask (PruneConfig refuses the others)
+            pruned.mask = refinement.refine(name, W, pruned.mask, stats, target)
         if pruned.weight is None:  # the stored weights lose exactly the masked values
             error, signal = energy(torch.where(pruned.mask.to(W.device), W, 0.0)), energy(W)
             linear.weight.data.masked_fill_(pruned.mask.to(W.device), 0)
@@ -291,6 +331,33 @@ def calibration_batches(input_ids: torch.Tensor, batch_tokens: int) -> list[torc
     return [input_ids[start : start + size] for start in range(0, input_ids.shape[0], size)]
 
 
+@contextmanager
+def _on_device(layer: nn.Module, model: nn.Module, device: torch.device) -> Iterator[None]:
+    """A layer's weights where it computes for the duration: read from the shards (streamed) and
+    released after, or moved to `device` and back home."""
+    source = streamed(model)
+    if source is not None:
+        source.materialize(layer)
+    else:
+        home = next(layer.parameters()).device
+        layer.to(device)
+    try:
+        yield
+    finally:
+        if source is not None:
+            source.release(layer)
+        else:
+            layer.to(home)
+
+
+def _layer_forward(layer: nn.Module, index: int, calls: LayerCalls, device: torch.device) -> Callable:
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        hidden = batch.to(device)
+        return layer_output(layer(hidden, **move(calls.kwargs_for(index, batch), device, {})))
+
+    return forward
+
+
 def prune_model(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -298,20 +365,30 @@ def prune_model(
     target: SparsityTarget,
     config: EngineConfig | None = None,
     on_layer: Callable[[int, nn.Module], None] | None = None,
+    plan: PrunePlan | None = None,
 ) -> EngineResult:
-    """Prune every linear inside the decoder layers of `model` in place, layer by layer.
+    """Prune every linear inside the decoder layers of `model` in place, layer by layer: each at
+    `target`, or at the layer's own sparsity from OWL's allocation (`plan.allocation`), each mask
+    refined by `plan.refinement`; a method that removes whole layers goes by `remove_layers`.
 
     A streamed model (`cps.streaming`) has each layer read from its shards before it is pruned and
     dropped after `on_layer(index, layer)` has seen it (the shard writer); an in-memory model has
     each layer moved to the device and back."""
-
     config = config or EngineConfig()
+    plan = plan or PrunePlan()
+    if method.removes_layers:
+        return remove_layers(model, input_ids, method, target, config, on_layer)
     started = time.perf_counter()
     device = torch.device(config.device)
     layers = decoder_layers(model)
     prefix = {id(layer): name for name, layer in model.named_modules()}
-    source = streamed(model)
     result = EngineResult(masks=PackedMasks())
+    targets = [target] * len(layers)
+    if plan.allocation is not None:
+        ratios = outlier_ratios(model, input_ids, config, plan.allocation.m)
+        sparsities = owl_sparsities(ratios, target.sparsity, plan.allocation.lam)
+        targets = [SparsityTarget(sparsity) for sparsity in sparsities]
+        result.outlier_ratios, result.layer_targets = ratios, sparsities
     layouts: dict[tuple[str, ...], list[list[str]]] = {}  # linear names -> input groups
     with torch.inference_mode():
         batches = calibration_batches(input_ids, config.batch_tokens)
@@ -322,24 +399,12 @@ def prune_model(
         calls = capture_layer_calls(model, batches, device, config.offload_activations)
         progress = tqdm(list(enumerate(layers)), desc=f"{method.name} {target.pattern}", unit="layer")
         for index, layer in progress:
-            home = None
-            if source is not None:
-                source.materialize(layer)
-            else:
-                home = next(layer.parameters()).device
-                layer.to(device)
-            layer_stats = _prune_layer(index, layer, calls, method, target, config, layouts, sample)
-            if on_layer is not None:
-                on_layer(index, layer)
-            if source is not None:
-                source.release(layer)
-            else:
-                layer.to(home)
-            for name, (mask, error, signal, stored) in layer_stats.items():
-                result.masks[f"{prefix[id(layer)]}.{name}"] = mask
-                shape = (mask.shape[0], mask.shape[1])
-                sparsity = mask.float().mean().item()
-                result.stats.append(LinearStats(index, name, error, signal, sparsity, stored, shape))
+            with _on_device(layer, model, device):
+                step = _LayerStep(method, targets[index], plan.refinement, sample)
+                layer_stats = _prune_layer(index, layer, calls, step, config, layouts)
+                if on_layer is not None:
+                    on_layer(index, layer)
+            _record(result, index, prefix[id(layer)], layer_stats)
             finite = [s.snr_db for s in result.stats[-len(layer_stats) :] if math.isfinite(s.snr_db)]
             if finite:
                 progress.set_postfix(snr_db=f"{sum(finite) / len(finite):.1f}")
@@ -348,26 +413,43 @@ def prune_model(
     return result
 
 
+def _record(
+    result: EngineResult,
+    index: int,
+    prefix: str,
+    layer_stats: dict[str, tuple[torch.Tensor, float, float, float]],
+) -> None:
+    for name, (mask, error, signal, stored) in layer_stats.items():
+        result.masks[f"{prefix}.{name}"] = mask
+        shape = (mask.shape[0], mask.shape[1])
+        sparsity = mask.float().mean().item()
+        result.stats.append(LinearStats(index, name, error, signal, sparsity, stored, shape))
+
+
+@dataclass(frozen=True)
+class _LayerStep:
+    """What pruning one layer applies: the method at the layer's target, then the refinement."""
+
+    method: PruningMethod
+    target: SparsityTarget
+    refinement: MaskRefinement | None = None
+    sample: TokenSample | None = None
+
+
 def _prune_layer(
     index: int,
     layer: nn.Module,
     calls: LayerCalls,
-    method: PruningMethod,
-    target: SparsityTarget,
+    step: _LayerStep,
     config: EngineConfig,
     layouts: dict[tuple[str, ...], list[list[str]]],
-    sample: TokenSample | None = None,
 ) -> dict[str, tuple[torch.Tensor, float, float, float]]:
     """Statistics, masks and the pruned pass for one layer. Layers of one structure share their
     input-group layout, found on the first of them."""
-    device = torch.device(config.device)
-
-    def forward(batch: torch.Tensor) -> torch.Tensor:
-        hidden = batch.to(device)
-        return layer_output(layer(hidden, **move(calls.kwargs_for(index, batch), device, {})))
-
+    forward = _layer_forward(layer, index, calls, torch.device(config.device))
     structure = tuple(_linears(layer))
-    hooks = _StatsHooks(layer, layouts.get(structure), not method.needs_gram, sample)
+    moments = step.refinement is not None and step.refinement.needs_moments
+    hooks = _StatsHooks(layer, layouts.get(structure), not step.method.needs_gram, step.sample, moments)
     results: dict[str, tuple[torch.Tensor, float, float, float]] = {}
     try:
         # The first pass also finds the groups: it accumulates all of them, or only the first
@@ -377,15 +459,157 @@ def _prune_layer(
         layouts[structure] = hooks.layout
         indices = list(range(len(hooks.groups)))
         schedule = [[i] for i in indices] if config.true_sequential else [indices]
-        for position, step in enumerate(schedule):
+        for position, group_indices in enumerate(schedule):
             if position > 0:
-                hooks.active = set(step)
+                hooks.active = set(group_indices)
                 hooks.run(forward, calls.hidden)
-            for group_index in step:
-                results.update(_prune_group(hooks.groups[group_index], layer, method, target))
+            for group_index in group_indices:
+                group = hooks.groups[group_index]
+                results.update(_prune_group(group, layer, step.method, step.target, step.refinement))
     finally:
         hooks.remove()
     return_freed_memory()  # the statistics' and the dense pass's blocks, before the pruned pass
     for position, batch in enumerate(calls.hidden):  # pruned pass: next layer's inputs, in place
         calls.hidden[position] = forward(batch).to(batch.device)
     return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense passes: OWL's outlier ratios, layer removal's Block Influence
+
+
+@dataclass(frozen=True)
+class OwlAllocation:
+    """OWL's settings: outliers are Wanda scores above `m` times their layer's mean; layer
+    sparsities spread over [S - lam, S + lam]."""
+
+    m: float = 5.0
+    lam: float = 0.08
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """What runs around the method: OWL's layer-wise allocation (else every layer at the target)
+    and a mask refinement."""
+
+    allocation: OwlAllocation | None = None
+    refinement: MaskRefinement | None = None
+
+
+def _dense_pass(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    config: EngineConfig,
+    visit: Callable[[int, nn.Module, Callable, Any], None],
+    desc: str,
+) -> None:
+    """One pass of the dense model over the calibration tokens, layer by layer:
+    `visit(index, layer, forward, hidden)` runs the layer over `hidden` (its inputs, per batch)
+    and leaves its outputs there, the next layer's inputs."""
+    device = torch.device(config.device)
+    with torch.inference_mode():
+        batches = calibration_batches(input_ids, config.batch_tokens)
+        calls = capture_layer_calls(model, batches, device, config.offload_activations)
+        try:
+            for index, layer in enumerate(tqdm(decoder_layers(model), desc=desc, unit="layer")):
+                with _on_device(layer, model, device):
+                    visit(index, layer, _layer_forward(layer, index, calls, device), calls.hidden)
+        finally:
+            calls.hidden.close()
+
+
+def _passing_hooks(layer: nn.Module, **kwargs: Any) -> _StatsHooks:
+    """Hooks on every input group for a pass whose outputs go on to the next layer."""
+    hooks = _StatsHooks(layer, **kwargs)
+    hooks.stop_early = False
+    hooks.active = set(range(len(hooks.linears)))
+    return hooks
+
+
+def outlier_ratios(model: nn.Module, input_ids: torch.Tensor, config: EngineConfig, m: float) -> list[float]:
+    """OWL's D_l per decoder layer, in percent (as both reference implementations keep it), from
+    the dense model's activations (one dense pass before any pruning): the share of the Wanda
+    scores |W_ij| * ||X_j||_2 of all the layer's linears together above `m` times their mean."""
+    ratios: list[float] = []
+
+    def visit(index: int, layer: nn.Module, forward: Callable, hidden: Any) -> None:
+        hooks = _passing_hooks(layer, squares=True, gram=False)
+        try:
+            hooks.run(forward, hidden)
+        finally:
+            hooks.remove()
+        linears = _linears(layer)
+        scores = [
+            wanda_scores(linears[name].weight.float(), group.squares.clamp_min(0).sqrt())
+            for group in hooks.groups
+            for name in group.names
+        ]
+        ratios.append(outlier_ratio(scores, m))
+
+    _dense_pass(model, input_ids, config, visit, "OWL outlier ratios")
+    return ratios
+
+
+def remove_layers(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    method: PruningMethod,
+    target: SparsityTarget,
+    config: EngineConfig,
+    on_layer: Callable[[int, nn.Module], None] | None = None,
+) -> EngineResult:
+    """Structured pruning of whole decoder layers: one dense pass measures each layer's Block
+    Influence, 1 - the mean cosine of its input and output hidden states over the calibration
+    tokens (every position), and the sampled inputs of its linears; the method chooses the
+    layers; their linears are zeroed (masks all True: the layer is then the identity on the
+    residual stream, so dense x masks rebuilds the same model) and written through `on_layer`.
+    Error and signal of a removed linear are its whole output energy (SNR 0 dB), estimated from
+    the engine's token sample; a kept linear has no error."""
+    started = time.perf_counter()
+    result = EngineResult(masks=PackedMasks())
+    batches = calibration_batches(input_ids, config.batch_tokens)
+    sample = TokenSample.draw(batches, config.error_sample or sum(batch.numel() for batch in batches))
+    result.error_estimate = sample.label
+    influence: list[float] = []
+    energy: dict[tuple[int, str], float] = {}
+
+    def visit(index: int, layer: nn.Module, forward: Callable, hidden: Any) -> None:
+        totals = torch.zeros(2, dtype=torch.float64)  # sum of cosines, tokens
+
+        def measured(batch: torch.Tensor) -> torch.Tensor:
+            output = forward(batch)
+            cosine = torch.nn.functional.cosine_similarity(batch.float(), output.float(), dim=-1)
+            totals.add_(torch.tensor([cosine.double().sum().item(), cosine.numel()], dtype=torch.float64))
+            return output
+
+        hooks = _passing_hooks(layer, sample=sample)
+        try:
+            hooks.run(measured, hidden)
+        finally:
+            hooks.remove()
+        influence.append(1.0 - float(totals[0] / totals[1]))
+        linears = _linears(layer)
+        for group in hooks.groups:
+            rows = torch.cat(group.sample)
+            for name in group.names:
+                energy[index, name] = torch.sum((rows @ linears[name].weight.float().T) ** 2).item()
+
+    _dense_pass(model, input_ids, config, visit, f"{method.name} block influence")
+    removed = sorted(method.choose_layers(influence, target))
+    prefix = {id(layer): name for name, layer in model.named_modules()}
+    with torch.inference_mode():
+        for index, layer in enumerate(decoder_layers(model)):
+            with _on_device(layer, model, torch.device(config.device)):
+                layer_stats = {}
+                for name, linear in _linears(layer).items():
+                    mask = torch.full(tuple(linear.weight.shape), index in removed, dtype=torch.bool)
+                    if index in removed:
+                        linear.weight.data.zero_()
+                    error = energy[index, name] if index in removed else 0.0
+                    layer_stats[name] = (mask, error, energy[index, name], float(index in removed))
+                if on_layer is not None:
+                    on_layer(index, layer)
+            _record(result, index, prefix[id(layer)], layer_stats)
+    result.block_influence, result.removed_layers = influence, removed
+    result.seconds = time.perf_counter() - started
+    return result

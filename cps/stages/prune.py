@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import resource
@@ -31,9 +32,10 @@ from cps.models import (
     resolve_model,
     tokenizer_loaded,
     weights_folder,
+    without_layers,
 )
 from cps.notes import describe
-from cps.pruning.base import get_method
+from cps.pruning.base import get_method, method_class
 from cps.pruning.engine import EngineResult, prune_model
 from cps.pruning.masks import save_masks
 from cps.runs import DENSE_METRICS, ORIGINS, load_calibration_run, prune_params
@@ -52,6 +54,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
+
+REMOVED_LAYERS_TAG = "cps.removed_layers"  # a layer-removal run: the removed decoder layers (JSON)
 
 
 @dataclass
@@ -139,10 +143,14 @@ def run_prune(
     calib, calib_run = (None, None) if config.dense else _calibration(config, store, tags)
     torch.manual_seed(calib.config.seed if calib else 0)
     params = prune_params(config, calib)
-    run_name = f"{config.method_name}-{config.model}-{params['calib_lang']}-{params['pattern']}"
+    run_name = f"{config.variant}-{config.model}-{params['calib_lang']}-{params['pattern']}"
     stream = not config.dense and wants_stream(config.model, config.load_options)
     if stream and keep_model:
         raise CpsError("a streamed model is never whole in memory: keep_model needs --no-stream")
+    if stream and config.save_model and method_class(config.method_name).removes_layers:
+        raise CpsError(
+            f"{config.method} saves its model with the layers taken out in memory: use --no-stream"
+        )
     evaluated = then is not None  # evaluated next: the model with its tokenizer
     with (
         tracking.start_run(store, "prune", params, run_name, tags) as run,
@@ -194,7 +202,7 @@ def _prune_in_memory(
     if loaded.model.dtype != torch.float32 and engine.device == "cpu":
         log.info("pruning in %s on the CPU", loaded.model.dtype)
     method = get_method(config.method_name, config.options)
-    result = prune_model(loaded.model, calib.input_ids, method, config.target, engine)
+    result = prune_model(loaded.model, calib.input_ids, method, config.target, engine, plan=config.plan)
     if loaded.tokenizer is None and (config.save_model or evaluated):
         loaded.tokenizer = _tokenizer(config.model)
     loaded.origin = ORIGINS["pruned"]
@@ -221,7 +229,9 @@ def _prune_streamed(
     def write_layer(index: int, layer: nn.Module) -> None:
         writer.write(source.layer_state(layer))
 
-    result = prune_model(loaded.model, calib.input_ids, method, config.target, engine, write_layer)
+    result = prune_model(
+        loaded.model, calib.input_ids, method, config.target, engine, write_layer, config.plan
+    )
     _close_shards(writer, loaded.model, folder, config.save_model)
     # Every layer is released again: the same skeleton reads the pruned layers from now on. The
     # tokenizer (0.12 GB for Gemma-3, 0.45 GB while loading) only when the model is saved or evaluated next.
@@ -273,18 +283,20 @@ def _log_outputs(
     metrics = summary_metrics(stats, result.seconds)
     run.log_metrics(metrics)
     run.set_tags({"cps.calib_error_estimate": result.error_estimate})
+    weights = pl.col("rows") * pl.col("columns")
     per_layer = (
         stats.group_by("layer")
         .agg(
             pl.col("calib_snr_db").filter(pl.col("calib_snr_db").is_finite()).mean(),
             pl.col("calib_error").sum(),
-            pl.col("sparsity").mean().alias("sparsity"),
+            ((pl.col("sparsity") * weights).sum() / weights.sum()).alias("sparsity"),
         )
         .sort("layer")
     )
     run.log_series("calib_snr_db.layer", per_layer["calib_snr_db"].fill_null(float("nan")).to_list())
     run.log_series("calib_error.layer", per_layer["calib_error"].to_list())
     run.log_series("sparsity.layer", per_layer["sparsity"].to_list())
+    _log_layer_plan(run, result)
     run.log_frame(stats, "layer_stats.parquet")
     with tempfile.TemporaryDirectory() as folder:
         masks_path = Path(folder) / "masks.safetensors"
@@ -300,6 +312,19 @@ def _log_outputs(
         run.log_artifact(Path(folder) / "plots", "plots")
         if config.save_model and saved is not None:
             loaded.tokenizer.save_pretrained(saved)
-        if config.save_model:
-            tracking.log_transformers_model(run, loaded.model, loaded.tokenizer, checkpoint=saved)
+        if config.save_model:  # a layer-removal run's model without its removed layers
+            with without_layers(loaded.model, result.removed_layers or []):
+                tracking.log_transformers_model(run, loaded.model, loaded.tokenizer, checkpoint=saved)
     return stats, metrics
+
+
+def _log_layer_plan(run: tracking.TrackedRun, result: EngineResult) -> None:
+    """What decided each layer's share: OWL's outlier ratios and allocated sparsities, or layer
+    removal's Block Influence and the layers it removed."""
+    if result.outlier_ratios is not None and result.layer_targets is not None:
+        run.log_series("owl.outlier_ratio.layer", result.outlier_ratios)
+        run.log_series("owl.sparsity_target.layer", result.layer_targets)
+    if result.block_influence is not None and result.removed_layers is not None:
+        run.log_series("block_influence.layer", result.block_influence)
+        run.log_metrics({"layers.removed": float(len(result.removed_layers))})
+        run.set_tags({REMOVED_LAYERS_TAG: json.dumps(result.removed_layers)})
