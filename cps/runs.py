@@ -145,6 +145,15 @@ def run_layer_stats(store: tracking.Store, run_id: str) -> pl.DataFrame:
     return stats.rename({k: v for k, v in _LEGACY_LAYER_STATS.items() if k in stats.columns})
 
 
+def run_series(store: tracking.Store, run_id: str, key: str) -> list[float]:
+    """A per-layer series a prune run logged (`owl.sparsity_target.layer`: one value per decoder
+    layer, in layer order); CpsError when the run has none."""
+    values = tracking.metric_history(store, run_id, key)
+    if not values:
+        raise CpsError(f"run {run_id} logged no series {key!r}")
+    return values
+
+
 def load_calibration_run(store: tracking.Store, run_id: str) -> CalibrationSet:
     """The calibration set recorded by a calibrate run (`--calib RUN_ID`)."""
     with tempfile.TemporaryDirectory() as folder:
@@ -211,6 +220,13 @@ def load_run_model(
     if params.get("method") == DENSE:
         return replace(load(params["model"], options, tokenizer), origin=ORIGINS["dense"])
     stream = wants_stream(params["model"], options)
+    if REMOVED_LAYERS_TAG in record.tags:  # its saved model lacks layers; dense x masks keeps the
+        # stack (removed layers zeroed: the identity), so per-layer statistics line up with the dense
+        return (
+            _streamed_run_model(store, record, options, tokenizer)
+            if stream
+            else _rebuild(store, record, options)
+        )
     with tempfile.TemporaryDirectory() as scratch:
         # A streamed model reads its shards while it lives: a downloaded copy goes to the cache.
         where = cache_dir() / "downloads" / record.run_id if stream else Path(scratch)
@@ -242,6 +258,7 @@ ORIGINS = {
     "pruned": "pruned in this process",
 }
 SAVED_MODEL_TAG = "cps.saved_model"  # set on a prune run whose saved model cannot be used
+REMOVED_LAYERS_TAG = "cps.removed_layers"  # a layer-removal run: the removed decoder layers (JSON)
 
 
 def _misnamed_embedding(store: tracking.Store, record: tracking.RunRecord, folder: Path) -> bool:

@@ -38,7 +38,7 @@ from cps.notes import describe
 from cps.pruning.base import get_method, method_class
 from cps.pruning.engine import EngineResult, prune_model
 from cps.pruning.masks import save_masks
-from cps.runs import DENSE_METRICS, ORIGINS, load_calibration_run, prune_params
+from cps.runs import DENSE_METRICS, ORIGINS, REMOVED_LAYERS_TAG, load_calibration_run, prune_params
 from cps.stages.calibrate import calibration_dataset, run_calibrate
 from cps.streaming import (
     ShardWriter,
@@ -54,8 +54,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
-
-REMOVED_LAYERS_TAG = "cps.removed_layers"  # a layer-removal run: the removed decoder layers (JSON)
 
 
 @dataclass
