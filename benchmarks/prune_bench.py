@@ -5,9 +5,15 @@ and prints seconds, peak RSS and the ratio of pruning time to one dense forward 
 layers over the same tokens, measured in the same process just before pruning.
 
     .venv/bin/python benchmarks/prune_bench.py [--methods wanda,sparsegpt --against 13a1eb5]
+    .venv/bin/python benchmarks/prune_bench.py --no-process \
+        --methods wanda,wanda+owl,ria,wanda+dsnot,sparsegpt,sparsegpt+owl,shortgpt   (issue 26)
 
 Then `cps prune` as a user runs it (Wanda, the same tokens, default options), the whole process:
 its wall time and peak RSS against the pruning time the run logged (`time.prune_s`).
+
+Methods are variants (`wanda+owl`, `ria+dsnot`, `shortgpt`). Targets (issue 26, in one run):
+OWL adds at most one dense pass to its method, RIA within 1.1x of Wanda, DSnoT at most +20% to
+its method, layer removal (shortgpt) at most one dense pass.
 
 Targets (issue 15): Wanda <= 2.05x (its floor is 2: a dense pass for the statistics, a pruned pass
 for the next layer's inputs), SparseGPT <= 3.0x; the `cps prune` process <= 15 s more than its
@@ -53,8 +59,8 @@ def measure(method: str, nsamples: int, seqlen: int, batch_tokens: int) -> dict:
     from cps.config import CalibrationConfig
     from cps.data.calibration import build_calibration
     from cps.models import load_model
-    from cps.pruning.base import get_method
-    from cps.pruning.engine import EngineConfig, prune_model
+    from cps.pruning.base import MethodOptions, get_method, refinement_class
+    from cps.pruning.engine import EngineConfig, OwlAllocation, PrunePlan, prune_model
     from cps.pruning.masks import SparsityTarget
     from cps.stages.prune import peak_rss_gb
 
@@ -64,9 +70,13 @@ def measure(method: str, nsamples: int, seqlen: int, batch_tokens: int) -> dict:
     )
     dense = dense_forward_seconds(loaded.model, calib.input_ids, batch_tokens)
     target = SparsityTarget(0.5)
-    result = prune_model(
-        loaded.model, calib.input_ids, get_method(method), target, EngineConfig(batch_tokens=batch_tokens)
+    name, *around = method.split("+")  # a variant: wanda+owl, wanda+dsnot, ria, shortgpt
+    plan = PrunePlan(
+        OwlAllocation() if "owl" in around else None,
+        refinement_class("dsnot")(MethodOptions()) if "dsnot" in around else None,
     )
+    config = EngineConfig(batch_tokens=batch_tokens)
+    result = prune_model(loaded.model, calib.input_ids, get_method(name), target, config, plan=plan)
     return {
         "method": method,
         "threads": torch.get_num_threads(),
@@ -92,10 +102,11 @@ def main() -> None:
         print(json.dumps(measure(args.one, args.nsamples, args.seqlen, args.batch_tokens)))
         return
     sides = {"old": checkout(args.against), "new": ROOT} if args.against else {"new": ROOT}
-    targets = {"wanda": 2.05, "sparsegpt": 3.0}
+    targets = {"wanda": 2.05, "sparsegpt": 3.0, "shortgpt": 1.0}
+    rows: dict[str, dict[str, dict]] = {}
     print(f"gemma3-270m, {args.nsamples} x {args.seqlen} sw NTREX tokens, 50% unstructured")
     print(
-        f"{'side':<5} {'method':<10} {'prune s':>8} {'dense fwd s':>11} {'ratio':>6} {'target':>7} "
+        f"{'side':<5} {'method':<12} {'prune s':>8} {'dense fwd s':>11} {'ratio':>6} {'target':>7} "
         f"{'peak RSS GB':>11}"
     )
     for side, source in sides.items():
@@ -108,14 +119,38 @@ def main() -> None:
             if run.returncode != 0:
                 raise SystemExit(f"{side} {method} failed:\n{run.output[-3000:]}")
             row = json.loads(run.output.strip().splitlines()[-1])
+            rows.setdefault(side, {})[method] = row
             target = f"<={targets[method]}x" if method in targets else "-"
             print(
-                f"{side:<5} {method:<10} {row['prune_s']:>8.1f} {row['dense_forward_s']:>11.2f} "
+                f"{side:<5} {method:<12} {row['prune_s']:>8.1f} {row['dense_forward_s']:>11.2f} "
                 f"{row['ratio']:>6.2f} {target:>7} {row['peak_rss_gb']:>11.2f}"
             )
+        _relative_checks(side, rows[side])
     if not args.no_process:
         for side, source in sides.items():
             whole_process(side, source, args.nsamples, args.seqlen)
+
+
+# Issue 26, each measured against its method in the same run: OWL adds at most one dense pass, RIA
+# within 1.1x of Wanda, DSnoT adds at most 20% to its method (shortgpt's one dense pass is a target
+# of its own row).
+RELATIVE = (
+    ("wanda+owl", "wanda", "added dense passes", lambda new, old, dense: (new - old) / dense, 1.0),
+    ("sparsegpt+owl", "sparsegpt", "added dense passes", lambda new, old, dense: (new - old) / dense, 1.0),
+    ("ria", "wanda", "x wanda", lambda new, old, dense: new / old, 1.1),
+    ("wanda+dsnot", "wanda", "x wanda", lambda new, old, dense: new / old, 1.2),
+    ("ria+dsnot", "ria", "x ria", lambda new, old, dense: new / old, 1.2),
+)
+
+
+def _relative_checks(side: str, rows: dict[str, dict]) -> None:
+    for variant, base, unit, figure, bound in RELATIVE:
+        if variant in rows and base in rows:
+            new, old = rows[variant]["prune_s"], rows[base]["prune_s"]
+            dense = (rows[variant]["dense_forward_s"] + rows[base]["dense_forward_s"]) / 2
+            value = figure(new, old, dense)
+            verdict = "ok" if value <= bound else "OVER"
+            print(f"{side:<5} {variant:<14} {value:6.2f} {unit} (target <= {bound}) {verdict}")
 
 
 def whole_process(side: str, source: Path, nsamples: int, seqlen: int) -> None:

@@ -740,6 +740,15 @@ def find_runs(
             return records
 
 
+def metric_history(store: Store, run_id: str, key: str) -> list[float]:
+    """A metric's values in step order (a series of `log_series`: one per layer); a step logged more
+    than once keeps its latest value. Empty when the run never logged `key`."""
+    latest: dict[int, float] = {}
+    for point in sorted(client(store).get_metric_history(run_id, key), key=lambda p: (p.step, p.timestamp)):
+        latest[point.step] = point.value
+    return [latest[step] for step in sorted(latest)]
+
+
 def download_artifact(store: Store, run_id: str, path: str, dst: str | Path) -> Path:
     """Copy one artifact (file or folder) of a run to `dst`; CpsError when it is missing."""
 

@@ -201,3 +201,58 @@ def group_figures(frames: Mapping[str, pl.DataFrame], vary: str, name: str) -> d
             "specific / total deviation",
         )
     return figures
+
+
+def owl_allocation(layers: pl.DataFrame, uniform: float | None, title: str) -> Figure:
+    """OWL's allocated sparsity per decoder layer, one line per calibration language (a long
+    (lang, layer, sparsity) frame), with the uniform target every layer would get as a dashed line."""
+
+    figure = layer_lines(layers, "sparsity", "lang", title, "allocated sparsity (OWL)")
+    axes = figure.axes[0]
+    if uniform is not None:
+        axes.axhline(uniform, color="grey", linestyle="--", linewidth=1, label=f"uniform {uniform:g}")
+        axes.legend(fontsize=7, ncols=2)
+    return figure
+
+
+def removed_layers_grid(grid: pl.DataFrame, title: str, row_label: str = "calibration language") -> Figure:
+    """Removed decoder layers: language (rows) x layer (columns), a filled cell where the language's
+    run removed the layer (a long (lang, layer, removed) frame); each column headed by how many
+    languages remove it."""
+
+    langs = sorted(grid["lang"].unique().to_list())
+    layers = sorted(grid["layer"].unique().to_list())
+    cells = np.zeros((len(langs), len(layers)))
+    for lang, layer, removed in grid.select("lang", "layer", "removed").iter_rows():
+        cells[langs.index(lang), layers.index(layer)] = float(removed)
+    figure = Figure(figsize=(max(6.0, 2 + 0.3 * len(layers)), 1.6 + 0.35 * len(langs)), layout="constrained")
+    axes = figure.add_subplot()
+    axes.imshow(cells, cmap="Greys", vmin=0, vmax=1.25, aspect="auto")
+    axes.set_xticks(range(len(layers)), [str(layer) for layer in layers], fontsize=7)
+    axes.set_yticks(range(len(langs)), langs, fontsize=8)
+    axes.set_xticks(np.arange(len(layers) + 1) - 0.5, minor=True)
+    axes.set_yticks(np.arange(len(langs) + 1) - 0.5, minor=True)
+    axes.grid(which="minor", color="lightgrey", linewidth=0.5)
+    axes.tick_params(which="minor", length=0)
+    top = axes.secondary_xaxis("top")
+    top.set_xticks(range(len(layers)), [f"{int(count):d}" for count in cells.sum(axis=0)], fontsize=6)
+    top.set_xlabel("languages removing the layer", fontsize=7)
+    axes.set_xlabel("decoder layer")
+    axes.set_ylabel(row_label)
+    _title(figure, title)
+    return figure
+
+
+def layer_plan_figures(
+    frames: Mapping[str, pl.DataFrame], vary: str, name: str, uniform: float | None = None
+) -> dict[str, Figure]:
+    """The layer-plan plots of an analysis run, from whichever of `owl_layers` and `removed_layers`
+    (`cps.analysis.layer_plans`) it has; `uniform`: the sparsity every layer would get without OWL."""
+    figures = {}
+    if "owl_layers" in frames:
+        title = f"OWL allocated sparsity per layer by {vary} — {name}"
+        figures["owl_allocation"] = owl_allocation(frames["owl_layers"], uniform, title)
+    if "removed_layers" in frames:
+        title = f"removed decoder layers by {vary} — {name}"
+        figures["removed_layers"] = removed_layers_grid(frames["removed_layers"], title, vary)
+    return figures

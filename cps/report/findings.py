@@ -39,6 +39,7 @@ ANCHORS = {
     "analyses": "analyses",
     "metrics": "metrics",
     "pairs": "appendix-pairs",
+    "methods": "methods",
 }
 CLAIMS = (
     "1. own-language calibration gives the lowest perplexity on that language",

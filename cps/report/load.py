@@ -16,13 +16,21 @@ import polars as pl
 
 from cps import tracking
 from cps.analysis.findings import DELTA, shown_answers
-from cps.config import FINDINGS_DELTA_TAG
+from cps.config import FINDINGS_DELTA_TAG, variant
 from cps.metrics import INTERVAL, MARGIN_OF, SHOWN_SCORE, companion, metric, task_family
 
 # Prune metrics logged before the in-sample figures were named for what they are.
 LEGACY_METRICS = {"snr_db.mean": "calib_snr_db.mean", "prune_error.total": "calib_error.total"}
-SETTING_PARAMS = ("model", "method", "pattern", "sparsity")  # what runs are never averaged across
-ANALYSIS_HEADLINES = ("iou.mean", "lape.overlap.mean", "lsar.specific_share.mean", "cross_snr.own_lang_best")
+# What runs are never averaged across (`method` reads as the variant: wanda+owl is a method of its own)
+SETTING_PARAMS = ("model", "method", "pattern", "sparsity", "calib_corpus")
+ANALYSIS_HEADLINES = (
+    "iou.mean",
+    "lape.overlap.mean",
+    "lsar.specific_share.mean",
+    "cross_snr.own_lang_best",
+    "owl.sparsity_spread.max",  # OWL groups: the largest per-layer spread of allocated sparsity
+    "removed_layers.jaccard.mean",  # layer-removal groups: overlap of the removed layers
+)
 
 
 def matches(record: tracking.RunRecord, filters: Mapping[str, str]) -> bool:
@@ -40,10 +48,13 @@ def matching_runs(store: tracking.Store, stage: str, filters: Mapping[str, str])
 
 
 def prune_runs(store: tracking.Store, filters: Mapping[str, str]) -> pl.DataFrame:
-    """Finished prune runs matching the filters: params and metrics as columns (metrics prefixed m:)."""
+    """Finished prune runs matching the filters: params and metrics as columns (metrics prefixed m:);
+    `method` names the variant (`config.variant`: the method, its allocation and refinement)."""
     rows = []
     for record in matching_runs(store, "prune", filters):
         row: dict[str, object] = {"run_id": record.run_id, **record.params}
+        params = record.params  # the method with its allocation and refinement: wanda+owl+dsnot
+        row["method"] = variant(params.get("method", ""), params.get("allocation"), params.get("refine"))
         row |= {f"m:{name}": value for name, value in _normalised(record.metrics).items()}
         rows.append(row)
     if not rows:
@@ -81,7 +92,9 @@ def analysis_runs(store: tracking.Store, filters: Mapping[str, str]) -> pl.DataF
         members = json.loads(record.params.get("runs", "{}"))
         row = {
             "model": record.params.get("model"),
-            "method": record.params.get("method"),
+            "method": variant(
+                record.params.get("method", ""), record.params.get("allocation"), record.params.get("refine")
+            ),
             "pattern": record.params.get("pattern"),
             "vary": record.params.get("vary"),
             "members": ",".join(sorted(members)),
@@ -140,7 +153,11 @@ def analysis_tables(
             params = record.params
             if params.get("vary") != vary:
                 continue
-            setting = tuple(params.get(key) for key in SETTING_PARAMS)
+            shown = {
+                **params,
+                "method": variant(params.get("method", ""), params.get("allocation"), params.get("refine")),
+            }
+            setting = tuple(shown.get(key) for key in SETTING_PARAMS)
             if setting in seen:
                 continue
             seen.add(setting)

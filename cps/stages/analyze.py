@@ -10,7 +10,10 @@ A group is a set of prune runs that differ only in the calibration language (or 
   statistics at the scored positions, never BOS): LAPE language-specific neurons of the dense model
   against each pruned one, the layer-wise SNR of each pruned model's hidden states against the
   dense ones per evaluation language ("does calibrating on L best preserve L?"), and LSAR: that
-  deviation split into the dense model's language-specific subspace and the language-agnostic rest.
+  deviation split into the dense model's language-specific subspace and the language-agnostic rest;
+- for OWL runs (`allocation=owl`), how the allocated layer sparsities differ across the group
+  (`owl_spread`), and for layer-removal runs (tagged `cps.removed_layers`), how the removed layers
+  overlap (`removed_layer_overlap`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from cps import tracking
 from cps.analysis.cross_language import own_language_best
 from cps.analysis.groups import Group, comparison_groups
 from cps.analysis.lape import lape, neuron_counts, neuron_overlap
+from cps.analysis.layer_plans import owl_headlines, owl_spread, removed_headlines, removed_layer_overlap
 from cps.analysis.lsar import language_subspace, split_second_moment
 from cps.analysis.masks_overlap import (
     iou_headlines,
@@ -36,7 +40,7 @@ from cps.analysis.masks_overlap import (
     pairwise_iou,
     paper_agrees,
 )
-from cps.config import DENSE, PROTOCOL_VERSION, AnalyzeConfig, default_stride
+from cps.config import DENSE, PROTOCOL_VERSION, AnalyzeConfig, default_stride, variant
 from cps.data import get_corpus
 from cps.errors import CpsError
 from cps.evaluation.activations import ActivationStats, activation_statistics
@@ -44,7 +48,7 @@ from cps.evaluation.hidden import DenseStates, PositionSample, ReferenceKey, ref
 from cps.evaluation.windows import HeldOutText, held_out_windows
 from cps.models import LoadOptions, model_id, resolve_model
 from cps.notes import describe
-from cps.runs import load_run_model, run_layer_stats, run_masks
+from cps.runs import REMOVED_LAYERS_TAG, load_run_model, run_layer_stats, run_masks, run_series
 from cps.streaming import load
 
 
@@ -58,6 +62,7 @@ class GroupAnalysis:
     headlines: dict[str, float] = field(default_factory=dict)
     paper_agrees: bool | None = None
     lowest_modules: list[str] = field(default_factory=list)
+    layer_plan_tables: dict[str, pl.DataFrame] = field(default_factory=dict)  # OWL or removed layers
 
 
 def find_groups(
@@ -106,31 +111,74 @@ def analyze_group(
         ]
     )
     tables = activation_analyses(store, group, config) if config.activations else {}
+    plans, plan_headlines = layer_plan_analyses(store, group)
     lowest = lowest_overlap_modules(iou)
     agrees = paper_agrees(lowest)
-    headlines = iou_headlines(iou)
+    headlines = iou_headlines(iou) | plan_headlines
     if tables:
         headlines |= {
             "lape.overlap.mean": float(tables["lape_overlap"]["overlap"].mean()),
             "lsar.specific_share.mean": float(tables["lsar"]["specific_share"].mean()),
             "cross_snr.own_lang_best": own_language_best(tables["cross_snr"], vary),
         }
-    name = f"analyze-{group.shared.get('method')}-{group.shared.get('model')}-by-{vary}"
-    frames = {"iou": iou, "iou_pairs": language_pairs(iou), "calib_snr": calib_snr, **tables}
+    shared = group.shared
+    method = variant(str(shared.get("method")), shared.get("allocation"), shared.get("refine"))
+    name = f"analyze-{method}-{shared.get('model')}-by-{vary}"
+    frames = {"iou": iou, "iou_pairs": language_pairs(iou), "calib_snr": calib_snr, **tables, **plans}
     with tracking.start_run(store, "analyze", analysis_params(group, config), name, tags) as run:
         run.log_metrics(headlines)
         describe(store, run.run_id)
         run.set_tags({"cps.paper_low_iou_agrees": agrees, "cps.lowest_iou_modules": ",".join(lowest)})
         run.log_frames({f"{artifact}.parquet": frame for artifact, frame in frames.items()})
-        from cps.analysis.plots import group_figures  # matplotlib: only when there is a figure to draw
+        from cps.analysis.plots import group_figures, layer_plan_figures  # matplotlib: only to draw
 
+        uniform = float(group.shared["sparsity"]) if "sparsity" in group.shared else None
+        figures = group_figures(frames, vary, name) | layer_plan_figures(frames, vary, name, uniform)
         with tempfile.TemporaryDirectory() as folder:
             plots = Path(folder) / "plots"
             plots.mkdir()
-            for artifact, figure in group_figures(frames, vary, name).items():
+            for artifact, figure in figures.items():
                 figure.savefig(plots / f"{artifact}.png", dpi=110)
             run.log_artifact(plots, "plots")
-    return GroupAnalysis(group, run.run_id, iou, calib_snr, tables, headlines, agrees, lowest)
+    return GroupAnalysis(group, run.run_id, iou, calib_snr, tables, headlines, agrees, lowest, plans)
+
+
+OWL_TARGETS = "owl.sparsity_target.layer"  # the sparsity OWL allocated to each decoder layer
+OWL_RATIOS = "owl.outlier_ratio.layer"  # D_l, the layer's outlier ratio (percent)
+BLOCK_INFLUENCE = "block_influence.layer"  # a layer-removal run's score of every decoder layer
+
+
+def layer_plan_analyses(
+    store: tracking.Store, group: Group
+) -> tuple[dict[str, pl.DataFrame], dict[str, float]]:
+    """How the members' layer plans differ: OWL's allocations (`allocation=owl`, shared by the
+    group) or the removed layers (every member tagged `cps.removed_layers`); tables and headlines,
+    none for other groups."""
+    members = group.members
+    if group.shared.get("allocation") == "owl":
+        spread = owl_spread(
+            {value: run_series(store, run_id, OWL_TARGETS) for value, run_id in members.items()},
+            {value: run_series(store, run_id, OWL_RATIOS) for value, run_id in members.items()},
+        )
+        lam = float(group.shared["owl_lambda"]) if "owl_lambda" in group.shared else None
+        tables = {
+            "owl_layers": spread.layers,
+            "owl_spread": spread.summary,
+            "owl_rank_pairs": spread.rank_pairs,
+        }
+        return tables, owl_headlines(spread, lam)
+    tags = {value: tracking.get_run(store, run_id).tags for value, run_id in members.items()}
+    if not all(REMOVED_LAYERS_TAG in member_tags for member_tags in tags.values()):
+        return {}, {}
+    layers = len(run_series(store, next(iter(members.values())), BLOCK_INFLUENCE))
+    removed = {value: json.loads(member_tags[REMOVED_LAYERS_TAG]) for value, member_tags in tags.items()}
+    overlap = removed_layer_overlap(removed, layers)
+    tables = {
+        "removed_layers": overlap.grid,
+        "removed_layer_counts": overlap.layers,
+        "removed_layer_pairs": overlap.pairs,
+    }
+    return tables, removed_headlines(overlap)
 
 
 def run_analyze(config: AnalyzeConfig, store: tracking.Store) -> list[GroupAnalysis]:
