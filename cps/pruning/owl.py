@@ -7,7 +7,7 @@ of the model's sparsity over its decoder layers, for any mask method (`--allocat
 2. D rescaled to [0, 2 * lam]: D'_l = (D_l - min D) / (max D - min D) * 2 * lam.
 3. The layer's sparsity S_l = S - (D'_l - mean D'): more outliers, fewer weights pruned; the mean
    over layers is the target S (every decoder layer of these models has the same linears, so
-   the model-wide share is S too).
+   the model-wide share is S too), unless a layer falls to the floor below (S < lambda).
 This is luuyin/OWL `prune_wanda_outlier` (lib/prune_all.py) line for line, with its floor of 0.01
 for a layer at or below zero; llm-compressor's `_infer_owl_layer_sparsity` applies the same
 formula to a different norm (the mean over calibration samples of each sample's ||X_j||, against
