@@ -69,8 +69,8 @@ class CalibrationConfig:
     """`cps calibrate`: `nsamples` random windows of `seqlen` tokens of `lang`, tokenized for `model`."""
 
     model: str = DEFAULT_MODEL
-    lang: str = "en"  # a code, or a mixture 'en:0.5,sw:0.5'
-    corpus: str = "ntrex"
+    lang: str = "en"  # a code, a mixture 'en:0.5,sw:0.5', or a recipe 'sw+en' / 'all'
+    corpus: str = "ntrex"  # or 'self': text the dense model samples itself (cps.data.selfgen)
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0

@@ -1,7 +1,9 @@
-"""Language registry: ISO 639-1 code, English name, script, FLORES-200 code and mC4 config name."""
+"""Language registry: ISO 639-1 code, English name, script, FLORES-200 code and mC4 config name;
+calibration mixtures and their named recipes (`sw+en`, `all`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cps.errors import CpsError
@@ -64,8 +66,49 @@ def parse_languages(spec: str) -> list[str]:
     return list(dict.fromkeys(codes))
 
 
-def parse_mixture(spec: str) -> dict[str, float]:
-    """'sw' -> {'sw': 1.0}; 'en:0.5,sw:0.5' -> proportions (positive, summing to 1)."""
+class Mixture(dict[str, float]):
+    """Proportions by language code, in sampling order (the order decides which languages get the
+    leftover windows and how they interleave); `recipe` is the name it was asked for by (`sw+en`,
+    `all`), None for a code or proportions written out."""
+
+    def __init__(self, shares: Mapping[str, float], recipe: str | None = None) -> None:
+        super().__init__(shares)
+        self.recipe = recipe
+
+
+# `all`: an equal mix of the study's languages, which are the paper's calibration languages.
+ALL_RECIPE = "all"
+
+
+def parse_recipe(spec: str) -> Mixture | None:
+    """A named mixture, or None when `spec` names none.
+
+    `all`: the languages of `PAPER_LANGUAGES` in equal shares; `A+B` (e.g. `sw+en`): half each. A
+    recipe's name is canonical, lower case with its languages in alphabetical order, English last
+    (`en+sw` and `SW+EN` are both `sw+en`), so that one mixture has one name and one set of windows.
+    """
+    name = spec.strip().lower()
+    if name == ALL_RECIPE:
+        return Mixture(dict.fromkeys(PAPER_LANGUAGES, 1 / len(PAPER_LANGUAGES)), ALL_RECIPE)
+    if "+" not in name:
+        return None
+    if ":" in name or "," in name:
+        raise CpsError(f"a recipe takes no proportions: write 'sw+en' or 'en:0.5,sw:0.5', not {spec!r}")
+    parts = [part.strip() for part in name.split("+")]
+    if len(parts) != 2 or not all(parts):
+        raise CpsError(f"a recipe A+B names two languages, e.g. sw+en (got {spec!r})")
+    codes = sorted((get_language(part).code for part in parts), key=lambda code: (code == "en", code))
+    if codes[0] == codes[1]:
+        raise CpsError(f"recipe {spec!r} names {codes[0]!r} twice; calibrate on {codes[0]!r} alone")
+    return Mixture(dict.fromkeys(codes, 0.5), "+".join(codes))
+
+
+def parse_mixture(spec: str) -> Mixture:
+    """'sw' -> {'sw': 1.0}; 'en:0.5,sw:0.5' -> proportions (positive, summing to 1); a recipe
+    (`parse_recipe`: 'sw+en', 'all') -> its mixture, which remembers the recipe's name."""
+    recipe = parse_recipe(spec)
+    if recipe is not None:
+        return recipe
     mixture: dict[str, float] = {}
     for part in (p.strip() for p in spec.split(",")):
         if not part:
@@ -86,14 +129,21 @@ def parse_mixture(spec: str) -> dict[str, float]:
     if len(mixture) > 1 and abs(sum(mixture.values()) - 1) > 1e-3:
         raise CpsError(f"mixture proportions must sum to 1 (got {sum(mixture.values()):g})")
     total = sum(mixture.values())
-    return {code: share / total for code, share in mixture.items()}
+    return Mixture({code: share / total for code, share in mixture.items()})
 
 
-def mixture_label(mixture: dict[str, float]) -> str:
-    """The canonical `calib_lang` param: 'sw' or 'en:0.5,sw:0.5'."""
+def mixture_spec(mixture: Mapping[str, float]) -> str:
+    """The mixture written out, recipe or not: 'sw' or 'sw:0.5,en:0.5' (what decides its windows)."""
     if len(mixture) == 1:
         return next(iter(mixture))
     return ",".join(f"{code}:{share:g}" for code, share in mixture.items())
+
+
+def mixture_label(mixture: Mapping[str, float]) -> str:
+    """The canonical `calib_lang` param: the recipe's name ('sw+en', 'all') for a recipe, else
+    `mixture_spec` ('sw', 'en:0.5,sw:0.5'): what a user filters runs by."""
+    recipe = getattr(mixture, "recipe", None)
+    return recipe if recipe else mixture_spec(mixture)
 
 
 # Unicode blocks of the scripts above; used to check that text is in the language it claims.

@@ -1,10 +1,12 @@
 """Study files: a grid of prune cells plus what to evaluate and analyse, read from TOML.
 
     [study]        name, description
-    [grid]         models, methods, patterns, sparsities, calib_langs, seeds, dense_baseline
-    [calibration]  corpus, nsamples, seqlen                                  (CalibrationConfig)
+    [grid]         models, methods, patterns, sparsities, calib_langs, seeds, dense_baseline,
+                   allocations (uniform | owl), refines (none | dsnot), calib_corpora
+    [calibration]  corpus (or self: text the model generates), nsamples, seqlen (CalibrationConfig)
     [prune]        dtype, device, save_model, true_sequential, blocksize, dampening,
-                   offload_activations, batch_tokens                         (PruneConfig)
+                   offload_activations, batch_tokens, owl_m, owl_lambda, ria_a,
+                   dsnot_cycles, dsnot_threshold, dsnot_var_power, dsnot_skip  (PruneConfig)
     [eval]         every EvalConfig field but device and dtype (those of [prune]); task_limits is
                    a table (family = items)
     [analyze]      every AnalyzeConfig field but filters and device; group_by may list several
@@ -14,9 +16,12 @@
 
 The keys are the field names of `cps.config`, so a new option there is a new key here. A cell is one
 (model, method, pattern/sparsity, calibration language, seed): one prune run that is also evaluated
-before it ends. `unstructured` takes every sparsity of the grid; an N:M pattern is one cell (its
-sparsity is 1 - N/M). With `dense_baseline` each model also gets a dense cell. Every value is
-checked when the file is read, so a typo fails before any work.
+before it ends; a calibration language may be a mixture or a recipe (`sw+en`, `all`). `unstructured`
+takes every sparsity of the grid; an N:M pattern is one cell (its sparsity is 1 - N/M). Methods
+cross allocations and refinements; a combination a method cannot take (`config.combination_error`:
+OWL or layer removal with N:M, DSnoT after SparseGPT) is left out. With
+`dense_baseline` each model also gets a dense cell. Every value is checked when the file is read,
+so a typo fails before any work.
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from cps.analysis.findings import DELTA
-from cps.config import DENSE, AnalyzeConfig, CalibrationConfig, EvalConfig, PruneConfig
+from cps.config import DENSE, AnalyzeConfig, CalibrationConfig, EvalConfig, PruneConfig, combination_error
 from cps.data import get_corpus
+from cps.data.calibration import check_sources
 from cps.errors import CpsError
 from cps.evaluation.tasks import check_eval_inputs
 from cps.languages import PAPER_LANGUAGES, parse_languages
@@ -49,6 +55,9 @@ class Grid:
     calib_langs: tuple[str, ...] = PAPER_LANGUAGES
     seeds: tuple[int, ...] = (0,)
     dense_baseline: bool = True
+    allocations: tuple[str, ...] = ("uniform",)  # uniform | owl: each method with each
+    refines: tuple[str, ...] = ("none",)  # none | dsnot: each method with each
+    calib_corpora: tuple[str, ...] = ()  # calibration corpora crossed with calib_langs; () = [calibration]'s
 
 
 CALIBRATION_KEYS = ("corpus", "nsamples", "seqlen")
@@ -62,6 +71,13 @@ PRUNE_KEYS = (
     "offload_activations",
     "batch_tokens",
     "stream",
+    "owl_m",
+    "owl_lambda",
+    "ria_a",
+    "dsnot_cycles",
+    "dsnot_threshold",
+    "dsnot_var_power",
+    "dsnot_skip",
 )
 PRUNE_DEFAULTS = {"device": "auto", "save_model": False}  # a sweep: any GPU, no 1 GB copies
 EVAL_KEYS = tuple(f.name for f in fields(EvalConfig) if f.name not in ("device", "dtype", "data_dir"))
@@ -89,14 +105,16 @@ class Cell:
         if key["method"] == DENSE:
             return f"{key['model']} dense"
         sparsity = key["pattern"] if key["pattern"] != "unstructured" else f"{float(key['sparsity']):.0%}"
-        return f"{key['model']} {key['method']} {sparsity} calib={key['calib_lang']} seed={key['seed']}"
+        corpus = "" if key["calib_corpus"] == "ntrex" else f" corpus={key['calib_corpus']}"
+        calib = f"calib={key['calib_lang']}{corpus}"
+        return f"{key['model']} {self.prune.variant} {sparsity} {calib} seed={key['seed']}"
 
 
 @dataclass(frozen=True)
 class Study:
     name: str
     description: str
-    grid: Grid
+    grids: tuple[Grid, ...]  # one per [[grid]] block
     evaluate: EvalConfig
     analyses: tuple[AnalyzeConfig, ...]  # one per group_by param; none when disabled
     cells: tuple[Cell, ...] = field(default=(), repr=False)
@@ -166,7 +184,7 @@ def parse_study(
     if not isinstance(head, dict) or set(head) - {"name", "description"}:
         raise CpsError("[study] takes name and description")
     try:
-        grid = Grid(**_values(Grid, "grid", raw.get("grid", {}), [f.name for f in fields(Grid)]))
+        grids = _grids(raw.get("grid", {}))
         calibration = _values(CalibrationConfig, "calibration", raw.get("calibration", {}), CALIBRATION_KEYS)
         prune = PRUNE_DEFAULTS | _values(PruneConfig, "prune", raw.get("prune", {}), PRUNE_KEYS)
         evaluate = _values(EvalConfig, "eval", raw.get("eval", {}), EVAL_KEYS)
@@ -175,12 +193,36 @@ def parse_study(
             **evaluate, device=prune["device"], dtype=prune.get("dtype", "auto"), data_dir=data_dir
         )
         analyses = _analyses(raw.get("analyze", {}), prune["device"], data_dir)
-        cells = _cells(grid, calibration, prune, eval_config, data_dir)
+        cells = _distinct(
+            [c for grid in grids for c in _cells(grid, calibration, prune, eval_config, data_dir)]
+        )
     except (TypeError, ValueError) as error:
         raise CpsError(f"bad study file: {error}") from None
     name, description = str(head.get("name", default_name)), str(head.get("description", ""))
     delta = _findings_delta(raw.get("findings", {}))
-    return Study(name, description, grid, eval_config, analyses, tuple(cells), source, delta)
+    return Study(name, description, grids, eval_config, analyses, tuple(cells), source, delta)
+
+
+def _grids(raw: Any) -> tuple[Grid, ...]:
+    """[grid], or several [[grid]] blocks (their cells together: e.g. every method at every
+    sparsity, then the recipes for two of them)."""
+    blocks = raw if isinstance(raw, list) else [raw]
+    if not blocks:
+        raise CpsError("[[grid]] needs at least one block")
+    names = [f.name for f in fields(Grid)]
+    return tuple(Grid(**_values(Grid, "grid", block, names)) for block in blocks)
+
+
+def _distinct(cells: list[Cell]) -> list[Cell]:
+    """Cells in order, each once: blocks of a study may share cells (the dense baselines)."""
+    seen: set[str] = set()
+    kept = []
+    for cell in cells:
+        key = json.dumps(cell.key, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            kept.append(cell)
+    return kept
 
 
 def _findings_delta(raw: Any) -> float:
@@ -217,13 +259,26 @@ def _cells(
                 model, None, dtype=prune.get("dtype", "auto"), device=prune["device"], save_model=False
             )
             cells.append(Cell(dense, evaluate))
-        for method, (pattern, sparsity), lang, seed in itertools.product(
-            grid.methods, targets, grid.calib_langs, grid.seeds
+        corpora = grid.calib_corpora or (calibration.get("corpus", CalibrationConfig.corpus),)
+        for method, allocation, refine, (pattern, sparsity), corpus, lang, seed in itertools.product(
+            grid.methods, grid.allocations, grid.refines, targets, corpora, grid.calib_langs, grid.seeds
         ):
             if method == DENSE:
                 raise CpsError("list the dense baseline as dense_baseline = true, not as a method")
-            calib = CalibrationConfig(model, str(lang), seed=int(seed), data_dir=data_dir, **calibration)
-            config = PruneConfig(model, method, calib, pattern=pattern, sparsity=sparsity, **prune)
+            if combination_error(method, pattern, allocation, refine):  # e.g. OWL with 2:4: left out
+                continue
+            settings = {**calibration, "corpus": corpus}
+            calib = CalibrationConfig(model, str(lang), seed=int(seed), data_dir=data_dir, **settings)
+            config = PruneConfig(
+                model,
+                method,
+                calib,
+                pattern=pattern,
+                sparsity=sparsity,
+                allocation=allocation,
+                refine=refine,
+                **prune,
+            )
             cells.append(Cell(config, evaluate))
     if not cells:
         raise CpsError("the study's grid has no cells")
@@ -240,9 +295,7 @@ def check_inputs(study: Study, read_tasks: bool = True) -> list[str]:
     for cell in study.cells:
         calibration = cell.prune.calibration
         if calibration is not None:
-            corpus = get_corpus(calibration.corpus, calibration.data_dir)
-            for lang in calibration.mixture:
-                corpus.require(lang)
+            check_sources(calibration)
     _, tasks = check_eval_inputs(study.evaluate, read_tasks)
     for config in study.analyses:
         if config.activations:

@@ -122,12 +122,12 @@ def test_study_grid_and_checks():
 
 def test_shipped_studies_parse():
     demo = load_study(REPO / "studies" / "demo.toml")
-    assert demo.grid.models == ("gemma3-270m",)
-    assert set(demo.grid.calib_langs) == {"ar", "de", "en", "es", "ru", "sw", "zh"}
+    assert demo.grids[0].models == ("gemma3-270m",)
+    assert set(demo.grids[0].calib_langs) == {"ar", "de", "en", "es", "ru", "sw", "zh"}
     assert len(demo.cells) == 1 + 2 * 7 and demo.analyses[0].activations
     paper = load_study(REPO / "studies" / "paper.toml")
-    assert set(paper.grid.models) == {"llama3", "aya23"} and paper.grid.seeds == (0, 42, 1234)
-    assert set(paper.grid.patterns) == {"unstructured", "2:4"}
+    assert set(paper.grids[0].models) == {"llama3", "aya23"} and paper.grids[0].seeds == (0, 42, 1234)
+    assert set(paper.grids[0].patterns) == {"unstructured", "2:4"}
     assert len(paper.cells) == 2 * (1 + 2 * 2 * 7 * 3)
     assert {c.prune.calibration.nsamples for c in paper.cells if c.prune.calibration} == {512}
 

@@ -20,7 +20,12 @@ DataDir = Annotated[
 ]
 Model = Annotated[str, typer.Option("--model", "-m", help="Alias (see `cps models`), hub id or folder.")]
 Corpus = Annotated[
-    str, typer.Option("--corpus", help="ntrex | flores | mc4 | textdir:<folder of <lang>.txt>.")
+    str,
+    typer.Option(
+        "--corpus",
+        help="ntrex | flores | mc4 | textdir:<folder of <lang>.txt> | self (calibration: text the dense "
+        "model samples itself, prompted by the start of an NTREX document).",
+    ),
 ]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed (windows, and everything after).")]
 NSamples = Annotated[int, typer.Option("--nsamples", help="Calibration windows.")]

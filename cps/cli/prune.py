@@ -23,7 +23,9 @@ from cps.cli.options import (
 def prune_command(
     lang: Annotated[
         str | None,
-        typer.Option("--lang", "-l", help="Calibration language or mixture (en:0.5,sw:0.5)."),
+        typer.Option(
+            "--lang", "-l", help="Calibration language, mixture (en:0.5,sw:0.5), recipe (sw+en, all)."
+        ),
     ] = None,
     model: Model = "gemma3-270m",
     method: Annotated[

@@ -5,8 +5,9 @@ of a blank line into one stream. A window is `seqlen` tokens: the tokenizer's BO
 by default, as Gemma and Llama-3 do) followed by `seqlen - 1` stream tokens, else `seqlen` stream
 tokens. When the stream holds enough tokens the windows are random and disjoint; otherwise they are
 drawn uniformly with overlap and the coverage (the share of stream tokens used at least once) says
-how much of the corpus they saw. Results are cached under the cache dir by a content hash of
-everything that determines them.
+how much of the corpus they saw. With `--corpus self` the windows are text the dense model samples
+itself instead (`cps.data.selfgen`). Results are cached under the cache dir by a content hash of
+everything that determines them (for self-generated text: the model too).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,10 +27,23 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from cps.config import CalibrationConfig
-from cps.data import get_corpus
-from cps.data.corpus import Document, file_sha256
+from cps.data import CORPORA, get_corpus
+from cps.data.corpus import Corpus, Document, file_sha256
+from cps.data.selfgen import (
+    PROMPT_CORPUS,
+    PROMPT_TOKENS,
+    SAMPLING,
+    SELF_CORPUS,
+    SELFGEN_VERSION,
+    generate_windows,
+    is_self,
+    model_fingerprint,
+    prompt_documents,
+    prompt_fingerprint,
+)
 from cps.errors import CpsError, first_line
-from cps.languages import mixture_label
+from cps.languages import mixture_label, mixture_spec
+from cps.models import LoadOptions, load_model
 from cps.paths import cache_dir, discard, publish, staging
 
 if TYPE_CHECKING:
@@ -64,6 +79,10 @@ class LanguageStats:
     @property
     def coverage(self) -> float:
         return self.tokens_covered / self.corpus_tokens
+
+
+# (language, windows wanted) -> the language's windows [count, seqlen] and their statistics.
+Sampler = Callable[[str, int], tuple[torch.Tensor, LanguageStats]]
 
 
 @dataclass
@@ -256,19 +275,45 @@ def record_fingerprint(folder: str | Path, tokenizer: PreTrainedTokenizerBase) -
     return fingerprint
 
 
+def text_corpus(config: CalibrationConfig) -> Corpus:
+    """The corpus a calibration set is cut from (a user error names `self` among the choices)."""
+    try:
+        return get_corpus(config.corpus, config.data_dir)
+    except CpsError as error:
+        if config.corpus.partition(":")[0] in CORPORA:
+            raise
+        raise CpsError(f"{error}, or {SELF_CORPUS} (text sampled from the model)") from None
+
+
+def check_sources(config: CalibrationConfig) -> None:
+    """Everything `config` reads exists (its corpus and languages; for self-generated text, the
+    prompt corpus), without reading any text."""
+    if is_self(config.corpus):
+        get_corpus(PROMPT_CORPUS, config.data_dir)  # a language it lacks is prompted by BOS alone
+        return
+    corpus = text_corpus(config)
+    for code in config.mixture:
+        corpus.require(code)
+
+
 def calibration_hash(config: CalibrationConfig, tokenizer: PreTrainedTokenizerBase | str) -> str:
-    """`tokenizer`: the tokenizer, or its fingerprint already known."""
-    corpus = get_corpus(config.corpus, config.data_dir)
-    key = {
+    """`tokenizer`: the tokenizer, or its fingerprint already known. The mixture enters written out
+    (`mixture_spec`), so a recipe (`sw+en`) and its proportions (`sw:0.5,en:0.5`) share one set."""
+    key: dict[str, object] = {
         "format": FORMAT_VERSION,
         "corpus": config.corpus.partition(":")[0],
-        "content": {code: corpus.fingerprint(code) for code in config.mixture},
-        "mixture": mixture_label(config.mixture),
+        "mixture": mixture_spec(config.mixture),
         "tokenizer": tokenizer if isinstance(tokenizer, str) else tokenizer_fingerprint(tokenizer),
         "nsamples": config.nsamples,
         "seqlen": config.seqlen,
         "seed": config.seed,
     }
+    if is_self(config.corpus):  # the text is the model's: its weights, its prompts, the protocol
+        key["content"] = {code: prompt_fingerprint(code, config.data_dir) for code in config.mixture}
+        key |= {"model": model_fingerprint(config.model), "generator": SELFGEN_VERSION}
+    else:
+        corpus = text_corpus(config)
+        key["content"] = {code: corpus.fingerprint(code) for code in config.mixture}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -285,6 +330,7 @@ def save_calibration(calib: CalibrationSet, path: Path) -> None:
         "langs": json.dumps(codes),
         "stats": json.dumps({code: asdict(s) for code, s in calib.stats.items()}),
         "calib_hash": calib.calib_hash,
+        "extra": json.dumps(calib.extra),
     }
     built = staging(path)
     save_file({"input_ids": calib.input_ids.contiguous(), "window_lang": lang_index}, str(built), metadata)
@@ -304,6 +350,7 @@ def load_calibration(path: Path) -> CalibrationSet:
         stats={code: LanguageStats(**s) for code, s in json.loads(metadata["stats"]).items()},
         calib_hash=metadata["calib_hash"],
         cache_path=path,
+        extra=json.loads(metadata.get("extra", "{}")),  # sets written before it have none
     )
 
 
@@ -332,7 +379,7 @@ def build_calibration(
 ) -> CalibrationSet:
     """The calibration set for `config`, from the cache when an identical one was built before.
     `tokenizer` may be a function loading it, with its `fingerprint` known: a cache hit then never
-    loads the tokenizer (Gemma-3's takes 0.12 GB and seconds)."""
+    loads the tokenizer (Gemma-3's takes 0.12 GB and seconds), nor the model for self-generated text."""
 
     if fingerprint is None:
         tokenizer = as_tokenizer(tokenizer)
@@ -340,27 +387,84 @@ def build_calibration(
     path = _cache_path(calib_hash)
     cached = _load_cached(path)
     if cached is not None:
-        # The windows depend on the tokenizer, not the model: another model with the same
+        # Corpus windows depend on the tokenizer, not the model: another model with the same
         # tokenizer hits this entry, and the set must then carry the caller's config.
         cached.config, cached.cache_hit = config, True
         return cached
     tokenizer = as_tokenizer(tokenizer)
-    corpus = get_corpus(config.corpus, config.data_dir)
-    counts = window_counts(config.mixture, config.nsamples)
-    # A streamed corpus reads about 8 characters per needed token (plenty for every script).
-    budget = 8 * config.seqlen * max(counts.values())
+    counts = {code: count for code, count in window_counts(config.mixture, config.nsamples).items() if count}
+    extra: dict[str, Any] = {}
+    if is_self(config.corpus):
+        sample = _self_sampler(config, tokenizer, extra)
+    else:
+        sample = _corpus_sampler(config, tokenizer, max(counts.values()))
     windows, langs, stats = [], [], {}
     for code, count in counts.items():
-        if count == 0:
-            continue
-        documents = corpus.documents(code, max_chars=budget)
-        sampled, stats[code] = _sample_language(documents, tokenizer, count, config, code)
+        sampled, stats[code] = sample(code, count)
         windows.append(sampled)
         langs += [code] * count
     input_ids = torch.cat(windows)
     if len(stats) > 1:  # interleave the languages
         order = torch.randperm(len(langs), generator=_language_generator(config.seed, "mix"))
         input_ids, langs = input_ids[order], [langs[i] for i in order.tolist()]
-    calib = CalibrationSet(config, input_ids, langs, stats, calib_hash, path)
+    calib = CalibrationSet(config, input_ids, langs, stats, calib_hash, path, extra=extra)
     save_calibration(calib, path)
     return calib
+
+
+def _corpus_sampler(config: CalibrationConfig, tokenizer: PreTrainedTokenizerBase, most: int) -> Sampler:
+    """Windows cut from the corpus's documents; `most`: the most windows of one language."""
+    corpus = text_corpus(config)
+    # A streamed corpus reads about 8 characters per needed token (plenty for every script).
+    budget = 8 * config.seqlen * most
+
+    def sample(code: str, count: int) -> tuple[torch.Tensor, LanguageStats]:
+        documents = corpus.documents(code, max_chars=budget)
+        return _sample_language(documents, tokenizer, count, config, code)
+
+    return sample
+
+
+def _self_sampler(
+    config: CalibrationConfig, tokenizer: PreTrainedTokenizerBase, extra: dict[str, Any]
+) -> Sampler:
+    """Windows the dense model samples itself (`cps.data.selfgen`); what generated them goes into
+    `extra`, which the cached set keeps."""
+    log.info("self-generating calibration text: loading %s (dense, float32, CPU)", config.model)
+    model = load_model(config.model, LoadOptions("float32", "cpu"), tokenizer=False).model
+    prefix = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+    extra |= {
+        "source": "self-generated",
+        "model_id": model_fingerprint(config.model),
+        "sampling": SAMPLING,
+        "prompts": f"first {PROMPT_TOKENS} tokens of a {PROMPT_CORPUS} document",
+        "generator_version": SELFGEN_VERSION,
+        "generation_s": 0.0,
+    }
+
+    def sample(code: str, count: int) -> tuple[torch.Tensor, LanguageStats]:
+        documents = prompt_documents(code, config.data_dir)
+        if not documents:
+            log.warning(
+                "%s: %s has no %r text; self-generation starts from BOS alone", code, PROMPT_CORPUS, code
+            )
+        started = time.perf_counter()
+        generator = _language_generator(config.seed, code)
+        windows, used = generate_windows(
+            model, tokenizer, prefix, documents, (count, config.seqlen), generator
+        )
+        extra["generation_s"] += time.perf_counter() - started
+        prompts = sorted(set(used))
+        stats = LanguageStats(
+            windows=count,
+            corpus_tokens=windows.numel(),  # the generated text is the corpus, all of it used
+            corpus_characters=sum(len(d.text) for d in documents),
+            corpus_documents=len(documents),
+            documents_used=len(prompts),
+            characters_used=sum(len(documents[i].text) for i in prompts),
+            tokens_covered=windows.numel(),
+            overlapping=False,
+        )
+        return windows, stats
+
+    return sample

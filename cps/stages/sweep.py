@@ -359,8 +359,8 @@ def _parent(store: tracking.Store, study: Study) -> tuple[str | None, dict]:
         "study": study.name,
         "study_fingerprint": study.fingerprint,
         "cells": len(study.cells),
-        "models": ",".join(study.grid.models),
-        "methods": ",".join(study.grid.methods),
+        "models": ",".join(dict.fromkeys(cell.prune.model for cell in study.cells)),
+        "methods": ",".join(dict.fromkeys(cell.prune.variant for cell in study.cells)),
     }
     previous = tracking.find_runs(store, "sweep", {"study_fingerprint": study.fingerprint}, status=None)
     for record in previous:
