@@ -59,8 +59,8 @@ def measure(method: str, nsamples: int, seqlen: int, batch_tokens: int) -> dict:
     from cps.config import CalibrationConfig
     from cps.data.calibration import build_calibration
     from cps.models import load_model
-    from cps.pruning.base import MethodOptions, get_method, refinement_class
-    from cps.pruning.engine import EngineConfig, OwlAllocation, PrunePlan, prune_model
+    from cps.pruning.base import get_method
+    from cps.pruning.engine import EngineConfig, prune_model
     from cps.pruning.masks import SparsityTarget
     from cps.stages.prune import peak_rss_gb
 
@@ -71,12 +71,17 @@ def measure(method: str, nsamples: int, seqlen: int, batch_tokens: int) -> dict:
     dense = dense_forward_seconds(loaded.model, calib.input_ids, batch_tokens)
     target = SparsityTarget(0.5)
     name, *around = method.split("+")  # a variant: wanda+owl, wanda+dsnot, ria, shortgpt
-    plan = PrunePlan(
-        OwlAllocation() if "owl" in around else None,
-        refinement_class("dsnot")(MethodOptions()) if "dsnot" in around else None,
-    )
     config = EngineConfig(batch_tokens=batch_tokens)
-    result = prune_model(loaded.model, calib.input_ids, get_method(name), target, config, plan=plan)
+    extra = {}
+    if around:  # (a plain method runs on the cps of any commit, `--against`)
+        from cps.pruning.base import MethodOptions, refinement_class
+        from cps.pruning.engine import OwlAllocation, PrunePlan
+
+        extra["plan"] = PrunePlan(
+            OwlAllocation() if "owl" in around else None,
+            refinement_class("dsnot")(MethodOptions()) if "dsnot" in around else None,
+        )
+    result = prune_model(loaded.model, calib.input_ids, get_method(name), target, config, **extra)
     return {
         "method": method,
         "threads": torch.get_num_threads(),

@@ -106,6 +106,7 @@ def test_gemma_saved_in_memory_loads_anywhere_and_evaluates_like_its_masks(store
         ("smollm2-135m", "sparsegpt", False),
         ("smollm2-135m", "wanda", True),
         ("smollm2-135m", "sparsegpt", True),
+        ("smollm2-135m", "shortgpt", False),  # layers taken out: a shorter config, same logits
     ],
 )
 def test_saved_real_models_load_anywhere(name, method, stream, store, tmp_path):

@@ -531,9 +531,11 @@ def outlier_ratios(model: nn.Module, input_ids: torch.Tensor, config: EngineConf
     the dense model's activations (one dense pass before any pruning): the share of the Wanda
     scores |W_ij| * ||X_j||_2 of all the layer's linears together above `m` times their mean."""
     ratios: list[float] = []
+    last = len(decoder_layers(model)) - 1
 
     def visit(index: int, layer: nn.Module, forward: Callable, hidden: Any) -> None:
         hooks = _passing_hooks(layer, squares=True, gram=False)
+        hooks.stop_early = index == last  # no layer reads the last one's outputs
         try:
             hooks.run(forward, hidden)
         finally:
