@@ -130,6 +130,16 @@ def test_shipped_studies_parse():
     assert set(paper.grids[0].patterns) == {"unstructured", "2:4"}
     assert len(paper.cells) == 2 * (1 + 2 * 2 * 7 * 3)
     assert {c.prune.calibration.nsamples for c in paper.cells if c.prune.calibration} == {512}
+    methods = load_study(REPO / "studies" / "methods.toml")
+    # 3 methods x (3 targets uniform + 2 with OWL: none at 2:4) + wanda, ria x DSnoT x 2 + shortgpt
+    # x 3 shares, over 3 languages; then recipes (2) and self-generated (3 languages) for wanda and
+    # sparsegpt, uniform and OWL at 50%; one dense cell
+    assert len(methods.cells) == 1 + 3 * (3 * 5 + 2 * 2 + 3) + 2 * 2 * 2 + 3 * 2 * 2
+    variants = {cell.prune.variant for cell in methods.cells}
+    assert variants == {"dense", "wanda", "wanda+owl", "sparsegpt", "sparsegpt+owl", "ria", "ria+owl",
+                        "wanda+dsnot", "ria+dsnot", "shortgpt"}  # fmt: skip
+    assert not any(c.prune.allocation == "owl" and c.prune.pattern == "2:4" for c in methods.cells)
+    assert {c.prune.calibration.corpus for c in methods.cells if c.prune.calibration} == {"ntrex", "self"}
 
 
 def test_the_paper_study_dry_run_lists_its_tasks_and_cost(tmp_path, corpora, monkeypatch):
