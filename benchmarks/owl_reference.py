@@ -84,13 +84,7 @@ def record_layer_calls(
     handles = [
         layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)
     ]
-    try:
-        with torch.no_grad():
-            for j in range(input_ids.shape[0]):
-                model(input_ids[j : j + 1], use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _forward_each_sample(model, input_ids, handles)
     return inputs, calls
 
 
@@ -229,13 +223,7 @@ def llmcompressor_activations(model: nn.Module, input_ids: torch.Tensor) -> dict
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and "lm_head" not in name
     ]
-    try:
-        with torch.no_grad():
-            for j in range(input_ids.shape[0]):
-                model(input_ids[j : j + 1], use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _forward_each_sample(model, input_ids, handles)
     return dict(acts)
 
 
@@ -354,3 +342,15 @@ def _count_differences(model: nn.Module, ratios: Sequence[float], others: Sequen
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _forward_each_sample(model: nn.Module, input_ids: torch.Tensor, handles: list) -> None:
+    """The model's own forward on one calibration window at a time (both references' batching),
+    then the hooks removed."""
+    try:
+        with torch.no_grad():
+            for j in range(input_ids.shape[0]):
+                model(input_ids[j : j + 1], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
