@@ -33,6 +33,8 @@ import jinja2
 
 from cps import paths
 from cps.analysis.findings import LANGUAGE_ITEMS, MIN_ITEMS, POWER_Z
+from cps.config import PruneConfig
+from cps.data.selfgen import BATCH_WINDOWS, is_self
 from cps.evaluation.tasks import BUILDERS, families, pack_family
 from cps.metrics import SHOWN_SCORE, split_task
 from cps.models import LoadOptions, model_id, resolve_model
@@ -46,7 +48,13 @@ HEAD_ROWS = 512
 COSTS = {
     # x the decoder over the calibration tokens: Wanda's statistics and pruned passes; SparseGPT's
     # also its Hessians and column loops (3.7 measured on findings.toml's 8,192-token windows)
-    "prune_passes": {"wanda": 2.3, "magnitude": 2.3, "sparsegpt": 3.7},
+    "prune_passes": {"wanda": 2.3, "magnitude": 2.3, "sparsegpt": 3.7, "ria": 2.5, "shortgpt": 1.2},
+    # around the method (benchmarks/prune_bench.py, 32 x 512 tokens): OWL's dense pass with its
+    # statistics, DSnoT's swap loop as a factor; self-generated text per sampling step (a batch of
+    # up to 32 windows through the whole LM head: 43 s for 8 x 256 tokens of Gemma-3 270M)
+    "owl_passes": 1.1,
+    "dsnot_factor": 1.2,
+    "selfgen_step_s": 0.17,
     "prune_fixed_s": 3.0,  # a cell's model load, calibration set, masks and logging
     "held_out": 3.0,  # x held-out tokens' decoder + head: the pass, the SNR meter, dense states
     "task": 0.9,  # x task work (decoder over the positions, head over the scored ones)
@@ -206,16 +214,22 @@ def estimate_time(study: Study, tasks: list[str]) -> TimeEstimate | None:
         COSTS["eval_fixed_s"] + COSTS["held_out"] * rates.seconds(held_out, held_out) + COSTS["task"] * task_s
     )
     prune = evaluation = 0.0
+    generated = set()  # self-generated calibration sets: sampled once, then cached
     for cell in study.cells:
         calibration = cell.prune.calibration
         if calibration is not None:
-            passes = COSTS["prune_passes"].get(cell.prune.method_name, 3.0)
             calib_tokens = calibration.nsamples * calibration.seqlen
-            prune += COSTS["prune_fixed_s"] + passes * rates.seconds(calib_tokens, 0)
+            prune += COSTS["prune_fixed_s"] + _passes(cell.prune) * rates.seconds(calib_tokens, 0)
+            if is_self(calibration.corpus) and calibration not in generated:
+                generated.add(calibration)
+                batches = -(-calibration.nsamples // BATCH_WINDOWS)
+                prune += COSTS["selfgen_step_s"] * calibration.seqlen * batches * len(calibration.mixture)
         evaluation += per_eval
     analyses = 0.0
     pruned = [cell for cell in study.cells if cell.prune.calibration is not None]
-    settings = {(c.prune.method_name, c.prune.pattern, c.prune.sparsity) for c in pruned}
+    settings = {
+        (c.prune.variant, c.prune.pattern, c.prune.sparsity, c.prune.calibration.corpus) for c in pruned
+    }
     members = len(pruned) // max(1, len(settings))
     for config in study.analyses:
         text = (
@@ -253,3 +267,14 @@ def task_power(study: Study, tasks: list[str]) -> list[TaskPower]:
         detectable = POWER_Z * math.sqrt(v / (items * languages) + tau2 / languages) if testable else None
         found.append(TaskPower(family, languages, items, detectable))
     return found
+
+
+def _passes(config: PruneConfig) -> float:
+    """A cell's pruning work in dense passes over its calibration tokens: its method, OWL's pass,
+    DSnoT's loop."""
+    passes = COSTS["prune_passes"].get(config.method_name, 3.0)
+    if config.allocation == "owl":
+        passes += COSTS["owl_passes"]
+    if config.refine != "none":
+        passes *= COSTS["dsnot_factor"]
+    return passes
