@@ -114,7 +114,7 @@ class PruneConfig:
     stream: bool | None = None  # layer streaming from the shards; None: when the model would not fit
     allocation: str = "uniform"  # uniform | owl: the sparsity of each decoder layer
     owl_m: float = 5.0  # OWL: outliers are scores above M times their layer's mean
-    owl_lambda: float = 0.08  # OWL: layer sparsities within target +- lambda
+    owl_lambda: float = 0.08  # OWL: layer sparsities spread over a range 2 x lambda wide, mean the target
     refine: str = "none"  # a mask refinement after the method: none | dsnot
     ria_a: float = 0.5
     dsnot_cycles: int = 50
@@ -148,6 +148,12 @@ class PruneConfig:
             raise CpsError(f"--owl-m must be positive (got {self.owl_m:g})")
         if not 0 < self.owl_lambda < 0.5:
             raise CpsError(f"--owl-lambda must be in (0, 0.5) (got {self.owl_lambda:g})")
+        if self.allocation == "owl" and self.target.sparsity + 2 * self.owl_lambda >= 1:
+            raise CpsError(  # a layer may get up to S + 2 lambda: refused before any work
+                f"OWL at sparsity {self.target.sparsity:g} with lambda {self.owl_lambda:g} could prune a "
+                f"whole layer (up to S + 2 x lambda): lower --owl-lambda below "
+                f"{(1 - self.target.sparsity) / 2:g}"
+            )
         if self.refine != "none":
             refinement_class(self.refine)
         problem = combination_error(str(self.method), self.pattern, self.allocation, self.refine)

@@ -36,7 +36,16 @@ from pathlib import Path
 from typing import Any
 
 from cps.analysis.findings import DELTA
-from cps.config import DENSE, AnalyzeConfig, CalibrationConfig, EvalConfig, PruneConfig, combination_error
+from cps.config import (
+    ALLOCATIONS,
+    DENSE,
+    AnalyzeConfig,
+    CalibrationConfig,
+    EvalConfig,
+    PruneConfig,
+    combination_error,
+    variant,
+)
 from cps.data import get_corpus
 from cps.data.calibration import check_sources
 from cps.errors import CpsError
@@ -44,6 +53,7 @@ from cps.evaluation.tasks import check_eval_inputs
 from cps.languages import PAPER_LANGUAGES, parse_languages
 from cps.metrics import split_task
 from cps.models import resolve_model
+from cps.pruning.base import method_class, refinement_class
 
 
 @dataclass(frozen=True)
@@ -245,6 +255,34 @@ def _analyses(raw: Any, device: str, data_dir: str | None) -> tuple[AnalyzeConfi
     return tuple(AnalyzeConfig(str(p), **values, device=device, data_dir=data_dir) for p in params)
 
 
+def _check_axes(grid: Grid) -> None:
+    """Every method, allocation and refinement of a grid exists: a typo fails here, before the
+    combinations that make no sense are left out (which would leave out a misspelled one too)."""
+    for method in grid.methods:
+        if method != DENSE:
+            method_class(method)
+    for allocation in grid.allocations:
+        if allocation not in ALLOCATIONS:
+            raise CpsError(f"unknown allocation {allocation!r} in [grid]; use {' or '.join(ALLOCATIONS)}")
+    for refine in grid.refines:
+        if refine != "none":
+            refinement_class(refine)
+
+
+def left_out(study: Study) -> list[str]:
+    """The grid's combinations a method cannot take (`combination_error`), one line each, for the
+    dry run: `method pattern allocation refine: why`."""
+    lines = {}
+    for grid in study.grids:
+        for method, allocation, refine, pattern in itertools.product(
+            grid.methods, grid.allocations, grid.refines, grid.patterns
+        ):
+            why = combination_error(method, pattern, allocation, refine)
+            if why:
+                lines[f"{variant(method, allocation, refine)} {pattern}"] = why
+    return [f"{name}: {why}" for name, why in lines.items()]
+
+
 def _cells(
     grid: Grid, calibration: dict[str, Any], prune: dict[str, Any], evaluate: EvalConfig, data_dir: str | None
 ) -> list[Cell]:
@@ -259,6 +297,7 @@ def _cells(
                 model, None, dtype=prune.get("dtype", "auto"), device=prune["device"], save_model=False
             )
             cells.append(Cell(dense, evaluate))
+        _check_axes(grid)
         corpora = grid.calib_corpora or (calibration.get("corpus", CalibrationConfig.corpus),)
         for method, allocation, refine, (pattern, sparsity), corpus, lang, seed in itertools.product(
             grid.methods, grid.allocations, grid.refines, targets, corpora, grid.calib_langs, grid.seeds

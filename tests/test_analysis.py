@@ -206,3 +206,22 @@ def test_activation_analyses_of_a_group(store):
     assert {"lape.overlap.sw", "lape.overlap.zh", "lape.overlap.ru"} <= pruned.metrics.keys()
     with pytest.raises(CpsError, match="at least two"):
         AnalyzeConfig(activations=True, langs=("sw",))
+
+
+def test_recipes_form_their_own_groups_and_old_runs_join_new_ones():
+    """A recipe (sw+en, all) is never one more language of a language group; a run logged before
+    allocations and refinements (neither param) groups with uniform, unrefined runs of its setting."""
+    from cps.analysis.groups import comparison_groups
+
+    base = {"model": "m", "method": "wanda", "sparsity": "0.5"}
+    runs = [
+        ("r1", {**base, "calib_lang": "en", "allocation": "uniform", "refine": "none"}),
+        ("r2", {**base, "calib_lang": "sw"}),  # before issue 26
+        ("r3", {**base, "calib_lang": "sw+en", "allocation": "uniform", "refine": "none"}),
+        ("r4", {**base, "calib_lang": "all", "allocation": "uniform", "refine": "none"}),
+        ("r5", {**base, "calib_lang": "zh", "allocation": "owl", "refine": "none"}),
+    ]
+    groups = {tuple(sorted(g.members)): g for g in comparison_groups(runs)}
+    assert set(groups) == {("en", "sw"), ("all", "sw+en")}
+    assert groups[("en", "sw")].shared["calib_kind"] == "language"
+    assert groups[("all", "sw+en")].shared["calib_kind"] == "recipe"

@@ -1,7 +1,7 @@
 """Layer plans across calibration languages: does the calibration language move where a model is pruned?
 
 - OWL (Yin et al., ICML 2024, arXiv 2310.05175) gives each decoder layer its own sparsity from the
-  layer's outlier ratio D_l on the calibration tokens, within the target +- lambda (a plan's range
+  layer's outlier ratio D_l on the calibration tokens, around the target (a plan's range
   over the layers is 2 * lambda unless a layer hits OWL's floor). `owl_spread` sets the plans of
   the calibration languages side by side: per layer the spread of the allocated sparsity across
   languages (max - min), against that range, and per pair of languages the Spearman rank

@@ -56,7 +56,9 @@ def prune_command(
     owl_m: Annotated[
         float, typer.Option(help="OWL: outliers are scores above M x their layer's mean.")
     ] = 5.0,
-    owl_lambda: Annotated[float, typer.Option(help="OWL: layer sparsities within target +- lambda.")] = 0.08,
+    owl_lambda: Annotated[
+        float, typer.Option(help="OWL: layer sparsities over a range 2 x lambda wide.")
+    ] = 0.08,
     refine: Annotated[
         str, typer.Option(help="Mask refinement after the method: none | dsnot (arXiv 2310.08915).")
     ] = "none",

@@ -106,6 +106,10 @@ def _say_missing(study) -> None:
     missing = missing_tasks(list(evaluate.tasks), list(evaluate.langs), evaluate.data_dir)
     if missing and evaluate.skip_missing:  # without it, check_inputs refuses them in one line
         typer.echo(f"no task for {', '.join(missing)}: left out (skip_missing)")
+    from cps.study import left_out
+
+    for line in left_out(study):  # combinations a method cannot take
+        typer.echo(f"left out: {line}")
 
 
 def _print_tasks(study, tasks: list[str]) -> list[str]:

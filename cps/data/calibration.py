@@ -45,6 +45,7 @@ from cps.errors import CpsError, first_line
 from cps.languages import mixture_label, mixture_spec
 from cps.models import LoadOptions, load_model
 from cps.paths import cache_dir, discard, publish, staging
+from cps.streaming import wants_stream
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -430,8 +431,14 @@ def _self_sampler(
 ) -> Sampler:
     """Windows the dense model samples itself (`cps.data.selfgen`); what generated them goes into
     `extra`, which the cached set keeps."""
+    options = LoadOptions("float32", "cpu")
+    if wants_stream(config.model, options):  # generation holds the whole model: no streamed form
+        raise CpsError(
+            f"--corpus self samples from {config.model} whole in float32 on the CPU, which would not "
+            "fit in this machine's memory: calibrate on a corpus instead"
+        )
     log.info("self-generating calibration text: loading %s (dense, float32, CPU)", config.model)
-    model = load_model(config.model, LoadOptions("float32", "cpu"), tokenizer=False).model
+    model = load_model(config.model, options, tokenizer=False).model
     prefix = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
     extra |= {
         "source": "self-generated",

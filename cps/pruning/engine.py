@@ -481,7 +481,7 @@ def _prune_layer(
 @dataclass(frozen=True)
 class OwlAllocation:
     """OWL's settings: outliers are Wanda scores above `m` times their layer's mean; layer
-    sparsities spread over [S - lam, S + lam]."""
+    sparsities spread over a range 2 * lam wide whose mean is the target S."""
 
     m: float = 5.0
     lam: float = 0.08

@@ -16,13 +16,15 @@ import polars as pl
 
 from cps import tracking
 from cps.analysis.findings import DELTA, shown_answers
+from cps.analysis.groups import calib_kind
 from cps.config import FINDINGS_DELTA_TAG, variant
 from cps.metrics import INTERVAL, MARGIN_OF, SHOWN_SCORE, companion, metric, task_family
 
 # Prune metrics logged before the in-sample figures were named for what they are.
 LEGACY_METRICS = {"snr_db.mean": "calib_snr_db.mean", "prune_error.total": "calib_error.total"}
 # What runs are never averaged across (`method` reads as the variant: wanda+owl is a method of its own)
-SETTING_PARAMS = ("model", "method", "pattern", "sparsity", "calib_corpus")
+# (`calib_kind`: a single language or a recipe, derived: a recipe is never one more "other language")
+SETTING_PARAMS = ("model", "method", "pattern", "sparsity", "calib_corpus", "calib_kind")
 ANALYSIS_HEADLINES = (
     "iou.mean",
     "lape.overlap.mean",
@@ -55,6 +57,7 @@ def prune_runs(store: tracking.Store, filters: Mapping[str, str]) -> pl.DataFram
         row: dict[str, object] = {"run_id": record.run_id, **record.params}
         params = record.params  # the method with its allocation and refinement: wanda+owl+dsnot
         row["method"] = variant(params.get("method", ""), params.get("allocation"), params.get("refine"))
+        row["calib_kind"] = calib_kind(params.get("calib_lang"))
         row |= {f"m:{name}": value for name, value in _normalised(record.metrics).items()}
         rows.append(row)
     if not rows:

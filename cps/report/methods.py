@@ -24,13 +24,14 @@ import polars as pl
 
 from cps.languages import LANGUAGES
 
-_TARGET = ["model", "pattern", "sparsity"]
+# What a row compares at: the target, and the calibration's corpus and size (never averaged across)
+_TARGET = ["model", "pattern", "sparsity", "calib_corpus", "nsamples", "seqlen"]
 
 
 def _with_targets(frame: pl.DataFrame) -> pl.DataFrame:
-    """Runs that logged no pattern or sparsity (hand-made stores) get empty ones."""
-    missing = [pl.lit(None, dtype=pl.String).alias(c) for c in (*_TARGET, "method") if c not in frame.columns]
-    return frame.with_columns(missing) if missing else frame
+    """Runs that logged no pattern, sparsity or calibration size (hand-made stores) get empty ones."""
+    missing = [pl.lit("", dtype=pl.String).alias(c) for c in (*_TARGET, "method") if c not in frame.columns]
+    return (frame.with_columns(missing) if missing else frame).with_columns(pl.col(_TARGET).fill_null(""))
 
 
 def _single_language(frame: pl.DataFrame) -> pl.Expr:
@@ -43,7 +44,7 @@ def _long(frame: pl.DataFrame, kind: str) -> pl.DataFrame:
     columns = [c for c in frame.columns if c.startswith(f"m:{kind}.") and c.count(".") == 1]
     if not columns:
         return pl.DataFrame()
-    keep = [c for c in ("run_id", "method", "calib_lang", "calib_corpus", *_TARGET) if c in frame.columns]
+    keep = [c for c in dict.fromkeys(("run_id", "method", "calib_lang", *_TARGET)) if c in frame.columns]
     return (
         frame.select(*keep, *columns)
         .unpivot(columns, index=keep, variable_name="eval_lang", value_name="value")
@@ -92,6 +93,9 @@ def methods_frame(pruned: pl.DataFrame, dense: pl.DataFrame) -> pl.DataFrame:
     table = ppl.group_by(key).agg(
         pl.col("value").mean().alias("ppl"), pl.col("run_id").n_unique().alias("runs")
     )
+    if "m:sparsity.actual" in single.columns:  # layer removal's share of weights can fall short
+        actual = single.group_by(key).agg(pl.col("m:sparsity.actual").mean().alias("sparsity_actual"))
+        table = table.join(actual, on=key, how="left")
     dense_ppl = _long(dense, "ppl")
     if not dense_ppl.is_empty():
         baseline = dense_ppl.group_by("model", "eval_lang").agg(pl.col("value").mean().alias("dense"))
@@ -121,7 +125,7 @@ def recipes_frame(pruned: pl.DataFrame) -> pl.DataFrame:
     if "calib_corpus" not in ppl.columns:
         ppl = ppl.with_columns(pl.lit("").alias("calib_corpus"))
     single = pl.col("calib_lang").is_in(list(LANGUAGES)) & (pl.col("calib_corpus") != "self")
-    key = [*_TARGET, "method"]
+    key = [*(c for c in _TARGET if c != "calib_corpus"), "method"]  # self-generated text: a recipe
     own = ppl.filter(single & (pl.col("calib_lang") == pl.col("eval_lang"))).group_by(*key, "eval_lang")
     own = own.agg(pl.col("value").mean().alias("own"))
     recipes = ppl.filter(~single)
