@@ -68,3 +68,22 @@ def test_methods_side_by_side_by_hand():
 def test_one_method_needs_no_methods_table():
     pruned = _runs([("wanda", "en", "ntrex", 10, 25, 9, 5), ("wanda", "sw", "ntrex", 12, 20, 7, 8)])
     assert methods_frame(pruned, pl.DataFrame()).is_empty()
+
+
+def test_analyses_at_two_sparsities_are_two_rows(store):
+    """The analysis headlines keep one row per setting: the same languages analysed at 50% and at
+    70% (or on another corpus) are different analyses, not one newest row."""
+    from cps import tracking
+    from cps.report.load import analysis_runs
+
+    for sparsity, corpus, iou in (("0.5", "ntrex", 0.8), ("0.7", "ntrex", 0.9), ("0.5", "self", 0.7)):
+        params = {"model": "m", "method": "wanda", "pattern": "unstructured", "sparsity": sparsity,
+                  "calib_corpus": corpus, "vary": "calib_lang", "runs": '{"en": "a", "sw": "b"}'}  # fmt: skip
+        with tracking.start_run(store, "analyze", params) as run:
+            run.log_metrics({"iou.mean": iou})
+    rows = analysis_runs(store, {}).sort("sparsity", "calib_corpus")
+    assert rows.select("sparsity", "calib_corpus", "iou.mean").rows() == [
+        ("0.5", "ntrex", 0.8),
+        ("0.5", "self", 0.7),
+        ("0.7", "ntrex", 0.9),
+    ]

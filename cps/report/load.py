@@ -99,6 +99,8 @@ def analysis_runs(store: tracking.Store, filters: Mapping[str, str]) -> pl.DataF
                 record.params.get("method", ""), record.params.get("allocation"), record.params.get("refine")
             ),
             "pattern": record.params.get("pattern"),
+            "sparsity": record.params.get("sparsity"),
+            "calib_corpus": record.params.get("calib_corpus"),
             "vary": record.params.get("vary"),
             "members": ",".join(sorted(members)),
             "paper_low_iou_agrees": record.tags.get("cps.paper_low_iou_agrees"),
@@ -107,7 +109,8 @@ def analysis_runs(store: tracking.Store, filters: Mapping[str, str]) -> pl.DataF
         rows.append(row)
     if not rows:
         return pl.DataFrame()
-    return pl.DataFrame(rows).unique(subset=["model", "method", "pattern", "vary", "members"], keep="first")
+    identity = ["model", "method", "pattern", "sparsity", "calib_corpus", "vary", "members"]
+    return pl.DataFrame(rows).unique(subset=identity, keep="first", maintain_order=True)
 
 
 def item_results(store: tracking.Store, run_ids: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:

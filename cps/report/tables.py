@@ -652,11 +652,20 @@ def analysis_section(store: tracking.Store, filters: dict[str, str]) -> Section 
     frame = analysis_runs(store, filters)
     if frame.is_empty():
         return None
-    key = ["model", "method", "pattern", "vary", "members", "paper_low_iou_agrees"]
+    key = [
+        "model",
+        "method",
+        "pattern",
+        "sparsity",
+        "calib_corpus",
+        "vary",
+        "members",
+        "paper_low_iou_agrees",
+    ]
     empty = [c for c in frame.columns if c not in key and frame[c].is_nan().all()]  # e.g. no OWL group
     return Section(
         "Analyses (latest per group): mask IoU, LAPE overlap, LSAR, cross-language SNR, OWL spread, "
         "removed layers",
-        frame.drop(empty).sort(key[:4]),
+        frame.drop(empty).sort(key[:6], nulls_last=True),
         key,
     )
