@@ -62,7 +62,7 @@ def _engine_spy(seen: dict):
     """A stand-in for the pruning engine: records the model's dtype, where its weights are held and
     where the engine computes, then stops before anything moves to the (faked) GPU."""
 
-    def spy(model, ids, method, target, engine, on_layer=None):
+    def spy(model, ids, method, target, engine, on_layer=None, plan=None):
         parameter = next(model.parameters())
         seen.update(dtype=parameter.dtype, held=parameter.device.type, compute=engine.device)
         raise Stop
