@@ -379,36 +379,31 @@ def prune_model(
     if method.removes_layers:
         return remove_layers(model, input_ids, method, target, config, on_layer)
     started = time.perf_counter()
-    device = torch.device(config.device)
-    layers = decoder_layers(model)
     prefix = {id(layer): name for name, layer in model.named_modules()}
     result = EngineResult(masks=PackedMasks())
-    targets = [target] * len(layers)
+    targets = [target] * len(decoder_layers(model))
     if plan.allocation is not None:
         ratios = outlier_ratios(model, input_ids, config, plan.allocation.m)
         sparsities = owl_sparsities(ratios, target.sparsity, plan.allocation.lam)
         targets = [SparsityTarget(sparsity) for sparsity in sparsities]
         result.outlier_ratios, result.layer_targets = ratios, sparsities
     layouts: dict[tuple[str, ...], list[list[str]]] = {}  # linear names -> input groups
-    with torch.inference_mode():
-        batches = calibration_batches(input_ids, config.batch_tokens)
-        sample = None
-        if not method.needs_gram and config.error_sample is not None:
-            sample = TokenSample.draw(batches, config.error_sample)
-            result.error_estimate = sample.label
-        calls = capture_layer_calls(model, batches, device, config.offload_activations)
-        progress = tqdm(list(enumerate(layers)), desc=f"{method.name} {target.pattern}", unit="layer")
-        for index, layer in progress:
-            with _on_device(layer, model, device):
-                step = _LayerStep(method, targets[index], plan.refinement, sample)
-                layer_stats = _prune_layer(index, layer, calls, step, config, layouts)
-                if on_layer is not None:
-                    on_layer(index, layer)
-            _record(result, index, prefix[id(layer)], layer_stats)
-            finite = [s.snr_db for s in result.stats[-len(layer_stats) :] if math.isfinite(s.snr_db)]
-            if finite:
-                progress.set_postfix(snr_db=f"{sum(finite) / len(finite):.1f}")
-        calls.hidden.close()
+    batches = calibration_batches(input_ids, config.batch_tokens)
+    sample = None
+    if not method.needs_gram and config.error_sample is not None:
+        sample = TokenSample.draw(batches, config.error_sample)
+        result.error_estimate = sample.label
+
+    def visit(index: int, layer: nn.Module, forward: Callable, hidden: Any) -> dict[str, str] | None:
+        step = _LayerStep(method, targets[index], plan.refinement, sample)
+        layer_stats = _prune_layer(layer, forward, hidden, step, config, layouts)
+        if on_layer is not None:
+            on_layer(index, layer)
+        _record(result, index, prefix[id(layer)], layer_stats)
+        finite = [s.snr_db for s in result.stats[-len(layer_stats) :] if math.isfinite(s.snr_db)]
+        return {"snr_db": f"{sum(finite) / len(finite):.1f}"} if finite else None
+
+    _layer_pass(model, batches, config, visit, f"{method.name} {target.pattern}")
     result.seconds = time.perf_counter() - started
     return result
 
@@ -437,16 +432,16 @@ class _LayerStep:
 
 
 def _prune_layer(
-    index: int,
     layer: nn.Module,
-    calls: LayerCalls,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    hidden: Any,
     step: _LayerStep,
     config: EngineConfig,
     layouts: dict[tuple[str, ...], list[list[str]]],
 ) -> dict[str, tuple[torch.Tensor, float, float, float]]:
-    """Statistics, masks and the pruned pass for one layer. Layers of one structure share their
-    input-group layout, found on the first of them."""
-    forward = _layer_forward(layer, index, calls, torch.device(config.device))
+    """Statistics, masks and the pruned pass for one layer over `hidden` (its inputs per batch,
+    replaced by its pruned outputs). Layers of one structure share their input-group layout,
+    found on the first of them."""
     structure = tuple(_linears(layer))
     moments = step.refinement is not None and step.refinement.needs_moments
     hooks = _StatsHooks(layer, layouts.get(structure), not step.method.needs_gram, step.sample, moments)
@@ -455,22 +450,22 @@ def _prune_layer(
         # The first pass also finds the groups: it accumulates all of them, or only the first
         # when later groups must see the earlier ones pruned (true-sequential).
         hooks.active = {0} if config.true_sequential else set(range(len(hooks.linears)))
-        hooks.run(forward, calls.hidden)
+        hooks.run(forward, hidden)
         layouts[structure] = hooks.layout
         indices = list(range(len(hooks.groups)))
         schedule = [[i] for i in indices] if config.true_sequential else [indices]
         for position, group_indices in enumerate(schedule):
             if position > 0:
                 hooks.active = set(group_indices)
-                hooks.run(forward, calls.hidden)
+                hooks.run(forward, hidden)
             for group_index in group_indices:
                 group = hooks.groups[group_index]
                 results.update(_prune_group(group, layer, step.method, step.target, step.refinement))
     finally:
         hooks.remove()
     return_freed_memory()  # the statistics' and the dense pass's blocks, before the pruned pass
-    for position, batch in enumerate(calls.hidden):  # pruned pass: next layer's inputs, in place
-        calls.hidden[position] = forward(batch).to(batch.device)
+    for position, batch in enumerate(hidden):  # pruned pass: next layer's inputs, in place
+        hidden[position] = forward(batch).to(batch.device)
     return results
 
 
@@ -496,24 +491,28 @@ class PrunePlan:
     refinement: MaskRefinement | None = None
 
 
-def _dense_pass(
+def _layer_pass(
     model: nn.Module,
-    input_ids: torch.Tensor,
+    batches: list[torch.Tensor],
     config: EngineConfig,
-    visit: Callable[[int, nn.Module, Callable, Any], None],
+    visit: Callable[[int, nn.Module, Callable, Any], dict[str, str] | None],
     desc: str,
 ) -> None:
-    """One pass of the dense model over the calibration tokens, layer by layer:
-    `visit(index, layer, forward, hidden)` runs the layer over `hidden` (its inputs, per batch)
-    and leaves its outputs there, the next layer's inputs."""
+    """The sequential loop every pass over the decoder layers shares (pruning, OWL's and layer
+    removal's dense passes): each layer's calls captured from the model's own forward, each layer
+    where it computes (`_on_device`) while `visit(index, layer, forward, hidden)` runs it over
+    `hidden` (its inputs, per batch) and leaves its outputs there, the next layer's inputs; what
+    `visit` returns goes on the progress bar."""
     device = torch.device(config.device)
     with torch.inference_mode():
-        batches = calibration_batches(input_ids, config.batch_tokens)
         calls = capture_layer_calls(model, batches, device, config.offload_activations)
         try:
-            for index, layer in enumerate(tqdm(decoder_layers(model), desc=desc, unit="layer")):
+            progress = tqdm(list(enumerate(decoder_layers(model))), desc=desc, unit="layer")
+            for index, layer in progress:
                 with _on_device(layer, model, device):
-                    visit(index, layer, _layer_forward(layer, index, calls, device), calls.hidden)
+                    postfix = visit(index, layer, _layer_forward(layer, index, calls, device), calls.hidden)
+                if postfix:
+                    progress.set_postfix(postfix)
         finally:
             calls.hidden.close()
 
@@ -548,7 +547,9 @@ def outlier_ratios(model: nn.Module, input_ids: torch.Tensor, config: EngineConf
         ]
         ratios.append(outlier_ratio(scores, m))
 
-    _dense_pass(model, input_ids, config, visit, "OWL outlier ratios")
+    _layer_pass(
+        model, calibration_batches(input_ids, config.batch_tokens), config, visit, "OWL outlier ratios"
+    )
     return ratios
 
 
@@ -596,7 +597,7 @@ def remove_layers(
             for name in group.names:
                 energy[index, name] = torch.sum((rows @ linears[name].weight.float().T) ** 2).item()
 
-    _dense_pass(model, input_ids, config, visit, f"{method.name} block influence")
+    _layer_pass(model, batches, config, visit, f"{method.name} block influence")
     removed = sorted(method.choose_layers(influence, target))
     prefix = {id(layer): name for name, layer in model.named_modules()}
     with torch.inference_mode():
