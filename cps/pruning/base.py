@@ -19,6 +19,7 @@ import torch
 import cps.pruning
 from cps.errors import CpsError
 from cps.pruning.masks import SparsityTarget
+from cps.pruning.quant import QuantGrid, QuantParams
 from cps.registry import Registry
 
 
@@ -63,8 +64,19 @@ class MethodOptions:
     dsnot_threshold: float = 0.1  # a row stops once |its expected reconstruction error| is below
     dsnot_var_power: float = 1.0  # regrowing ranks by W_ij E[X_j] / Var(X_j)^power
     dsnot_skip: str = "mlp"  # sub-block left as the mask method left it: mlp | self_attn | none
+    # Quantization (GPTQ, RTN; SparseGPT's joint mode): None leaves the weights unquantized
+    bits: int | None = None
+    group_size: int = 128  # input columns per scale; -1: per output channel
+    sym: bool = True
+    act_order: bool = False  # GPTQ: columns in descending order of H's diagonal
+    scale_dtype: torch.dtype | None = None  # the dtype the model stores (and scales are kept in)
+
+    @property
+    def grid(self) -> QuantGrid | None:
+        return None if self.bits is None else QuantGrid(self.bits, self.group_size, self.sym)
 
     def __post_init__(self) -> None:
+        self.grid  # noqa: B018  (validated)
         if self.blocksize < 1:
             raise CpsError(f"--blocksize must be positive (got {self.blocksize})")
         if not 0 < self.dampening < 1e3:
@@ -83,6 +95,7 @@ class MethodOptions:
 class Pruned:
     mask: torch.Tensor  # bool (out, in), True = pruned
     weight: torch.Tensor | None = None  # reconstructed weights (zero where pruned), if the method updates
+    quant: QuantParams | None = None  # the grid `weight` lies on, where quantized
 
 
 class PruningMethod(ABC):
@@ -98,6 +111,8 @@ class PruningMethod(ABC):
     logged_options: ClassVar[tuple[str, ...]] = ()
     removes_layers: ClassVar[bool] = False  # structured: whole decoder layers go (`choose_layers`)
     supports_nm: ClassVar[bool] = True  # N:M patterns make sense for it
+    quantizes: ClassVar[bool] = False  # a quantization method (`quantize_group`): prunes nothing
+    joint_quantization: ClassVar[bool] = False  # quantizes in its own loop with `--bits` (SparseGPT)
 
     def __init__(self, options: MethodOptions | None = None) -> None:
         self.options = options or MethodOptions()
@@ -113,10 +128,41 @@ class PruningMethod(ABC):
         q, k and v); a method may do them together where that saves work, with the same results."""
         return [self.prune(weight, stats, target) for weight in weights]
 
+    def quantize_group(
+        self, weights: list[torch.Tensor], stats: InputStats, masks: list[torch.Tensor | None]
+    ) -> list[Pruned]:
+        """A quantization method: the linears of one input group on `options.grid`, each one's
+        `masks` (its zeros after pruning) held at 0; `Pruned.weight` the dequantized weights."""
+        raise NotImplementedError(f"{self.name} does not quantize")
+
     def choose_layers(self, influence: list[float], target: SparsityTarget) -> list[int]:
         """A layer-removing method: the decoder layers to remove, from each layer's Block
         Influence (1 - cosine of its input and output hidden states)."""
         raise NotImplementedError(f"{self.name} prunes within layers")
+
+
+class QuantizationMethod(PruningMethod):
+    """A weight quantizer (GPTQ, RTN), registered and run like a pruning method: at sparsity 0 it
+    quantizes the dense weights; after a pruning method (`--bits` on `cps prune`, the engine's
+    plan) it quantizes the pruned ones, their zeros held."""
+
+    quantizes = True
+    updates_weights = True
+    supports_nm = False
+
+    def prune(self, weight: torch.Tensor, stats: InputStats, target: SparsityTarget) -> Pruned:
+        return self.prune_group([weight], stats, target)[0]
+
+    def prune_group(
+        self, weights: list[torch.Tensor], stats: InputStats, target: SparsityTarget
+    ) -> list[Pruned]:
+        return self.quantize_group(weights, stats, [None] * len(weights))
+
+    def require_grid(self) -> QuantGrid:
+        grid = self.options.grid
+        if grid is None:
+            raise CpsError(f"{self.name} needs --bits")
+        return grid
 
 
 METHODS: Registry[PruningMethod] = Registry()

@@ -1,81 +1,27 @@
 """SparseGPT (Frantar & Alistarh, ICML 2023, arXiv 2301.00774): one-shot OBS pruning with weight updates.
 
-Columns are processed left to right in blocks of `blocksize`. Within a block, pruning column i
-moves its error onto the not-yet-processed columns through the inverse Hessian (OBS update); the
-block's accumulated errors reach the columns right of the block in one matmul (lazy batch update).
-The mask is chosen adaptively: per block for unstructured sparsity (the lowest w^2 / [H^-1]_jj^2),
-per M columns for N:M, always on the weights as updated so far.
+The column loop (`cps.pruning.obs`, shared with GPTQ) prunes each column and moves its error onto
+the columns not yet processed; the mask is chosen adaptively per block (unstructured) or per M
+columns (N:M). With `--bits`, each kept weight is also rounded to the quantization grid in the same
+loop, its rounding error moved on like a pruned weight's (the paper's joint sparse + quantized
+mode, section 4: 50% + 4-bit); the grid is fitted on the dense weights before the loop.
 """
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from cps.errors import CpsError
 from cps.pruning.base import InputStats, Pruned, PruningMethod, register
-from cps.pruning.masks import SparsityTarget, _prune_smallest
+from cps.pruning.masks import SparsityTarget
 
-log = logging.getLogger(__name__)
-
-MAX_DAMPENING = 100.0  # retries stop once the dampening exceeds this
-SUB_BLOCK = 16  # columns per rank-1 sub-block inside a block
-
-
-TRIANGULAR_BASE = 128  # below this size a triangular inverse is one LAPACK solve
-
-
-def lower_triangular_inverse(lower: torch.Tensor) -> torch.Tensor:
-    """L^-1 for a lower-triangular L, by halves: [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1,
-    C^-1]]. Two thirds of the arithmetic of solving L X = I (which cannot skip the identity's
-    zeros), in matrix products: 2.2-2.7x faster at 640-2048 on a CPU, as accurate."""
-    n = lower.shape[0]
-    if n <= TRIANGULAR_BASE:
-        eye = torch.eye(n, dtype=lower.dtype, device=lower.device)
-        return torch.linalg.solve_triangular(lower, eye, upper=False)
-    half = n // 2
-    first, last = lower_triangular_inverse(lower[:half, :half]), lower_triangular_inverse(lower[half:, half:])
-    inverse = torch.zeros_like(lower)
-    inverse[:half, :half] = first
-    inverse[half:, half:] = last
-    inverse[half:, :half] = torch.mm(last, lower[half:, :half]).mm(first).neg_()
-    return inverse
-
-
-def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + damp I)^-1, damp = dampening * mean(diag H).
-
-    The reference takes the Cholesky factor of H, inverts H with it, and factors the inverse
-    again. With J the order-reversing permutation and J H J = C C^T (C lower), H = (J C J)(J C J)^T
-    with J C J upper, so H^-1 = U^T U for U = (J C J)^-1 = J C^-1 J, upper with a positive
-    diagonal: the same unique factor from one Cholesky and one triangular inverse (by halves:
-    `lower_triangular_inverse`), as close to the float64 factor.
-
-    When H is too ill-conditioned for Cholesky, the dampening grows tenfold and we retry (the
-    reference code crashes here instead).
-    """
-    mean_diag = torch.diagonal(hessian).mean()
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    while dampening <= MAX_DAMPENING:
-        lower, info = torch.linalg.cholesky_ex((hessian + dampening * mean_diag * eye).flip(0, 1))
-        if info.item() == 0:
-            upper = lower_triangular_inverse(lower).flip(0, 1)
-            if torch.isfinite(upper).all():
-                return upper
-        log.warning("SparseGPT: Cholesky failed at dampening %g; retrying at %g", dampening, dampening * 10)
-        dampening *= 10
-    raise CpsError(f"SparseGPT: Hessian not positive definite even at dampening {dampening:g}")
-
-
-def hessian_factor(hessian: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, dead): the upper Cholesky factor of the dampened inverse of H (in, in), and the inputs
-    that never fire (zero diagonal: their weights cannot matter; H gets 1 there). The same for
-    every linear reading the same inputs (q, k and v; gate and up)."""
-    H = hessian.clone().float()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1
-    return inverse_hessian_factor(H, dampening), dead
+# (the factor's functions are imported where tests and benchmarks find them)
+from cps.pruning.obs import (  # noqa: F401
+    hessian_factor,
+    inverse_hessian_factor,
+    lower_triangular_inverse,
+    obs_columns,
+)
+from cps.pruning.quant import ColumnRounder
 
 
 def sparsegpt_prune(
@@ -86,68 +32,19 @@ def sparsegpt_prune(
     dampening: float = 0.01,
     factor: tuple[torch.Tensor, torch.Tensor] | None = None,
     splits: list[int] | None = None,
+    rounder: ColumnRounder | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune W (out, in) given H (in, in) ~ 2 X^T X / n (or its `hessian_factor`, when already
-    computed for another linear of the same inputs). Returns (new W with zeros, mask).
+    computed for another linear of the same inputs). Returns (new W with zeros, mask). With
+    `rounder`, the kept weights are quantized in the same loop (the paper's joint mode).
 
-    With `splits`, W is several linears of the same inputs stacked by rows (their row counts):
-    rows are processed independently by the algorithm, so one pass over the columns serves them
-    all, and each linear's unstructured mask is chosen among its own rows, as if pruned alone."""
-    # The algorithm runs on W^T (in, out): a column of W is a contiguous row there, so each
-    # column's error and its rank-1 update read and write contiguous memory.
-    # (a copy always: W^T of a one-row W is already contiguous, and `.contiguous()` would alias it)
-    WT = weight.float().T.clone(memory_format=torch.contiguous_format)  # (in, out)
-    Hinv, dead = factor if factor is not None else hessian_factor(hessian, dampening)  # U: (in, in)
-    columns, rows = WT.shape
-    WT[dead] = 0
-    maskT = torch.zeros_like(WT, dtype=torch.bool)
-    if target.is_nm:
-        group, pruned = int(target.group), target.pruned_per_group
-        if columns % group:
-            raise CpsError(f"N:M with M={group} needs input width divisible by {group} (got {columns})")
-        blocksize = max(group, blocksize - blocksize % group)  # groups never straddle blocks
-    # Inside a block, updates are lazy once more: rank-1 within sub-blocks of `step` columns, one
-    # matmul from each sub-block to the rest of the block (the same sums in another order);
-    # N:M groups never straddle sub-blocks.
-    step = SUB_BLOCK if not target.is_nm else int(target.group) * max(1, SUB_BLOCK // int(target.group))
-    splits = splits or [rows]
-    to_prune = [part * columns * target.sparsity for part in splits]
-    for start in range(0, columns, blocksize):
-        end = min(start + blocksize, columns)
-        W1 = WT[start:end]  # (B, out): a view, updated in place
-        Hinv1 = Hinv[start:end, start:end]  # (B, B)
-        d = torch.diagonal(Hinv1)  # (B,)
-        diagonal = d.tolist()
-        errors = torch.zeros_like(W1)  # (B, out)
-        if target.is_nm:
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        else:  # per linear: an exact share of its whole count, chosen over this block (row-major
-            scores = W1.T**2 / d.reshape(1, -1) ** 2  # over W's (out, B), as the reference ranks)
-            parts = []
-            for part, total in zip(scores.split(splits), to_prune, strict=True):
-                count = int(total * end / columns) - int(total * start / columns)
-                parts.append(_prune_smallest(part.reshape(1, -1), count).reshape(part.shape))
-            mask1 = torch.cat(parts).T.contiguous()
-        pruned_share = mask1.float()  # 1 where pruned: err = w * 1 / d, 0 where kept
-        width = end - start
-        for first in range(0, width, step):
-            last = min(first + step, width)
-            for i in range(first, last):
-                if target.is_nm and i % group == 0:
-                    scores = W1[i : i + group].T ** 2 / d[i : i + group].reshape(1, -1) ** 2
-                    mask1[i : i + group] = _prune_smallest(scores, pruned).T
-                    pruned_share[i : i + group] = mask1[i : i + group]
-                # the pruned weights' error (zero where kept), spread over the sub-block's later
-                # columns by a rank-1 update; column i itself is zeroed where pruned at the end
-                err = torch.mul(W1[i], pruned_share[i], out=errors[i]).div_(diagonal[i])  # (out,)
-                if i + 1 < last:
-                    W1[i + 1 : last].addr_(Hinv1[i, i + 1 : last], err, alpha=-1)
-            if last < width:  # the sub-block's errors reach the rest of the block at once
-                W1[last:].addmm_(Hinv1[first:last, last:].T, errors[first:last], alpha=-1)
-        W1.masked_fill_(mask1, 0)
-        maskT[start:end] = mask1
-        WT[end:].addmm_(Hinv[start:end, end:].T, errors, alpha=-1)
-    return WT.T.contiguous(), maskT.T.contiguous()
+    With `splits`, W is several linears of the same inputs stacked by rows (their row counts),
+    each linear's unstructured mask chosen among its own rows, as if pruned alone."""
+    factor = factor if factor is not None else hessian_factor(hessian, dampening)
+    new_weight, mask = obs_columns(weight, factor, blocksize, target, rounder, splits=splits)
+    if mask is None:  # sparsity 0: nothing pruned
+        mask = torch.zeros_like(new_weight, dtype=torch.bool)
+    return new_weight, mask
 
 
 @register("sparsegpt")
@@ -155,6 +52,7 @@ class SparseGPT(PruningMethod):
     updates_weights = True
     needs_gram = True
     logged_options = ("blocksize", "dampening")
+    joint_quantization = True
 
     def prune(self, weight: torch.Tensor, stats: InputStats, target: SparsityTarget) -> Pruned:
         return self.prune_group([weight], stats, target)[0]
@@ -167,8 +65,15 @@ class SparseGPT(PruningMethod):
         hessian = stats.require_gram() * (2 / max(stats.tokens, 1))  # H = 2 X^T X / n
         factor = hessian_factor(hessian, self.options.dampening)
         splits = [weight.shape[0] for weight in weights]
-        options = self.options
+        options, W = self.options, torch.cat(weights)
+        grid = options.grid  # joint: the grid fitted on the dense weights, as the reference's
+        params = None if grid is None else grid.fit(W, options.scale_dtype)
+        rounder = None if params is None else ColumnRounder(params)
         new_weight, mask = sparsegpt_prune(
-            torch.cat(weights), hessian, target, options.blocksize, options.dampening, factor, splits
+            W, hessian, target, options.blocksize, options.dampening, factor, splits, rounder
         )
-        return [Pruned(m, w) for m, w in zip(mask.split(splits), new_weight.split(splits), strict=True)]
+        parts = [None] * len(weights) if params is None else params.split(splits)
+        return [
+            Pruned(m, w, q)
+            for m, w, q in zip(mask.split(splits), new_weight.split(splits), parts, strict=True)
+        ]
