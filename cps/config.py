@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 from cps.errors import CpsError
 from cps.languages import PAPER_LANGUAGES, get_language, mixture_label, parse_mixture
@@ -19,6 +20,7 @@ from cps.models import DEFAULT_MODEL, LoadOptions, dtype_name, resolve_dtype, re
 from cps.pruning.base import MethodOptions, method_class, refinement_class
 from cps.pruning.engine import EngineConfig, OwlAllocation, PrunePlan
 from cps.pruning.masks import SparsityTarget
+from cps.pruning.quant import QuantGrid
 
 DENSE = "dense"  # the `method` param of the dense baseline's run, which prunes nothing
 PROTOCOL_VERSION = 2  # held-out scoring (cps.evaluation.windows); 1: one stream, BOS only first
@@ -27,15 +29,23 @@ FINDINGS_DELTA_TAG = "cps.findings_delta"  # on a sweep run: its study's [findin
 
 
 ALLOCATIONS = ("uniform", "owl")
+QUANTIZERS = ("gptq", "rtn")  # what quantizes after a pruning method (`--quant`, with `--bits`)
+QUANT_PARAMS = ("bits", "group_size", "sym", "act_order", "quant")  # a quantized run's params
 
 
 def combination_error(
-    method: str, pattern: str, allocation: str = "uniform", refine: str = "none"
+    method: str, pattern: str, allocation: str = "uniform", refine: str = "none", bits: int | None = None
 ) -> str | None:
-    """Why a method cannot run with this pattern, allocation or refinement (one line), else None.
-    A study's grid leaves such cells out and names them; a command refuses them."""
+    """Why a method cannot run with this pattern, allocation, refinement or quantization (one
+    line), else None. A study's grid leaves such cells out and names them; a command refuses them."""
     cls = method_class(method)
     structured = pattern != "unstructured"
+    if cls.quantizes and bits is None:
+        return f"{method} quantizes: give --bits (2 to 8)"
+    if cls.quantizes and (structured or allocation != "uniform" or refine != "none"):
+        return f"{method} quantizes the dense weights: no --pattern, --allocation or --refine"
+    if bits is not None and cls.removes_layers:
+        return f"{method} removes whole layers; quantize its model with cps quantize instead of --bits"
     if structured and not cls.supports_nm:
         return f"{method} has no N:M form: use --pattern unstructured"
     if allocation == "owl" and cls.removes_layers:
@@ -48,15 +58,29 @@ def combination_error(
     return None
 
 
-def variant(method: str, allocation: str | None = "uniform", refine: str | None = "none") -> str:
-    """A method with what runs around it, as tables name it: wanda, wanda+owl, wanda+owl+dsnot.
-    Runs logged before allocations and refinements existed have neither param (uniform, none)."""
+def variant(
+    method: str, allocation: str | None = "uniform", refine: str | None = "none", quant: str | None = None
+) -> str:
+    """A method with what runs around it, as tables name it: wanda, wanda+owl, wanda+owl+dsnot,
+    gptq-w4g128, sparsegpt+gptq-w4g128 (`quant`: `quant_label`). Runs logged before allocations
+    and refinements existed have neither param (uniform, none)."""
     parts = [method]
     if allocation not in (None, "", "uniform"):
         parts.append(str(allocation))
     if refine not in (None, "", "none"):
         parts.append(str(refine))
+    if quant:
+        parts = [quant] if quant.split("-")[0] == method else [*parts, quant]
     return "+".join(parts)
+
+
+def quant_label(params: Mapping[str, object]) -> str | None:
+    """A quantized run's quantizer and grid from its params (gptq-w4g128, rtn-w3a), else None."""
+    if params.get("bits") in (None, "", "None", "none"):
+        return None
+    sym = str(params.get("sym", True)) not in ("False", "false", "0")
+    grid = QuantGrid(int(str(params["bits"])), int(str(params.get("group_size", 128))), sym)
+    return f"{params.get('quant', params.get('method'))}-{grid.label}"
 
 
 def default_stride(seqlen: int) -> int:
@@ -121,6 +145,12 @@ class PruneConfig:
     dsnot_threshold: float = 0.1
     dsnot_var_power: float = 1.0
     dsnot_skip: str = "mlp"
+    # Weight quantization (`cps quantize`; `--bits` on `cps prune`: after pruning, or joint with SparseGPT)
+    bits: int | None = None
+    group_size: int = 128  # -1: one scale per output channel
+    sym: bool = True
+    act_order: bool = False
+    quant: str = "gptq"  # what quantizes after a pruning method: gptq | rtn
 
     def __post_init__(self) -> None:
         resolve_model(self.model)
@@ -156,9 +186,31 @@ class PruneConfig:
             )
         if self.refine != "none":
             refinement_class(self.refine)
-        problem = combination_error(str(self.method), self.pattern, self.allocation, self.refine)
+        if self.quant not in QUANTIZERS:
+            raise CpsError(f"unknown quantizer {self.quant!r}; use {' or '.join(QUANTIZERS)}")
+        if self.bits is not None:
+            QuantGrid(self.bits, self.group_size, self.sym)
+        problem = combination_error(str(self.method), self.pattern, self.allocation, self.refine, self.bits)
         if problem:
             raise CpsError(problem)
+        if self.quantizes and self.sparsity not in (None, 0, 0.0):
+            raise CpsError(f"{self.method} quantizes and prunes nothing: to prune too, cps prune --bits")
+
+    @property
+    def quantizes(self) -> bool:
+        """The method itself is a quantizer (gptq, rtn): `cps quantize`."""
+        return self.method is not None and method_class(self.method).quantizes
+
+    @property
+    def quantized(self) -> bool:
+        return self.method is not None and self.bits is not None
+
+    @property
+    def joint(self) -> bool:
+        """SparseGPT with --bits (and GPTQ's error feedback): quantized in its own column loop."""
+        method = self.method
+        joint = method is not None and method_class(method).joint_quantization
+        return self.bits is not None and joint and self.quant == "gptq"
 
     @property
     def dense(self) -> bool:
@@ -169,7 +221,10 @@ class PruneConfig:
         """The allocation and refinement around the method, for the engine."""
         allocation = OwlAllocation(self.owl_m, self.owl_lambda) if self.allocation == "owl" else None
         refinement = None if self.refine == "none" else refinement_class(self.refine)(self.options)
-        return PrunePlan(allocation, refinement)
+        quantizer = None
+        if self.quantized and not self.quantizes and not self.joint:  # prune, then quantize
+            quantizer = method_class(self.quant)(replace(self.options, bits=self.bits))
+        return PrunePlan(allocation, refinement, quantizer)
 
     @property
     def load_options(self) -> LoadOptions:
@@ -183,11 +238,25 @@ class PruneConfig:
 
     @property
     def variant(self) -> str:
-        return variant(self.method_name, self.allocation, self.refine)
+        return variant(self.method_name, self.allocation, self.refine, quant_label(self.quant_params))
+
+    @property
+    def quant_params(self) -> dict[str, object]:
+        """A quantized run's quantization params (none for the others, as for every run before)."""
+        if not self.quantized:
+            return {}
+        quant = self.method if self.quantizes else self.quant
+        return {
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "sym": self.sym,
+            "act_order": self.act_order,
+            "quant": quant,
+        }
 
     @property
     def target(self) -> SparsityTarget:
-        if self.dense:
+        if self.dense or self.quantizes:
             return SparsityTarget(0.0)
         default = 0.5 if self.sparsity is None and self.pattern == "unstructured" else self.sparsity
         return SparsityTarget.parse(self.pattern, default)
@@ -202,6 +271,13 @@ class PruneConfig:
             self.dsnot_threshold,
             self.dsnot_var_power,
             self.dsnot_skip,
+            # the method quantizes with these only where it is the quantizer (or joint); a
+            # quantizer after it gets them from `plan`
+            bits=self.bits if self.quantizes or self.joint else None,
+            group_size=self.group_size,
+            sym=self.sym,
+            act_order=self.act_order,
+            scale_dtype=resolve_dtype(self.dtype, self.device) if self.bits is not None else None,
         )
 
     @property
@@ -243,6 +319,7 @@ class PruneConfig:
             if self.refine != "none":
                 logged = refinement_class(self.refine).logged_options
                 params |= {name: getattr(options, name) for name in logged}
+            params |= self.quant_params
         return params
 
 

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cps import tracking
-from cps.config import DENSE, PruneConfig
+from cps.config import DENSE, QUANT_PARAMS, PruneConfig, quant_label
 from cps.data.calibration import CalibrationSet, load_calibration
 from cps.errors import CpsError
 from cps.models import (
@@ -41,9 +41,10 @@ from cps.models import (
     weights_folder,
 )
 from cps.paths import cache_dir, publish, staging
-from cps.pruning.base import MethodOptions, get_method, method_class
+from cps.pruning.base import get_method, method_class
 from cps.pruning.engine import prune_model
 from cps.pruning.masks import load_masks
+from cps.pruning.quant import load_quant
 from cps.streaming import (
     ShardWriter,
     WeightReader,
@@ -136,6 +137,13 @@ def run_masks(store: tracking.Store, run_id: str) -> dict[str, torch.Tensor]:
     """The pruning masks a prune run saved (`masks.safetensors`), True = pruned."""
     with tempfile.TemporaryDirectory() as folder:
         return load_masks(str(tracking.download_artifact(store, run_id, "masks.safetensors", folder)))
+
+
+def run_codes(store: tracking.Store, run_id: str) -> dict[str, torch.Tensor]:
+    """A quantized run's integer codes per linear (`quant.safetensors`), int8 (out, in)."""
+    with tempfile.TemporaryDirectory() as folder:
+        stored = load_quant(str(tracking.download_artifact(store, run_id, "quant.safetensors", folder)))
+    return {name: codes for name, (_, codes) in stored.items()}
 
 
 def run_layer_stats(store: tracking.Store, run_id: str) -> pl.DataFrame:
@@ -432,11 +440,11 @@ def _prune_again(
         raise CpsError(f"run {record.run_id} saved no model and names no calibration run to rebuild it")
     log.warning("run %s saved no model: pruning again with %s to rebuild it", record.run_id, params["method"])
     calib = load_calibration_run(store, calib_run)
-    defaults = MethodOptions()
-    options = {
-        name: type(getattr(defaults, name))(params[name])
-        for name in method_class(params["method"]).logged_options
-    }
+    options = {name: _param(params[name]) for name in method_class(params["method"]).logged_options}
+    if quant_label(params) is not None:  # quantized: its grid and quantizer too
+        options |= {name: _param(params[name]) for name in QUANT_PARAMS if name in params}
+    if params.get("allocation") == "owl":  # (a run from before issue 26 logged none: uniform)
+        options |= {name: _param(params[name]) for name in ("allocation", "owl_m", "owl_lambda")}
     config = PruneConfig(
         params["model"],
         params["method"],
@@ -449,7 +457,24 @@ def _prune_again(
         **options,
     )
     method = get_method(config.method_name, config.options)
-    result = prune_model(loaded.model, calib.input_ids, method, config.target, config.engine, on_layer)
+    result = prune_model(
+        loaded.model, calib.input_ids, method, config.target, config.engine, on_layer, config.plan
+    )
     if result.masks.keys() != masks.keys() or any(not torch.equal(result.masks[k], masks[k]) for k in masks):
         raise CpsError(f"rebuilding run {record.run_id} gave different masks; cannot evaluate it faithfully")
     return loaded
+
+
+def _param(value: str) -> object:
+    """A logged param back as the value it was (MLflow keeps strings): True/False, None, a number,
+    else the string."""
+    if value in ("True", "False"):
+        return value == "True"
+    if value == "None":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value

@@ -2,11 +2,13 @@
 
     [study]        name, description
     [grid]         models, methods, patterns, sparsities, calib_langs, seeds, dense_baseline,
-                   allocations (uniform | owl), refines (none | dsnot), calib_corpora
+                   allocations (uniform | owl), refines (none | dsnot), calib_corpora,
+                   bits (weight bits; 0 = unquantized), group_sizes
     [calibration]  corpus (or self: text the model generates), nsamples, seqlen (CalibrationConfig)
     [prune]        dtype, device, save_model, true_sequential, blocksize, dampening,
                    offload_activations, batch_tokens, owl_m, owl_lambda, ria_a,
-                   dsnot_cycles, dsnot_threshold, dsnot_var_power, dsnot_skip  (PruneConfig)
+                   dsnot_cycles, dsnot_threshold, dsnot_var_power, dsnot_skip, sym, act_order,
+                   quant  (PruneConfig)
     [eval]         every EvalConfig field but device and dtype (those of [prune]); task_limits is
                    a table (family = items)
     [analyze]      every AnalyzeConfig field but filters and device; group_by may list several
@@ -17,9 +19,11 @@
 The keys are the field names of `cps.config`, so a new option there is a new key here. A cell is one
 (model, method, pattern/sparsity, calibration language, seed): one prune run that is also evaluated
 before it ends; a calibration language may be a mixture or a recipe (`sw+en`, `all`). `unstructured`
-takes every sparsity of the grid; an N:M pattern is one cell (its sparsity is 1 - N/M). Methods
-cross allocations and refinements; a combination a method cannot take (`config.combination_error`:
-OWL or layer removal with N:M, DSnoT after SparseGPT) is left out. With
+takes every sparsity of the grid; an N:M pattern is one cell (its sparsity is 1 - N/M); a
+quantization method (gptq, rtn) prunes nothing: one cell per bits and group size, whatever the
+sparsities. Methods cross allocations, refinements, bits and group sizes (a pruning method with
+bits > 0 is pruned and quantized: SparseGPT jointly); a combination a method cannot take
+(`config.combination_error`: OWL or layer removal with N:M, DSnoT after SparseGPT) is left out. With
 `dense_baseline` each model also gets a dense cell. Every value is checked when the file is read,
 so a typo fails before any work.
 """
@@ -54,6 +58,7 @@ from cps.languages import PAPER_LANGUAGES, parse_languages
 from cps.metrics import split_task
 from cps.models import resolve_model
 from cps.pruning.base import method_class, refinement_class
+from cps.pruning.quant import QuantGrid
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,8 @@ class Grid:
     allocations: tuple[str, ...] = ("uniform",)  # uniform | owl: each method with each
     refines: tuple[str, ...] = ("none",)  # none | dsnot: each method with each
     calib_corpora: tuple[str, ...] = ()  # calibration corpora crossed with calib_langs; () = [calibration]'s
+    bits: tuple[int, ...] = (0,)  # weight bits (2-8); 0: not quantized (a quantization method needs > 0)
+    group_sizes: tuple[int, ...] = (128,)  # quantized cells: input columns per scale (-1: per channel)
 
 
 CALIBRATION_KEYS = ("corpus", "nsamples", "seqlen")
@@ -88,6 +95,9 @@ PRUNE_KEYS = (
     "dsnot_threshold",
     "dsnot_var_power",
     "dsnot_skip",
+    "sym",
+    "act_order",
+    "quant",
 )
 PRUNE_DEFAULTS = {"device": "auto", "save_model": False}  # a sweep: any GPU, no 1 GB copies
 EVAL_KEYS = tuple(f.name for f in fields(EvalConfig) if f.name not in ("device", "dtype", "data_dir"))
@@ -267,6 +277,11 @@ def _check_axes(grid: Grid) -> None:
     for refine in grid.refines:
         if refine != "none":
             refinement_class(refine)
+    for bits in grid.bits:
+        if bits != 0:
+            QuantGrid(int(bits))
+    for group in grid.group_sizes:
+        QuantGrid(group_size=int(group))
 
 
 def left_out(study: Study) -> list[str]:
@@ -274,12 +289,13 @@ def left_out(study: Study) -> list[str]:
     dry run: `method pattern allocation refine: why`."""
     lines = {}
     for grid in study.grids:
-        for method, allocation, refine, pattern in itertools.product(
-            grid.methods, grid.allocations, grid.refines, grid.patterns
+        for method, allocation, refine, pattern, bits in itertools.product(
+            grid.methods, grid.allocations, grid.refines, grid.patterns, grid.bits
         ):
-            why = combination_error(method, pattern, allocation, refine)
+            why = combination_error(method, pattern, allocation, refine, bits or None)
             if why:
-                lines[f"{variant(method, allocation, refine)} {pattern}"] = why
+                quant = f"w{bits}" if bits else None
+                lines[f"{variant(method, allocation, refine, quant)} {pattern}"] = why
     return [f"{name}: {why}" for name, why in lines.items()]
 
 
@@ -299,13 +315,18 @@ def _cells(
             cells.append(Cell(dense, evaluate))
         _check_axes(grid)
         corpora = grid.calib_corpora or (calibration.get("corpus", CalibrationConfig.corpus),)
-        for method, allocation, refine, (pattern, sparsity), corpus, lang, seed in itertools.product(
-            grid.methods, grid.allocations, grid.refines, targets, corpora, grid.calib_langs, grid.seeds
-        ):
+        axes = (grid.methods, grid.allocations, grid.refines, targets, grid.bits, grid.group_sizes)
+        combinations = itertools.product(*axes, corpora, grid.calib_langs, grid.seeds)
+        for method, allocation, refine, (pattern, sparsity), bits, group, corpus, lang, seed in combinations:
             if method == DENSE:
                 raise CpsError("list the dense baseline as dense_baseline = true, not as a method")
-            if combination_error(method, pattern, allocation, refine):  # e.g. OWL with 2:4: left out
+            if combination_error(method, pattern, allocation, refine, bits or None):  # e.g. OWL with 2:4
                 continue
+            quantizes = method_class(method).quantizes
+            if quantizes and (pattern, sparsity) != targets[0]:
+                continue  # prunes nothing: one cell, whatever the sparsities
+            if not bits and group != grid.group_sizes[0]:
+                continue  # unquantized: the group size means nothing
             settings = {**calibration, "corpus": corpus}
             calib = CalibrationConfig(model, str(lang), seed=int(seed), data_dir=data_dir, **settings)
             config = PruneConfig(
@@ -313,9 +334,11 @@ def _cells(
                 method,
                 calib,
                 pattern=pattern,
-                sparsity=sparsity,
+                sparsity=None if quantizes else sparsity,
                 allocation=allocation,
                 refine=refine,
+                bits=bits or None,
+                group_size=group,
                 **prune,
             )
             cells.append(Cell(config, evaluate))

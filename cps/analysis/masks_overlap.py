@@ -1,4 +1,5 @@
-"""Mask overlap across calibration languages (arXiv 2408.14398, Sec. 5): IoU of pruned-weight sets."""
+"""Mask overlap across calibration languages (arXiv 2408.14398, Sec. 5): IoU of pruned-weight sets;
+for quantized runs, the share of weights given the same integer code (`code_agreement`)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,40 @@ def pairwise_iou(masks: dict[str, dict[str, torch.Tensor]]) -> pl.DataFrame:
         "iou": pl.Float64,
     }
     return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+def pairwise_code_agreement(codes: dict[str, dict[str, torch.Tensor]]) -> pl.DataFrame:
+    """Long table (layer, module, lang_a, lang_b, agreement): per pair of calibration languages
+    and linear, the share of its weights whose integer codes are equal (on each run's own grid; a
+    pruned weight's code is its zero point). RTN, which reads no calibration, gives 1 everywhere."""
+    rows = []
+    for lang_a, lang_b in combinations(sorted(codes), 2):
+        for name in sorted(codes[lang_a].keys() & codes[lang_b].keys()):
+            layer, module = split_module_name(name)
+            a, b = codes[lang_a][name], codes[lang_b][name]
+            rows.append((layer, module, lang_a, lang_b, torch.eq(a, b).float().mean().item()))
+    schema = {
+        "layer": pl.Int64,
+        "module": pl.String,
+        "lang_a": pl.String,
+        "lang_b": pl.String,
+        "agreement": pl.Float64,
+    }
+    return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+def code_headlines(agreement: pl.DataFrame) -> dict[str, float]:
+    """`code_agreement.mean` over every pair and linear; `.min`, and per module the mean."""
+    if agreement.is_empty():
+        return {}
+    values = {
+        "code_agreement.mean": float(agreement["agreement"].mean()),
+        "code_agreement.min": float(agreement["agreement"].min()),
+    }
+    per_module = agreement.group_by("module").agg(pl.col("agreement").mean()).sort("module")
+    for module, value in per_module.iter_rows():
+        values[f"code_agreement.{module}"] = float(value)
+    return values
 
 
 PAPER_LOW_IOU_MODULES = ("o_proj", "down_proj")  # arXiv 2408.14398: lowest overlap, early layers

@@ -38,11 +38,13 @@ def calib_snr_per_layer(stats: pl.DataFrame, title: str) -> Figure:
     return figure
 
 
-def iou_heatmap(iou: pl.DataFrame, title: str) -> Figure:
-    """Mean IoU over language pairs, layer (rows) x module (columns)."""
+def iou_heatmap(
+    iou: pl.DataFrame, title: str, value: str = "iou", label: str = "mean IoU of pruned weights"
+) -> Figure:
+    """Mean IoU (or another pairwise `value`) over language pairs, layer (rows) x module (columns)."""
 
-    mean = iou.group_by("layer", "module").agg(pl.col("iou").mean()).sort("layer", "module")
-    wide = mean.pivot(on="module", index="layer", values="iou").sort("layer")
+    mean = iou.group_by("layer", "module").agg(pl.col(value).mean()).sort("layer", "module")
+    wide = mean.pivot(on="module", index="layer", values=value).sort("layer")
     modules = [column for column in wide.columns if column != "layer"]
     values = wide.select(modules).to_numpy()
     figure = Figure(figsize=(1.2 * len(modules) + 2, 0.3 * wide.height + 2), layout="constrained")
@@ -52,7 +54,7 @@ def iou_heatmap(iou: pl.DataFrame, title: str) -> Figure:
     axes.set_yticks(range(wide.height), wide["layer"].to_list(), fontsize=7)
     axes.set_ylabel("decoder layer")
     _title(figure, title)
-    figure.colorbar(image, ax=axes, label="mean IoU of pruned weights")
+    figure.colorbar(image, ax=axes, label=label)
     return figure
 
 
@@ -157,9 +159,20 @@ def matrix_heatmap(
 
 def group_figures(frames: Mapping[str, pl.DataFrame], vary: str, name: str) -> dict[str, Figure]:
     """The plots of an analysis run, from whichever of its tables it has."""
-    figures = {
-        "iou_heatmap": iou_heatmap(frames["iou"], f"mask IoU across {vary} — {name}"),
-        "iou_languages": language_matrix(frames["iou_pairs"], "iou", f"mean mask IoU by {vary}"),
+    figures = {}
+    if not frames["iou"].is_empty():  # (a quantization method prunes nothing: no masks to compare)
+        figures["iou_heatmap"] = iou_heatmap(frames["iou"], f"mask IoU across {vary} — {name}")
+        figures["iou_languages"] = language_matrix(frames["iou_pairs"], "iou", f"mean mask IoU by {vary}")
+    if "code_agreement" in frames:
+        codes = frames["code_agreement"]
+        figures["code_agreement_heatmap"] = iou_heatmap(
+            codes, f"quantization codes equal across {vary} — {name}", "agreement", "share of equal codes"
+        )
+        pairs = codes.group_by("lang_a", "lang_b").agg(pl.col("agreement").mean())
+        figures["code_agreement_languages"] = language_matrix(
+            pairs, "agreement", f"share of equal quantization codes by {vary}"
+        )
+    figures |= {
         "calib_snr_by_calib": layer_lines(
             frames["calib_snr"],
             "calib_snr_db",

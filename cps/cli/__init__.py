@@ -25,12 +25,13 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-from cps.cli import analyze, calibrate, data, evaluate, models, prune, report, sweep, ui  # noqa: E402
+from cps.cli import analyze, calibrate, data, evaluate, models, prune, quantize, report, sweep, ui  # noqa: E402
 
 app.add_typer(data.app, name="data")
 app.command("models")(models.models_command)
 app.command("calibrate")(calibrate.calibrate_command)
 app.command("prune")(prune.prune_command)
+app.command("quantize")(quantize.quantize_command)
 app.command("eval")(evaluate.eval_command)
 app.command("analyze")(analyze.analyze_command)
 app.command("sweep")(sweep.sweep_command)

@@ -58,3 +58,20 @@ Stream = Annotated[
 OffloadActivations = Annotated[
     bool, typer.Option(help="Streamed: keep every window's activations in files between layers.")
 ]
+
+# Weight quantization (`cps quantize`, and `--bits` on `cps prune`): the grid of compressed-tensors
+GroupSize = Annotated[
+    int,
+    typer.Option("--group-size", help="Input columns per scale (GPTQ's g128); -1: one per output channel."),
+]
+Symmetric = Annotated[
+    bool,
+    typer.Option(
+        "--sym/--asym", help="Symmetric grid (zero point 0) or asymmetric (min-max with a zero point)."
+    ),
+]
+ActOrder = Annotated[
+    bool, typer.Option("--act-order/--no-act-order", help="GPTQ: columns in descending order of diag(X^T X).")
+]
+Blocksize = Annotated[int, typer.Option(help="SparseGPT/GPTQ: columns per lazy batch update.")]
+Dampening = Annotated[float, typer.Option(help="SparseGPT/GPTQ: dampening, a share of mean diag H.")]

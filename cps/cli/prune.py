@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from cps.cli.options import (
+    ActOrder,
+    Blocksize,
     Corpus,
+    Dampening,
     DataDir,
     Experiment,
+    GroupSize,
     Model,
     NSamples,
     OffloadActivations,
     Seed,
     SeqLen,
     Stream,
+    Symmetric,
     TrackingUri,
 )
+
+if TYPE_CHECKING:
+    from cps.config import PruneConfig
+    from cps.tracking import Store
 
 
 def prune_command(
@@ -47,8 +56,8 @@ def prune_command(
     true_sequential: Annotated[
         bool, typer.Option(help="Prune attention then MLP sub-blocks in order.")
     ] = False,
-    blocksize: Annotated[int, typer.Option(help="SparseGPT block size.")] = 128,
-    dampening: Annotated[float, typer.Option(help="SparseGPT dampening (share of mean diag H).")] = 0.01,
+    blocksize: Blocksize = 128,
+    dampening: Dampening = 0.01,
     allocation: Annotated[
         str,
         typer.Option(help="Sparsity per decoder layer: uniform | owl (outlier-weighted, arXiv 2310.05175)."),
@@ -69,6 +78,18 @@ def prune_command(
     dsnot_skip: Annotated[
         str, typer.Option(help="DSnoT: sub-block left unrefined: mlp (the reference) | self_attn | none.")
     ] = "mlp",
+    bits: Annotated[
+        int | None,
+        typer.Option(
+            help="Quantize the pruned weights too (2-8 bits; SparseGPT: joint, in its own column loop)."
+        ),
+    ] = None,
+    quant: Annotated[
+        str, typer.Option(help="With --bits: gptq (error feedback; joint with SparseGPT) | rtn.")
+    ] = "gptq",
+    group_size: GroupSize = 128,
+    sym: Symmetric = True,
+    act_order: ActOrder = False,
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto.")] = "cpu",
     dtype: Annotated[
         str, typer.Option(help="auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16.")
@@ -82,9 +103,9 @@ def prune_command(
     experiment: Experiment = "cps",
 ) -> None:
     """Prune with Wanda, SparseGPT, RIA, magnitude or ShortGPT (whole layers), optionally with OWL's
-    layer-wise sparsity and DSnoT's mask refinement; log params, per-layer error/SNR, masks and model."""
+    layer-wise sparsity, DSnoT's mask refinement and quantization (--bits); log params, per-layer
+    error/SNR, masks and model."""
     from cps.config import DENSE, CalibrationConfig, PruneConfig
-    from cps.stages.prune import run_prune
     from cps.tracking import Store
 
     dense = method == DENSE
@@ -116,11 +137,22 @@ def prune_command(
         dsnot_threshold=dsnot_threshold,
         dsnot_var_power=dsnot_var_power,
         dsnot_skip=dsnot_skip,
+        bits=bits,
+        quant=quant,
+        group_size=group_size,
+        sym=sym,
+        act_order=act_order,
     )
-    store = Store(tracking_uri, experiment)
+    run_and_summarize(config, Store(tracking_uri, experiment))
+
+
+def run_and_summarize(config: PruneConfig, store: Store) -> None:
+    """One prune (or quantize) run and its summary lines."""
+    from cps.stages.prune import run_prune
+
     result = run_prune(config, store)
     metrics = result.metrics
-    typer.echo(f"run {result.run_id}: {config.variant} {config.target.pattern} on {model}")
+    typer.echo(f"run {result.run_id}: {config.variant} {config.target.pattern} on {config.model}")
     typer.echo(f"  actual sparsity {metrics['sparsity.actual']:.4f}")
     if "calib_snr_db.mean" in metrics:
         typer.echo(

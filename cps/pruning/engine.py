@@ -39,6 +39,7 @@ from cps.models import decoder_layers
 from cps.pruning.base import InputStats, MaskRefinement, PruningMethod
 from cps.pruning.masks import PackedMasks, SparsityTarget
 from cps.pruning.owl import outlier_ratio, owl_sparsities
+from cps.pruning.quant import QuantParams
 from cps.pruning.wanda import wanda_scores
 from cps.streaming import LayerCalls, capture_layer_calls, move, return_freed_memory, streamed
 
@@ -83,6 +84,7 @@ class EngineResult:
     outlier_ratios: list[float] | None = None  # OWL: each layer's D_l (percent)
     block_influence: list[float] | None = None  # layer removal: each layer's Block Influence
     removed_layers: list[int] | None = None  # layer removal: the removed decoder layers
+    quant: dict[str, QuantParams] = field(default_factory=dict)  # full module name -> its grid
 
 
 @dataclass
@@ -273,15 +275,22 @@ def _input_stats(group: _Group, gram: torch.Tensor | None) -> InputStats:
     return InputStats(gram, group.tokens, group.squares, group.sums, window_var, group.windows)
 
 
-def _prune_group(
-    group: _Group,
-    layer: nn.Module,
-    method: PruningMethod,
-    target: SparsityTarget,
-    refinement: MaskRefinement | None = None,
-) -> dict[str, tuple[torch.Tensor, float, float, float]]:
-    """Prune every linear of a group (then refine its mask); returns name -> (mask, error, signal,
-    stored sparsity). Error and signal are exact from X^T X, or estimated from the weighted sampled rows."""
+@dataclass
+class _Applied:
+    """What pruning (and quantizing) did to one linear."""
+
+    mask: torch.Tensor  # bool (out, in), True = pruned
+    error: float  # ||WX - W'X||^2 over the calibration tokens (or its estimate)
+    signal: float  # ||WX||^2
+    stored: float  # share of zeros in the stored weights
+    quant: QuantParams | None = None
+
+
+def _prune_group(group: _Group, layer: nn.Module, step: _LayerStep) -> dict[str, _Applied]:
+    """Prune every linear of a group (then refine its mask, then quantize it); returns what was
+    applied per name. Error and signal are exact from X^T X, or estimated from the weighted
+    sampled rows."""
+    method, target, refinement = step.method, step.target, step.refinement
     linears = _linears(layer)
     if group.gram is not None:
         gram = symmetrize(group.gram)
@@ -306,9 +315,18 @@ def _prune_group(
         [W.clone() for W in weights] if method.updates_weights else weights, stats, target
     )
     for name, W, pruned in zip(group.names, weights, outcome, strict=True):
-        linear = linears[name]
         if refinement is not None:  # a mask-only method's mask (PruneConfig refuses the others)
             pruned.mask = refinement.refine(name, W, pruned.mask, stats, target)
+    if step.quantizer is not None:  # the pruned weights quantized, their zeros held
+        pruned_weights = [
+            torch.where(p.mask, 0.0, W) if p.weight is None else p.weight
+            for W, p in zip(weights, outcome, strict=True)
+        ]
+        quantized = step.quantizer.quantize_group(pruned_weights, stats, [p.mask for p in outcome])
+        for pruned, done in zip(outcome, quantized, strict=True):
+            pruned.weight, pruned.quant = done.weight, done.quant
+    for name, W, pruned in zip(group.names, weights, outcome, strict=True):
+        linear = linears[name]
         if pruned.weight is None:  # the stored weights lose exactly the masked values
             error, signal = energy(torch.where(pruned.mask.to(W.device), W, 0.0)), energy(W)
             linear.weight.data.masked_fill_(pruned.mask.to(W.device), 0)
@@ -318,7 +336,8 @@ def _prune_group(
             error, signal = energy(delta), energy(W)
             linear.weight.data.copy_(new_weight)
         stored = 1.0 - torch.count_nonzero(linear.weight).item() / linear.weight.numel()
-        results[name] = (pruned.mask.cpu(), error, signal, stored)
+        quant = None if pruned.quant is None else pruned.quant.to("cpu")
+        results[name] = _Applied(pruned.mask.cpu(), error, signal, stored, quant)
     return results
 
 
@@ -390,12 +409,12 @@ def prune_model(
     layouts: dict[tuple[str, ...], list[list[str]]] = {}  # linear names -> input groups
     batches = calibration_batches(input_ids, config.batch_tokens)
     sample = None
-    if not method.needs_gram and config.error_sample is not None:
+    if not needs_gram(method, plan.quantizer) and config.error_sample is not None:
         sample = TokenSample.draw(batches, config.error_sample)
         result.error_estimate = sample.label
 
     def visit(index: int, layer: nn.Module, forward: Callable, hidden: Any) -> dict[str, str] | None:
-        step = _LayerStep(method, targets[index], plan.refinement, sample)
+        step = _LayerStep(method, targets[index], plan.refinement, sample, plan.quantizer)
         layer_stats = _prune_layer(layer, forward, hidden, step, config, layouts)
         if on_layer is not None:
             on_layer(index, layer)
@@ -412,23 +431,38 @@ def _record(
     result: EngineResult,
     index: int,
     prefix: str,
-    layer_stats: dict[str, tuple[torch.Tensor, float, float, float]],
+    layer_stats: dict[str, _Applied],
 ) -> None:
-    for name, (mask, error, signal, stored) in layer_stats.items():
+    for name, applied in layer_stats.items():
+        mask = applied.mask
         result.masks[f"{prefix}.{name}"] = mask
+        if applied.quant is not None:
+            result.quant[f"{prefix}.{name}"] = applied.quant
         shape = (mask.shape[0], mask.shape[1])
         sparsity = mask.float().mean().item()
-        result.stats.append(LinearStats(index, name, error, signal, sparsity, stored, shape))
+        stats = LinearStats(index, name, applied.error, applied.signal, sparsity, applied.stored, shape)
+        result.stats.append(stats)
 
 
 @dataclass(frozen=True)
 class _LayerStep:
-    """What pruning one layer applies: the method at the layer's target, then the refinement."""
+    """What pruning one layer applies: the method at the layer's target, then the refinement,
+    then the quantizer."""
 
     method: PruningMethod
     target: SparsityTarget
     refinement: MaskRefinement | None = None
     sample: TokenSample | None = None
+    quantizer: PruningMethod | None = None
+
+    @property
+    def needs_gram(self) -> bool:
+        return needs_gram(self.method, self.quantizer)
+
+
+def needs_gram(method: PruningMethod, quantizer: PruningMethod | None = None) -> bool:
+    """Whether a layer's statistics are the full X^T X (what its method or quantizer reads)."""
+    return method.needs_gram or (quantizer is not None and quantizer.needs_gram)
 
 
 def _prune_layer(
@@ -438,13 +472,13 @@ def _prune_layer(
     step: _LayerStep,
     config: EngineConfig,
     layouts: dict[tuple[str, ...], list[list[str]]],
-) -> dict[str, tuple[torch.Tensor, float, float, float]]:
+) -> dict[str, _Applied]:
     """Statistics, masks and the pruned pass for one layer over `hidden` (its inputs per batch,
     replaced by its pruned outputs). Layers of one structure share their input-group layout,
     found on the first of them."""
     structure = tuple(_linears(layer))
     moments = step.refinement is not None and step.refinement.needs_moments
-    hooks = _StatsHooks(layer, layouts.get(structure), not step.method.needs_gram, step.sample, moments)
+    hooks = _StatsHooks(layer, layouts.get(structure), not step.needs_gram, step.sample, moments)
     results: dict[str, tuple[torch.Tensor, float, float, float]] = {}
     try:
         # The first pass also finds the groups: it accumulates all of them, or only the first
@@ -460,7 +494,7 @@ def _prune_layer(
                 hooks.run(forward, hidden)
             for group_index in group_indices:
                 group = hooks.groups[group_index]
-                results.update(_prune_group(group, layer, step.method, step.target, step.refinement))
+                results.update(_prune_group(group, layer, step))
     finally:
         hooks.remove()
     return_freed_memory()  # the statistics' and the dense pass's blocks, before the pruned pass
@@ -489,6 +523,7 @@ class PrunePlan:
 
     allocation: OwlAllocation | None = None
     refinement: MaskRefinement | None = None
+    quantizer: PruningMethod | None = None  # a quantization method after a pruning method (--bits)
 
 
 def _layer_pass(

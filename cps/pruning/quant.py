@@ -13,6 +13,8 @@ GPTQ reference's `static_groups`), so act-order needs no group index in the save
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +117,9 @@ class QuantParams:
         """W rounded to the nearest grid point (fp32): round to nearest, RTN."""
         return self.dequantize(self.codes(weight))
 
+    def to(self, device: torch.device | str) -> QuantParams:
+        return QuantParams(self.grid, self.scale.to(device), self.zero.to(device), self.width)
+
     def split(self, rows: list[int]) -> list[QuantParams]:
         """Per linear, for params fitted on several linears' stacked rows."""
         return [
@@ -144,3 +149,54 @@ class ColumnRounder:
             return out.clamp_(self.low, self.high).round_().mul_(scale)
         zero = self.zero[group]
         return out.add_(zero).clamp_(self.low, self.high).round_().sub_(zero).mul_(scale)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed codes (int8, (out, in)) as unsigned bytes, two to a byte where they fit in 4 bits
+    (an even number of columns): the `quant.safetensors` artifact of a quantized run."""
+    unsigned = (codes.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8)
+    if bits > 4 or unsigned.shape[1] % 2:
+        return unsigned
+    return unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
+    """`pack_codes` undone: int8 codes (out, columns)."""
+    if packed.shape[1] != columns:  # two to a byte
+        unsigned = torch.stack([packed & 0x0F, packed >> 4], dim=2).reshape(packed.shape[0], -1)
+    else:
+        unsigned = packed
+    return (unsigned.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)
+
+
+def save_quant(path: str, quant: dict[str, QuantParams], weight_of: Callable[[str], torch.Tensor]) -> None:
+    """A quantized run's grid and integer codes (`quant.safetensors`): per linear `<name>.codes`
+    (`pack_codes`), `<name>.scale`, `<name>.zero` (out, groups); metadata bits, group_size, sym
+    and each linear's input width. `weight_of(name)` reads the quantized weight (the model in
+    memory, or a streamed run's shards), one linear at a time."""
+    from safetensors.torch import save_file
+
+    tensors, meta = {}, {}
+    for name, params in quant.items():
+        codes = params.codes(weight_of(name).float())
+        grid = params.grid
+        tensors[f"{name}.codes"] = pack_codes(codes, grid.bits).contiguous()
+        tensors[f"{name}.scale"] = params.scale.contiguous()
+        tensors[f"{name}.zero"] = params.zero.contiguous()
+        meta[name] = [grid.bits, grid.group_size, int(grid.sym), codes.shape[1]]
+    save_file(tensors, path, metadata={"cps.quant": json.dumps(meta)})
+
+
+def load_quant(path: str) -> dict[str, tuple[QuantParams, torch.Tensor]]:
+    """`save_quant`'s file: per linear its grid and its int8 codes (out, in)."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as stored:
+        meta = json.loads((stored.metadata() or {})["cps.quant"])
+        loaded = {}
+        for name, (bits, group_size, sym, columns) in meta.items():
+            grid = QuantGrid(bits, group_size, bool(sym))
+            scale, zero = stored.get_tensor(f"{name}.scale"), stored.get_tensor(f"{name}.zero")
+            params = QuantParams(grid, scale, zero, columns // scale.shape[1])
+            loaded[name] = (params, unpack_codes(stored.get_tensor(f"{name}.codes"), bits, columns))
+    return loaded

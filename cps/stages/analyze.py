@@ -34,13 +34,15 @@ from cps.analysis.lape import lape, neuron_counts, neuron_overlap
 from cps.analysis.layer_plans import owl_headlines, owl_spread, removed_headlines, removed_layer_overlap
 from cps.analysis.lsar import language_subspace, split_second_moment
 from cps.analysis.masks_overlap import (
+    code_headlines,
     iou_headlines,
     language_pairs,
     lowest_overlap_modules,
+    pairwise_code_agreement,
     pairwise_iou,
     paper_agrees,
 )
-from cps.config import DENSE, PROTOCOL_VERSION, AnalyzeConfig, default_stride, variant
+from cps.config import DENSE, PROTOCOL_VERSION, AnalyzeConfig, default_stride, quant_label, variant
 from cps.data import get_corpus
 from cps.errors import CpsError
 from cps.evaluation.activations import ActivationStats, activation_statistics
@@ -48,7 +50,7 @@ from cps.evaluation.hidden import DenseStates, PositionSample, ReferenceKey, ref
 from cps.evaluation.windows import HeldOutText, held_out_windows
 from cps.models import LoadOptions, model_id, resolve_model
 from cps.notes import describe
-from cps.runs import REMOVED_LAYERS_TAG, load_run_model, run_layer_stats, run_masks, run_series
+from cps.runs import REMOVED_LAYERS_TAG, load_run_model, run_codes, run_layer_stats, run_masks, run_series
 from cps.streaming import load
 
 
@@ -103,7 +105,15 @@ def analyze_group(
     store: tracking.Store, group: Group, config: AnalyzeConfig, tags: Mapping[str, str] | None = None
 ) -> GroupAnalysis:
     vary = config.group_by
-    iou = pairwise_iou({value: run_masks(store, run_id) for value, run_id in group.members.items()})
+    masks = {value: run_masks(store, run_id) for value, run_id in group.members.items()}
+    pruned = any(bool(mask.any()) for member in masks.values() for mask in member.values())
+    iou = pairwise_iou(masks if pruned else {})  # a quantization method prunes nothing
+    del masks
+    codes = None
+    if quant_label(group.shared) is not None:  # quantized: which integer codes the languages share
+        codes = pairwise_code_agreement(
+            {value: run_codes(store, run_id) for value, run_id in group.members.items()}
+        )
     calib_snr = pl.concat(
         [
             run_layer_stats(store, run_id).with_columns(pl.lit(value).alias(vary))
@@ -112,9 +122,11 @@ def analyze_group(
     )
     tables = activation_analyses(store, group, config) if config.activations else {}
     plans, plan_headlines = layer_plan_analyses(store, group)
-    lowest = lowest_overlap_modules(iou)
-    agrees = paper_agrees(lowest)
-    headlines = iou_headlines(iou) | plan_headlines
+    lowest = lowest_overlap_modules(iou) if pruned else []
+    agrees = paper_agrees(lowest) if pruned else None
+    headlines = (iou_headlines(iou) if pruned else {}) | plan_headlines
+    if codes is not None:
+        headlines |= code_headlines(codes)
     if tables:
         headlines |= {
             "lape.overlap.mean": float(tables["lape_overlap"]["overlap"].mean()),
@@ -122,13 +134,18 @@ def analyze_group(
             "cross_snr.own_lang_best": own_language_best(tables["cross_snr"], vary),
         }
     shared = group.shared
-    method = variant(str(shared.get("method")), shared.get("allocation"), shared.get("refine"))
+    method = variant(
+        str(shared.get("method")), shared.get("allocation"), shared.get("refine"), quant_label(shared)
+    )
     name = f"analyze-{method}-{shared.get('model')}-by-{vary}"
     frames = {"iou": iou, "iou_pairs": language_pairs(iou), "calib_snr": calib_snr, **tables, **plans}
+    if codes is not None:
+        frames["code_agreement"] = codes
     with tracking.start_run(store, "analyze", analysis_params(group, config), name, tags) as run:
         run.log_metrics(headlines)
         describe(store, run.run_id)
-        run.set_tags({"cps.paper_low_iou_agrees": agrees, "cps.lowest_iou_modules": ",".join(lowest)})
+        if pruned:
+            run.set_tags({"cps.paper_low_iou_agrees": agrees, "cps.lowest_iou_modules": ",".join(lowest)})
         run.log_frames({f"{artifact}.parquet": frame for artifact, frame in frames.items()})
         from cps.analysis.plots import group_figures, layer_plan_figures  # matplotlib: only to draw
 
