@@ -7,11 +7,16 @@ layers over the same tokens, measured in the same process just before pruning.
     .venv/bin/python benchmarks/prune_bench.py [--methods wanda,sparsegpt --against 13a1eb5]
     .venv/bin/python benchmarks/prune_bench.py --no-process \
         --methods wanda,wanda+owl,ria,wanda+dsnot,sparsegpt,sparsegpt+owl,shortgpt   (issue 26)
+    .venv/bin/python benchmarks/prune_bench.py --no-process \
+        --methods sparsegpt,gptq,rtn,sparsegpt+w4,wanda+gptq                          (issue 27)
 
 Then `cps prune` as a user runs it (Wanda, the same tokens, default options), the whole process:
 its wall time and peak RSS against the pruning time the run logged (`time.prune_s`).
 
-Methods are variants (`wanda+owl`, `ria+dsnot`, `shortgpt`). Targets (issue 26, in one run):
+Methods are variants (`wanda+owl`, `ria+dsnot`, `shortgpt`; quantization at 4 bits, group 128:
+`gptq`, `rtn`, `sparsegpt+w4` (joint), `wanda+gptq`). Target (issue 27): GPTQ at most SparseGPT's
+time (the same column loop; its rounding costs a few more element-wise operations a column).
+Targets (issue 26, in one run):
 OWL adds at most one dense pass to its method, RIA within 1.1x of Wanda, DSnoT at most +20% to
 its method, layer removal (shortgpt) at most one dense pass.
 
@@ -73,6 +78,18 @@ def measure(method: str, nsamples: int, seqlen: int, batch_tokens: int) -> dict:
     name, *around = method.split("+")  # a variant: wanda+owl, wanda+dsnot, ria, shortgpt
     config = EngineConfig(batch_tokens=batch_tokens)
     extra = {}
+    options = None
+    if name in ("gptq", "rtn") or "w4" in around or "gptq" in around:  # quantization: W4 g128
+        from cps.pruning.base import MethodOptions
+        from cps.pruning.engine import PrunePlan
+
+        options = MethodOptions(bits=4, group_size=128)
+        if name in ("gptq", "rtn"):
+            target = SparsityTarget(0.0)
+        if "gptq" in around:  # a pruning method, then GPTQ on its pruned weights
+            extra["plan"] = PrunePlan(quantizer=get_method("gptq", options))
+            options = None
+        around = []
     if around:  # (a plain method runs on the cps of any commit, `--against`)
         from cps.pruning.base import MethodOptions, refinement_class
         from cps.pruning.engine import OwlAllocation, PrunePlan
@@ -81,7 +98,8 @@ def measure(method: str, nsamples: int, seqlen: int, batch_tokens: int) -> dict:
             OwlAllocation() if "owl" in around else None,
             refinement_class("dsnot")(MethodOptions()) if "dsnot" in around else None,
         )
-    result = prune_model(loaded.model, calib.input_ids, get_method(name), target, config, **extra)
+    method_object = get_method(name) if options is None else get_method(name, options)
+    result = prune_model(loaded.model, calib.input_ids, method_object, target, config, **extra)
     return {
         "method": method,
         "threads": torch.get_num_threads(),
@@ -145,6 +163,8 @@ RELATIVE = (
     ("ria", "wanda", "x wanda", lambda new, old, dense: new / old, 1.1),
     ("wanda+dsnot", "wanda", "x wanda", lambda new, old, dense: new / old, 1.2),
     ("ria+dsnot", "ria", "x ria", lambda new, old, dense: new / old, 1.2),
+    # issue 27: GPTQ at most SparseGPT's time on the same windows
+    ("gptq", "sparsegpt", "x sparsegpt", lambda new, old, dense: new / old, 1.0),
 )
 
 

@@ -74,6 +74,12 @@ def variant(
     return "+".join(parts)
 
 
+def updates_weights(params: Mapping[str, object]) -> bool:
+    """Whether a run's weights are other than the dense ones x its masks (its method updates them,
+    or they were quantized): such a run is rebuilt by pruning again, and a sweep keeps its weights."""
+    return method_class(str(params["method"])).updates_weights or quant_label(params) is not None
+
+
 def quant_label(params: Mapping[str, object]) -> str | None:
     """A quantized run's quantizer and grid from its params (gptq-w4g128, rtn-w3a), else None."""
     if params.get("bits") in (None, "", "None", "none"):

@@ -597,6 +597,13 @@ def check_saved(what: str, folder: Path, model: nn.Module) -> None:
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), "pt") as checkpoint:
             stored |= {key: tuple(checkpoint.get_slice(key).get_shape()) for key in checkpoint.keys()}  # noqa: SIM118
+            # a compressed-tensors linear: its weight is `weight_packed` and the tensors beside it,
+            # loaded as the weight of `weight_shape`
+            for key in [key for key in stored if key.endswith(".weight_shape") and key in checkpoint.keys()]:  # noqa: SIM118
+                module = key.removesuffix(".weight_shape")
+                stored[f"{module}.weight"] = tuple(int(n) for n in checkpoint.get_tensor(key).tolist())
+    for suffix in (".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_shape"):
+        stored = {key: shape for key, shape in stored.items() if not key.endswith(suffix)}
     aliases: dict[int, list[str]] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(parameter), []).append(name)
@@ -642,6 +649,24 @@ def load_model(name: str, options: LoadOptions | None = None, tokenizer: bool = 
 
 # ---------------------------------------------------------------------------------------------
 # Structure
+
+
+def linear_input_widths(name: str, trust_remote_code: bool = False) -> set[int]:
+    """The input widths of the linears inside the model's decoder layers, from its config alone
+    (a skeleton on the meta device): what a quantization group size must divide."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    folder = weights_folder(resolve_model(name))
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=True):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return {
+        module.in_features
+        for layer in decoder_layers(skeleton)
+        for module in layer.modules()
+        if isinstance(module, nn.Linear)
+    }
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cps import tracking
-from cps.config import DENSE, QUANT_PARAMS, PruneConfig, quant_label
+from cps.config import DENSE, QUANT_PARAMS, PruneConfig, quant_label, updates_weights
 from cps.data.calibration import CalibrationSet, load_calibration
 from cps.errors import CpsError
 from cps.models import (
@@ -42,6 +42,7 @@ from cps.models import (
 )
 from cps.paths import cache_dir, publish, staging
 from cps.pruning.base import get_method, method_class
+from cps.pruning.compressed import dequantize_now, load_kwargs, quantized_config
 from cps.pruning.engine import prune_model
 from cps.pruning.masks import load_masks
 from cps.pruning.quant import load_quant
@@ -244,6 +245,10 @@ def load_run_model(
             saved = tracking.artifact_if_any(store, record.run_id, "model", where)
         if saved is not None and _misnamed_embedding(store, record, saved):
             saved = None
+        if saved is not None and stream and quantized_config(saved) is not None:
+            # streaming reads dense tensors by name; a compressed-tensors folder has packed codes
+            log.info("run %s: its saved model is compressed; streaming it as rebuilt instead", record.run_id)
+            saved = None
         if saved is not None and stream:
             loaded = open_loaded(params["model"], saved, options, tokenizer)
             return replace(loaded, origin=ORIGINS["saved"])
@@ -279,7 +284,7 @@ def _misnamed_embedding(store: tracking.Store, record: tracking.RunRecord, folde
         return False
     instead = (
         "pruned again from its calibration run"
-        if method_class(record.params["method"]).updates_weights
+        if updates_weights(record.params)
         else "rebuilt from the dense model and its masks"
     )
     log.warning(
@@ -304,7 +309,7 @@ def _streamed_run_model(
     params = record.params
     kept = kept_weights_path(record.run_id)
     masks = None if kept.is_file() else run_masks(store, record.run_id)
-    updates = masks is not None and method_class(params["method"]).updates_weights
+    updates = masks is not None and updates_weights(params)
     pruned_again = _pruned_again_shards(store, record, options, masks) if updates else None
     dense = weights_folder(resolve_model(params["model"]))
     loaded = open_loaded(params["model"], dense, options, tokenizer)
@@ -352,7 +357,10 @@ def _masked(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def _load_saved(record: tracking.RunRecord, options: LoadOptions, folder: Path) -> LoadedModel:
 
     where = placement(options)
-    model = pretrained(f"run {record.run_id}'s saved model ({folder})", folder, dtype=where.dtype)
+    what = f"run {record.run_id}'s saved model ({folder})"
+    model = pretrained(what, folder, dtype=where.dtype, **load_kwargs(folder))
+    if quantized_config(folder) is not None:
+        dequantize_now(model)  # dense linears from here on, as every reader of the model expects
     # The tokenizer of the source model, exactly as pruning used it: a copy reloaded beside another
     # architecture's config can come back as that architecture's tokenizer class.
     tokenizer = load_tokenizer(record.params["model"], options.trust_remote_code)
@@ -382,7 +390,7 @@ def _load_kept(store: tracking.Store, record: tracking.RunRecord, options: LoadO
 
 def _rebuild(store: tracking.Store, record: tracking.RunRecord, options: LoadOptions) -> LoadedModel:
     masks = run_masks(store, record.run_id)
-    if method_class(record.params["method"]).updates_weights:
+    if updates_weights(record.params):
         return _rebuild_pruned_again(store, record, options, masks)
     loaded = load_model(record.params["model"], options)  # the dense weights, masked
     _check_masks(record, masks, loaded.model)

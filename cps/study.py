@@ -375,7 +375,7 @@ def check_inputs(study: Study, read_tasks: bool = True) -> list[str]:
 # is one pass over the held-out tokens and the task requests (items x choices x tokens per request,
 # every choice its own request).
 
-PRUNE_PASSES = {"wanda": 2.3, "magnitude": 2.3, "sparsegpt": 3.0}
+PRUNE_PASSES = {"wanda": 2.3, "magnitude": 2.3, "sparsegpt": 3.0, "gptq": 3.0, "rtn": 2.3}
 HELD_OUT_TOKENS = 12_000  # FLORES dev+test per language (8k en to 13k sw tokens measured, Gemma-3)
 TASK_TOKENS = {  # per (family, language): items x choices x tokens per request, order of magnitude
     "belebele": 900 * 4 * 500,

@@ -395,6 +395,10 @@ def log_transformers_model(
             f"{package}=={versions[f'cps.version.{package}']}" for package in ("torch", "transformers")
         ],
     }
+    if checkpoint and "quantization_config" in (checkpoint / "config.json").read_text(encoding="utf-8"):
+        from importlib.metadata import version  # a compressed-tensors checkpoint loads only with it
+
+        options["pip_requirements"].append(f"compressed-tensors=={version('compressed-tensors')}")
     components: Any = str(checkpoint) if checkpoint else {"model": model, "tokenizer": tokenizer}
     experiment = experiment_id(run.store)
     mlflow.set_tracking_uri(run.store.resolved_uri)

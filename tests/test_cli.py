@@ -25,6 +25,7 @@ def cps(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         [],
         ["calibrate"],
         ["prune"],
+        ["quantize"],
         ["eval"],
         ["analyze"],
         ["sweep"],
@@ -142,6 +143,7 @@ def _bad_inputs(tmp_path):
         return path
 
     prune = ["prune", "--model", "tiny-llama", "--lang", "sw", "--nsamples", "2", "--seqlen", "16"]
+    quantize = ["quantize", *prune[1:], "--group-size", "32"]
     return {
         "unknown model": (["calibrate", "--model", "no-such-model", "--lang", "sw"], "unknown model"),
         "unknown language": ([*base, "--lang", "xx"], "unknown language"),
@@ -162,6 +164,12 @@ def _bad_inputs(tmp_path):
         "dsnot after sparsegpt": ([*prune, "--method", "sparsegpt", "--refine", "dsnot"], "changes the kept"),
         "layer removal with 2:4": ([*prune, "--method", "shortgpt", "--pattern", "2:4"], "no N:M form"),
         "unknown allocation": ([*prune, "--allocation", "lamp"], "unknown allocation 'lamp'"),
+        "bits 9": ([*quantize, "--bits", "9"], "--bits must be between 2 and 8"),
+        "group size 0": ([*quantize, "--group-size", "0"], "--group-size must be positive"),
+        "group size not dividing": ([*quantize, "--group-size", "48"], "must divide"),
+        "quantize a pruning method": ([*quantize, "--method", "wanda"], "wanda prunes"),
+        "bits on layer removal": ([*prune, "--method", "shortgpt", "--bits", "4"], "removes whole layers"),
+        "unknown quantizer": ([*prune, "--bits", "4", "--quant", "awq"], "unknown quantizer 'awq'"),
         "bad recipe": ([*prune, "--lang", "sw+sw"], "names 'sw' twice"),
         "unknown calib run": ([*prune, "--calib", "deadbeef"], "no run 'deadbeef'"),
         "prune without language": (["prune", "--model", "tiny-llama"], "--lang is required"),
@@ -236,6 +244,12 @@ def cps_here(args: list[str], capsys: pytest.CaptureFixture) -> subprocess.Compl
         "dsnot after sparsegpt",
         "layer removal with 2:4",
         "unknown allocation",
+        "bits 9",
+        "group size 0",
+        "group size not dividing",
+        "quantize a pruning method",
+        "bits on layer removal",
+        "unknown quantizer",
         "bad recipe",
         "unknown calib run",
         "prune without language",
@@ -261,7 +275,7 @@ def cps_here(args: list[str], capsys: pytest.CaptureFixture) -> subprocess.Compl
 def test_bad_input_is_one_line_and_exit_2(case, tmp_path, store, monkeypatch, capsys):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # mC4 must fail the same way everywhere
     args, message = _bad_inputs(tmp_path)[case]
-    if args[0] in ("calibrate", "prune", "eval", "analyze", "sweep", "report", "ui"):
+    if args[0] in ("calibrate", "prune", "quantize", "eval", "analyze", "sweep", "report", "ui"):
         args = [*args, *_store_args(store)]
     result = cps(*args) if case in IN_A_PROCESS else cps_here(args, capsys)
     assert result.returncode == 2, result.stdout + result.stderr

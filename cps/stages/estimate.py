@@ -48,7 +48,15 @@ HEAD_ROWS = 512
 COSTS = {
     # x the decoder over the calibration tokens: Wanda's statistics and pruned passes; SparseGPT's
     # also its Hessians and column loops (3.7 measured on findings.toml's 8,192-token windows)
-    "prune_passes": {"wanda": 2.3, "magnitude": 2.3, "sparsegpt": 3.7, "ria": 2.5, "shortgpt": 1.2},
+    "prune_passes": {
+        "wanda": 2.3,
+        "magnitude": 2.3,
+        "sparsegpt": 3.7,
+        "ria": 2.5,
+        "shortgpt": 1.2,
+        "gptq": 3.7,
+        "rtn": 2.3,
+    },
     # around the method (benchmarks/prune_bench.py, 32 x 512 tokens): OWL's dense pass with its
     # statistics, DSnoT's swap loop as a factor; self-generated text per sampling step (a batch of
     # up to 32 windows through the whole LM head: 43 s for 8 x 256 tokens of Gemma-3 270M)

@@ -25,6 +25,7 @@ from cps.errors import CpsError
 from cps.models import (
     LoadedModel,
     forget_tokenizers,
+    linear_input_widths,
     load_model,
     load_tokenizer,
     name_architecture,
@@ -36,8 +37,10 @@ from cps.models import (
 )
 from cps.notes import describe
 from cps.pruning.base import get_method, method_class
+from cps.pruning.compressed import write_compressed
 from cps.pruning.engine import EngineResult, prune_model
 from cps.pruning.masks import save_masks
+from cps.pruning.quant import QuantGrid, save_quant
 from cps.runs import DENSE_METRICS, ORIGINS, REMOVED_LAYERS_TAG, load_calibration_run, prune_params
 from cps.stages.calibrate import calibration_dataset, run_calibrate
 from cps.streaming import (
@@ -137,7 +140,11 @@ def run_prune(
     before the run ends (a sweep evaluates there), so the run is FINISHED only when it is done too.
     """
     tracking.client(store)  # an unreachable store fails before any work,
-    placement(config.load_options)  # and so does a device this machine lacks
+    placement(config.load_options)  # and so does a device this machine lacks,
+    if config.quantized and config.group_size != -1:  # or a group size the model's widths refuse
+        grid = QuantGrid(int(config.bits or 4), config.group_size, config.sym)
+        for width in sorted(linear_input_widths(config.model, config.load_options.trust_remote_code)):
+            grid.width(width)
     calib, calib_run = (None, None) if config.dense else _calibration(config, store, tags)
     torch.manual_seed(calib.config.seed if calib else 0)
     params = prune_params(config, calib)
@@ -300,6 +307,16 @@ def _log_outputs(
         masks_path = Path(folder) / "masks.safetensors"
         save_masks(result.masks, str(masks_path))
         run.log_artifact(masks_path)
+        if result.quant:  # each quantized linear's grid and integer codes
+            reader = WeightReader(saved) if saved is not None else None
+
+            def weight_of(name: str) -> torch.Tensor:
+                if reader is not None:
+                    return reader.read(f"{name}.weight")
+                return loaded.model.get_submodule(name).weight.data
+
+            save_quant(str(Path(folder) / "quant.safetensors"), result.quant, weight_of)
+            run.log_artifact(Path(folder) / "quant.safetensors")
         from cps.analysis.plots import calib_snr_per_layer  # matplotlib: only once the work is done
 
         figure = calib_snr_per_layer(
@@ -310,10 +327,25 @@ def _log_outputs(
         run.log_artifact(Path(folder) / "plots", "plots")
         if config.save_model and saved is not None:
             loaded.tokenizer.save_pretrained(saved)
+        if config.save_model and result.quant:  # as compressed-tensors: transformers and vLLM load it
+            saved = _compressed_copy(loaded, result, saved, Path(folder) / "compressed")
         if config.save_model:  # a layer-removal run's model without its removed layers
             with without_layers(loaded.model, result.removed_layers or []):
                 tracking.log_transformers_model(run, loaded.model, loaded.tokenizer, checkpoint=saved)
     return stats, metrics
+
+
+def _compressed_copy(loaded: LoadedModel, result: EngineResult, saved: Path | None, folder: Path) -> Path:
+    """A quantized model's compressed-tensors checkpoint in `folder`: the model in memory saved
+    there, or a streamed run's shard folder copied (the run's model still reads those shards), and
+    then each quantized linear's weight stored as its packed codes, scales and zero points."""
+    if saved is not None:
+        shutil.copytree(saved, folder)
+    else:
+        loaded.model.save_pretrained(folder)
+        loaded.tokenizer.save_pretrained(folder)
+    write_compressed(folder, result.quant)
+    return folder
 
 
 def _log_layer_plan(run: tracking.TrackedRun, result: EngineResult) -> None:

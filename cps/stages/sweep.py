@@ -28,10 +28,9 @@ from tqdm.auto import tqdm
 
 from cps import tracking
 from cps.analysis.groups import comparison_groups
-from cps.config import EVAL_FINGERPRINT_TAG, FINDINGS_DELTA_TAG
+from cps.config import EVAL_FINGERPRINT_TAG, FINDINGS_DELTA_TAG, updates_weights
 from cps.errors import CpsError, first_line
 from cps.notes import describe
-from cps.pruning.base import method_class
 from cps.runs import drop_kept_weights, find_prune_runs, keep_weights
 from cps.stages.analyze import analysis_params, analyze_group
 from cps.stages.evaluate import run_eval
@@ -143,7 +142,7 @@ def run_cell(
         started = time.perf_counter()
         run_eval(evaluate, store, run_id, loaded)
         evaluated.append(time.perf_counter() - started)
-        if keep and prune.method is not None and method_class(prune.method).updates_weights:
+        if keep and prune.method is not None and updates_weights(prune.identity()):
             keep_weights(run_id, loaded.model)
 
     result = run_prune(plan.cell.prune, store, tags=tags, then=then)
