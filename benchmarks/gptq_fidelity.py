@@ -34,6 +34,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import cps  # noqa: F401  # first, as in `cps ...`: its allocator setting precedes torch's first tensor
@@ -42,6 +43,7 @@ import cps  # noqa: F401  # first, as in `cps ...`: its allocator setting preced
 import torch
 from gptq_peer import perplexity
 from measure import ROOT, run_measured
+from torch import nn
 
 from cps.config import CalibrationConfig
 from cps.data import get_corpus
@@ -70,22 +72,35 @@ def evaluation_lines(tokenizer, count: int, data_dir: str | None) -> list[torch.
 
 
 def cps_side(input_ids: torch.Tensor, lines: list[torch.Tensor]) -> dict:
-    """cps's GPTQ on a freshly loaded dense model: seconds of `prune_model`, layer 0's codes (and
-    scales) per linear, and the quantized model's perplexity."""
+    """cps's GPTQ on a freshly loaded dense model: seconds of `prune_model`, every linear's codes
+    and scales (keyed as gptq_peer.quantized_grid keys them), the quantized model's perplexity."""
     model = load_model(MODEL, tokenizer=False).model
     method = get_method("gptq", MethodOptions(bits=4, group_size=128, sym=True, act_order=False))
     started = time.perf_counter()
     result = prune_model(model, input_ids, method, SparsityTarget(0.0), EngineConfig())
     seconds = time.perf_counter() - started
-    layer = decoder_layers(model)[0]
-    prefix = next(name for name, module in model.named_modules() if module is layer)
     codes, scales = {}, {}
-    for full_name, params in result.quant.items():
-        if full_name.startswith(f"{prefix}."):
-            name = full_name.removeprefix(f"{prefix}.")
-            codes[name] = params.codes(layer.get_submodule(name).weight.detach())
-            scales[name] = params.scale
+    for key, linear in layer_linears(model).items():
+        params = result.quant[linear.full_name]
+        codes[key], scales[key] = params.codes(linear.module.weight.detach()), params.scale
     return {"codes": codes, "scales": scales, "perplexity": perplexity(model, lines), "seconds": seconds}
+
+
+@dataclass
+class Linear:
+    full_name: str  # as `EngineResult.quant` names it
+    module: nn.Linear
+
+
+def layer_linears(model: nn.Module) -> dict[str, Linear]:
+    """`<layer>.<name inside it>` -> each linear of every decoder layer."""
+    names = {id(module): name for name, module in model.named_modules()}
+    return {
+        f"{index}.{name}": Linear(f"{names[id(layer)]}.{name}", module)
+        for index, layer in enumerate(decoder_layers(model))
+        for name, module in layer.named_modules()
+        if isinstance(module, nn.Linear)
+    }
 
 
 def peer_side(calib: Path, lines: Path, out: Path, actorder: str, dense: bool) -> dict:
@@ -94,26 +109,42 @@ def peer_side(calib: Path, lines: Path, out: Path, actorder: str, dense: bool) -
         str(PEER_PYTHON), str(PEER_SCRIPT), "--model", str(weights_folder(resolve_model(MODEL))),
         "--calib", str(calib), "--eval", str(lines), "--out", str(out), "--actorder", actorder,
     ]  # fmt: skip
-    run = run_measured(
-        command + (["--dense"] if dense else []), {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    )
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    run = run_measured(command + (["--dense"] if dense else []), env)
     if run.returncode != 0:
         raise SystemExit(f"llm-compressor ({actorder}) failed:\n{run.output[-3000:]}")
     return torch.load(out) | {"peak_gb": run.peak_gb}
 
 
+def peer_weights_perplexity(theirs: dict, lines: list[torch.Tensor]) -> float:
+    """llm-compressor's quantized weights (codes x scales) in cps's own dense model: its
+    perplexity computed here, with this venv's transformers, as cps's is."""
+    model = load_model(MODEL, tokenizer=False).model
+    with torch.no_grad():
+        for key, linear in layer_linears(model).items():
+            codes, scale = theirs["codes"][key], theirs["scales"][key]
+            width = codes.shape[1] // scale.shape[1]
+            linear.module.weight.copy_(codes.float() * scale.repeat_interleave(width, dim=1))
+    return perplexity(model, lines)
+
+
 def code_agreement(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> dict[str, list[int]]:
-    """Per linear of layer 0: [identical codes, all codes]."""
+    """Per linear (`<layer>.<name>`): [identical codes, all codes]."""
     if sorted(ours) != sorted(theirs):
-        raise SystemExit(f"layer 0's linears differ: cps {sorted(ours)}, llm-compressor {sorted(theirs)}")
-    return {name: [int((ours[name] == theirs[name]).sum()), ours[name].numel()] for name in ours}
+        raise SystemExit(f"the linears differ: cps {sorted(ours)}, llm-compressor {sorted(theirs)}")
+    return {key: [int((ours[key] == theirs[key]).sum()), ours[key].numel()] for key in ours}
+
+
+def identical_share(agreement: dict[str, list[int]], layer: int) -> tuple[float, int]:
+    """Share of one decoder layer's codes that agree, and how many codes it has."""
+    counts = [value for key, value in agreement.items() if key.split(".")[0] == str(layer)]
+    same, total = (sum(column) for column in zip(*counts, strict=True))
+    return same / total, total
 
 
 def scale_difference(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> float:
-    """Largest relative difference of layer 0's scales (both are min-max on the dense weights)."""
-    return max(
-        ((ours[name] - theirs[name].float()).abs() / theirs[name].float().abs()).max().item() for name in ours
-    )
+    """Largest relative difference of the scales (both min-max on the dense weights, before GPTQ)."""
+    return max(((ours[key] - theirs[key]).abs() / theirs[key].abs()).max().item() for key in ours)
 
 
 def compare_seed(seed: int, args: argparse.Namespace, lines: list[torch.Tensor], folder: Path) -> dict:
@@ -123,20 +154,24 @@ def compare_seed(seed: int, args: argparse.Namespace, lines: list[torch.Tensor],
     calib = folder / f"calib-{seed}.pt"
     torch.save(input_ids, calib)
     ours = cps_side(input_ids, lines)
-    theirs = peer_side(
-        calib, folder / "lines.pt", folder / f"peer-{seed}.pt", "none", dense=seed == args.seeds[0]
-    )
+    first = seed == args.seeds[0]
+    theirs = peer_side(calib, folder / "lines.pt", folder / f"peer-{seed}.pt", "none", dense=first)
     agreement = code_agreement(ours["codes"], theirs["codes"])
-    same, total = (sum(column) for column in zip(*agreement.values(), strict=True))
+    layers = len({key.split(".")[0] for key in agreement})
+    share, total = identical_share(agreement, 0)
     return {
         "seed": seed,
-        "codes": agreement,
-        "codes_identical": same / total,
+        "codes_identical": share,
         "codes_total": total,
+        "codes_layer0": {
+            key.removeprefix("0."): value for key, value in agreement.items() if key.startswith("0.")
+        },
+        "codes_identical_by_layer": [identical_share(agreement, index)[0] for index in range(layers)],
         "scale_max_rel_diff": scale_difference(ours["scales"], theirs["scales"]),
         "ppl_cps": ours["perplexity"],
         "ppl_peer": theirs["perplexity"],
         "ppl_rel_diff": (ours["perplexity"] - theirs["perplexity"]) / theirs["perplexity"],
+        "ppl_peer_weights_here": peer_weights_perplexity(theirs, lines),
         "ppl_dense_peer": theirs["dense_perplexity"],
         "seconds_cps": ours["seconds"],
         "seconds_peer": theirs["seconds"],
@@ -153,11 +188,14 @@ def print_seed(row: dict, dense: float) -> None:
         f"  layer 0 identical codes: cps vs llm-compressor  {100 * row['codes_identical']:.2f}% "
         f"({row['codes_total']} weights); scales differ by at most {row['scale_max_rel_diff']:.1e} (relative)"
     )
-    for name, (same, total) in row["codes"].items():
+    for name, (same, total) in row["codes_layer0"].items():
         print(f"    {name:<18} {100 * same / total:6.2f}% ({total})")
+    shares = " ".join(f"{100 * share:.1f}" for share in row["codes_identical_by_layer"])
+    print(f"  identical codes by layer (%): {shares}")
     print(
         f"  perplexity: dense {dense:.2f}, cps {row['ppl_cps']:.2f}, llm-compressor {row['ppl_peer']:.2f}, "
-        f"relative difference {100 * row['ppl_rel_diff']:+.2f}%"
+        f"relative difference {100 * row['ppl_rel_diff']:+.2f}% (llm-compressor's weights in cps's model: "
+        f"{row['ppl_peer_weights_here']:.2f})"
     )
     print(
         f"  seconds: cps {row['seconds_cps']:.1f} (GPTQ in prune_model), llm-compressor "

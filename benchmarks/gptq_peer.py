@@ -48,20 +48,23 @@ def integer_codes(
     return codes.round().clamp(-(2 ** (BITS - 1)), 2 ** (BITS - 1) - 1).to(torch.int8)
 
 
-def layer_zero_grid(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Layer 0's linears (name inside the layer, e.g. self_attn.q_proj) -> int8 codes, and -> scales
-    (out, groups), after oneshot."""
-    linears = [(name, m) for name, m in model.model.layers[0].named_modules() if isinstance(m, nn.Linear)]
-    codes = {
-        name: integer_codes(module.weight, module.weight_scale, getattr(module, "weight_zero_point", None))
-        for name, module in linears
-    }
-    for name, module in linears:  # the weights oneshot left must be on the grid, codes x scale
-        width = module.weight.shape[1] // module.weight_scale.shape[1]
-        grid = codes[name].float() * module.weight_scale.float().repeat_interleave(width, dim=1)
-        if not torch.allclose(module.weight.float(), grid, rtol=1e-5, atol=0):
-            raise SystemExit(f"layer 0 {name}: llm-compressor's weights are not codes x scale")
-    return codes, {name: module.weight_scale.detach().float() for name, module in linears}
+def quantized_grid(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Every decoder layer's linears after oneshot, keyed `<layer>.<name inside it>` (e.g.
+    0.self_attn.q_proj): their int8 codes (out, in), and their scales (out, groups)."""
+    codes, scales = {}, {}
+    for index, layer in enumerate(model.model.layers):
+        for name, module in layer.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            key, scale = f"{index}.{name}", module.weight_scale.detach().float()
+            codes[key] = integer_codes(module.weight, scale, getattr(module, "weight_zero_point", None))
+            scales[key] = scale
+            grid = codes[key].float() * scale.repeat_interleave(
+                module.weight.shape[1] // scale.shape[1], dim=1
+            )
+            if not torch.allclose(module.weight.float(), grid, rtol=1e-5, atol=0):
+                raise SystemExit(f"{key}: llm-compressor's weights are not codes x scale")
+    return codes, scales
 
 
 def quantize(model: nn.Module, input_ids: torch.Tensor, actorder: str | None) -> float:
@@ -119,7 +122,7 @@ def main() -> None:
     input_ids = torch.load(args.calib)
     dense = perplexity(model, lines) if args.dense else None
     seconds = quantize(model, input_ids, None if args.actorder == "none" else args.actorder)
-    codes, scales = layer_zero_grid(model)
+    codes, scales = quantized_grid(model)
     torch.save(
         {
             "codes": codes,

@@ -80,6 +80,12 @@ def updates_weights(params: Mapping[str, object]) -> bool:
     return method_class(str(params["method"])).updates_weights or quant_label(params) is not None
 
 
+def same_quantization(wanted: Mapping[str, object], logged: Mapping[str, object]) -> bool:
+    """A run found by a subset of its params is the one wanted only if both are quantized or
+    neither: an unquantized run's params (no `bits`) are a subset of its quantized twin's."""
+    return ("bits" in wanted) == ("bits" in logged)
+
+
 def quant_label(params: Mapping[str, object]) -> str | None:
     """A quantized run's quantizer and grid from its params (gptq-w4g128, rtn-w3a), else None."""
     if params.get("bits") in (None, "", "None", "none"):

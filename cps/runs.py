@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cps import tracking
-from cps.config import DENSE, QUANT_PARAMS, PruneConfig, quant_label, updates_weights
+from cps.config import DENSE, QUANT_PARAMS, PruneConfig, quant_label, same_quantization, updates_weights
 from cps.data.calibration import CalibrationSet, load_calibration
 from cps.errors import CpsError
 from cps.models import (
@@ -101,8 +101,10 @@ def find_prune_runs(
         plain = {k: v for k, v in params.items() if k not in _BEFORE_ALLOCATIONS}
         found = _find_by_dtype(store, params, status)
         found += [r for r in _find_by_dtype(store, plain, status) if "allocation" not in r.params]
-        return sorted(found, key=lambda record: record.start_time, reverse=True)
-    return _find_by_dtype(store, params, status)
+        found = sorted(found, key=lambda record: record.start_time, reverse=True)
+    else:
+        found = _find_by_dtype(store, params, status)
+    return [record for record in found if same_quantization(params, record.params)]
 
 
 _BEFORE_ALLOCATIONS = {"allocation": "uniform", "refine": "none"}

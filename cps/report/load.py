@@ -17,7 +17,7 @@ import polars as pl
 from cps import tracking
 from cps.analysis.findings import DELTA, shown_answers
 from cps.analysis.groups import calib_kind
-from cps.config import FINDINGS_DELTA_TAG, variant
+from cps.config import FINDINGS_DELTA_TAG, quant_label, variant
 from cps.metrics import INTERVAL, MARGIN_OF, SHOWN_SCORE, companion, metric, task_family
 
 # Prune metrics logged before the in-sample figures were named for what they are.
@@ -27,6 +27,7 @@ LEGACY_METRICS = {"snr_db.mean": "calib_snr_db.mean", "prune_error.total": "cali
 SETTING_PARAMS = ("model", "method", "pattern", "sparsity", "calib_corpus", "calib_kind")
 ANALYSIS_HEADLINES = (
     "iou.mean",
+    "code_agreement.mean",  # quantized groups: the share of equal integer codes
     "lape.overlap.mean",
     "lsar.specific_share.mean",
     "cross_snr.own_lang_best",
@@ -56,7 +57,9 @@ def prune_runs(store: tracking.Store, filters: Mapping[str, str]) -> pl.DataFram
     for record in matching_runs(store, "prune", filters):
         row: dict[str, object] = {"run_id": record.run_id, **record.params}
         params = record.params  # the method with its allocation and refinement: wanda+owl+dsnot
-        row["method"] = variant(params.get("method", ""), params.get("allocation"), params.get("refine"))
+        row["method"] = variant(
+            params.get("method", ""), params.get("allocation"), params.get("refine"), quant_label(params)
+        )
         row["calib_kind"] = calib_kind(params.get("calib_lang"))
         row |= {f"m:{name}": value for name, value in _normalised(record.metrics).items()}
         rows.append(row)
@@ -96,7 +99,10 @@ def analysis_runs(store: tracking.Store, filters: Mapping[str, str]) -> pl.DataF
         row = {
             "model": record.params.get("model"),
             "method": variant(
-                record.params.get("method", ""), record.params.get("allocation"), record.params.get("refine")
+                record.params.get("method", ""),
+                record.params.get("allocation"),
+                record.params.get("refine"),
+                quant_label(record.params),
             ),
             "pattern": record.params.get("pattern"),
             "sparsity": record.params.get("sparsity"),
@@ -161,7 +167,12 @@ def analysis_tables(
                 continue
             shown = {
                 **params,
-                "method": variant(params.get("method", ""), params.get("allocation"), params.get("refine")),
+                "method": variant(
+                    params.get("method", ""),
+                    params.get("allocation"),
+                    params.get("refine"),
+                    quant_label(params),
+                ),
             }
             setting = tuple(shown.get(key) for key in SETTING_PARAMS)
             if setting in seen:

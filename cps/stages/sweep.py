@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from cps import tracking
 from cps.analysis.groups import comparison_groups
-from cps.config import EVAL_FINGERPRINT_TAG, FINDINGS_DELTA_TAG, updates_weights
+from cps.config import EVAL_FINGERPRINT_TAG, FINDINGS_DELTA_TAG, same_quantization, updates_weights
 from cps.errors import CpsError, first_line
 from cps.notes import describe
 from cps.runs import drop_kept_weights, find_prune_runs, keep_weights
@@ -487,7 +487,8 @@ def run_analyses(
     for config in study.analyses:
         for group in comparison_groups(runs, config.group_by):
             params = {k: str(v) for k, v in analysis_params(group, config).items()}
-            if tracking.find_runs(store, "analyze", params):
+            found = tracking.find_runs(store, "analyze", params)
+            if any(same_quantization(params, record.params) for record in found):
                 skipped += 1
                 continue
             log.info("analysis by %s: %s", config.group_by, json.dumps(group.members))
