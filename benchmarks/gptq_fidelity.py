@@ -8,7 +8,13 @@ and each one), the perplexity of the dense model and of each quantized one on th
 Swahili FLORES evaluation lines (dev + test, each line scored alone with the tokenizer's BOS; one
 `perplexity` function, in gptq_peer.py, runs on both sides), and the seconds of cps's GPTQ
 (`prune_model`) against llm-compressor's `oneshot` call. llm-compressor runs in its own venv
-(its own transformers), in a subprocess after cps, so the two never share the CPU.
+(its own transformers), in a subprocess after cps, so the two never share the CPU; run it on an
+otherwise idle machine, or the seconds mean little.
+
+Diagnostics besides: the share of identical codes in every layer (after layer 0 the two drift
+apart, each layer's inputs coming from layers they quantized slightly differently: on a tiny
+calibration set cps against itself with another `batch_tokens` drifts just as much), and the
+perplexity of llm-compressor's codes x scales put into cps's own model (the same evaluator as cps's).
 
     .venv/bin/python benchmarks/gptq_fidelity.py [--seeds 0,1,2] [--peer-default] [--json out.json]
 

@@ -15,6 +15,7 @@ Prints the figures, the ratio streamed / in memory, and the peak-memory formula 
 predicts for Llama-3-70B (bf16, 128 x 2048 calibration windows).
 
     .venv/bin/python benchmarks/stream_bench.py [--nsamples 32 --seqlen 512 --docs 20 --langs en,sw]
+    .venv/bin/python benchmarks/stream_bench.py --method gptq --prune-only     (issue 27: GPTQ streamed)
 
 Targets: streamed prune peak RSS <= 0.75 GB, streamed perplexity <= 0.85 GB, each <= 1.15x the
 in-memory time.
@@ -102,12 +103,14 @@ def _model(mode: str):
     return load_model("gemma3-270m").model
 
 
-def prune(mode: str, nsamples: int, seqlen: int) -> dict:
+def prune(mode: str, nsamples: int, seqlen: int, method: str = "wanda") -> dict:
     import hashlib
 
     baseline()  # what `cps prune` imports (mlflow included), so the figure is the command's
 
-    from cps.pruning.base import get_method
+    from torch import nn
+
+    from cps.pruning.base import MethodOptions, get_method
     from cps.pruning.engine import EngineConfig, prune_model
     from cps.pruning.masks import SparsityTarget
 
@@ -115,8 +118,20 @@ def prune(mode: str, nsamples: int, seqlen: int) -> dict:
     started = time.perf_counter()
     model = _model(mode)
     loaded_s = time.perf_counter() - started
-    result = prune_model(model, calib.input_ids, get_method("wanda"), SparsityTarget(0.5), EngineConfig())
+    quantizes = method in ("gptq", "rtn")  # 4 bits, group 128: the weights are what to compare
+    options = MethodOptions(bits=4) if quantizes else MethodOptions()
+    target = SparsityTarget(0.0 if quantizes else 0.5)
     digest = hashlib.sha256()
+
+    def on_layer(index: int, layer: nn.Module) -> None:  # each layer's new weights, before release
+        if quantizes:
+            for _, module in sorted(layer.named_modules(), key=lambda item: item[0]):
+                if isinstance(module, nn.Linear):
+                    digest.update(module.weight.detach().float().numpy().tobytes())
+
+    result = prune_model(
+        model, calib.input_ids, get_method(method, options), target, EngineConfig(), on_layer
+    )
     for name in sorted(result.masks):
         digest.update(result.masks[name].numpy().tobytes())
     return {
@@ -152,6 +167,7 @@ def evaluate(mode: str, langs: list[str], docs: int, seqlen: int) -> dict:
 def _child(args: argparse.Namespace, *extra: str) -> dict:
     command = [sys.executable, __file__, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
     command += ["--docs", str(args.docs), "--eval-seqlen", str(args.eval_seqlen), "--langs", args.langs]
+    command += ["--method", args.method]
     output = subprocess.run([*command, *extra], capture_output=True, text=True, check=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -199,6 +215,8 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=20)
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--langs", default="en,sw")
+    parser.add_argument("--method", default="wanda", help="wanda | sparsegpt | gptq (4-bit g128) | rtn")
+    parser.add_argument("--prune-only", action="store_true", help="skip the perplexity measurement")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -210,7 +228,7 @@ def main() -> None:
         elif what == "warm":
             row = warm(args)
         elif what == "prune":
-            row = prune(mode, args.nsamples, args.seqlen)
+            row = prune(mode, args.nsamples, args.seqlen, args.method)
         else:
             row = evaluate(mode, args.langs.split(","), args.docs, args.eval_seqlen)
         print(json.dumps(row))
@@ -224,14 +242,17 @@ def main() -> None:
         f"peak RSS {floor['peak_rss_gb']:.2f} GB"
     )
     _child(args, "--one", "warm")  # calibration set and held-out windows cached, as after a first run
-    print(f"\nprune: gemma3-270m fp32, Wanda 50%, {args.nsamples} x {args.seqlen} sw NTREX tokens")
+    what = f"{args.method} 4-bit g128" if args.method in ("gptq", "rtn") else f"{args.method} 50%"
+    print(f"\nprune: gemma3-270m fp32, {what}, {args.nsamples} x {args.seqlen} sw NTREX tokens")
     rows = {mode: _child(args, "--one", f"prune:{mode}") for mode in ("memory", "stream")}
     for mode, row in rows.items():
         print(
             f"  {mode:<7} load {row['load_s']:5.1f} s  prune {row['prune_s']:6.1f} s  "
             f"total {row['total_s']:6.1f} s  peak RSS {row['peak_rss_gb']:.3f} GB  masks {row['masks']}"
         )
-    _compare(rows, "masks", "masks identical", 0.75)
+    _compare(rows, "masks", "masks (and quantized weights) identical", 0.75)
+    if args.prune_only:
+        return
 
     print(
         f"\nperplexity: dense gemma3-270m, first {args.docs} FLORES documents of {args.langs}, "

@@ -481,7 +481,7 @@ def test_gemma3_270m_task_requests_start_with_bos(gemma):
 
 def test_gemma3_270m_shared_contexts_score_sib_and_xcopa_like_hflm(gemma, monkeypatch):
     """Every choice's log-likelihood (and unconditional one) on real SIB and XCOPA items equals
-    lm-eval's HFLM (without its one-token logits cache) to 1e-5, and so does every pick."""
+    lm-eval's HFLM (without its one-token logits cache) to 3e-5 relative, and so does every pick."""
     from lm_eval.models.huggingface import HFLM
 
     from cps.evaluation import lm
@@ -496,13 +496,15 @@ def test_gemma3_270m_shared_contexts_score_sib_and_xcopa_like_hflm(gemma, monkey
         for column in ("loglik", "loglik_unconditional"):
             if column in theirs.columns and theirs[column].dtype != pl.Null:
                 expected = [v for row in theirs[column].to_list() for v in row]
+                # (fp32 sums in another order: packed rows against plain ones measured 1.1e-5
+                # relative on one SIB choice after a fresh install of the dependencies, 2026-12)
                 assert [v for row in mine[column].to_list() for v in row] == pytest.approx(
-                    expected, rel=1e-5, abs=1e-5
+                    expected, rel=3e-5, abs=1e-5
                 )
         scores = ("loglik", "loglik_unconditional", "margin", "margin_norm", "margin_mutual_info")
         for column in scores[2:]:
             if column in theirs.columns:
-                assert mine[column].to_list() == pytest.approx(theirs[column].to_list(), rel=1e-5, abs=1e-5)
+                assert mine[column].to_list() == pytest.approx(theirs[column].to_list(), rel=3e-5, abs=1e-5)
         assert mine.drop(scores, strict=False).equals(theirs.drop(scores, strict=False))
 
 

@@ -644,7 +644,7 @@ def remove_layers(
                     if index in removed:
                         linear.weight.data.zero_()
                     error = energy[index, name] if index in removed else 0.0
-                    layer_stats[name] = (mask, error, energy[index, name], float(index in removed))
+                    layer_stats[name] = _Applied(mask, error, energy[index, name], float(index in removed))
                 if on_layer is not None:
                     on_layer(index, layer)
             _record(result, index, prefix[id(layer)], layer_stats)
