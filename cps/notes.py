@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping
 
 from cps import tracking
+from cps.config import quant_label, variant
 from cps.metrics import SHOWN_SCORE, metric_lang, split_task
 
 
@@ -54,14 +55,17 @@ def _what_was_pruned(params: Mapping[str, str]) -> str:
     if method == "dense":
         return f"dense {model} (the unpruned baseline)"
     sparsity = params.get("sparsity")
-    share = f"{float(sparsity):.0%} " if sparsity not in (None, "") else ""
+    share = f"{float(sparsity):.0%} {params.get('pattern', '')}" if sparsity not in (None, "") else ""
     calibration = (
         f"{params.get('calib_corpus', '?')} {params.get('nsamples', '?')} x {params.get('seqlen', '?')}"
     )
-    return (
-        f"{method} {share}{params.get('pattern', '')} of {model}, calibrated on "
-        f"{params.get('calib_lang', '?')} ({calibration})"
-    )
+    label = quant_label(params)  # quantized: gptq-w4g128 (at sparsity 0 nothing is pruned)
+    if label is not None:
+        shown = variant(method, params.get("allocation"), params.get("refine"), label)
+        what = shown if sparsity in (None, "", "0.0", "0") else f"{shown} {share}"
+    else:
+        what = f"{method} {share}"
+    return f"{what.strip()} of {model}, calibrated on {params.get('calib_lang', '?')} ({calibration})"
 
 
 def _in_sample(metrics: Mapping[str, float]) -> str:

@@ -75,3 +75,19 @@ ActOrder = Annotated[
 ]
 Blocksize = Annotated[int, typer.Option(help="SparseGPT/GPTQ: columns per lazy batch update.")]
 Dampening = Annotated[float, typer.Option(help="SparseGPT/GPTQ: dampening, a share of mean diag H.")]
+
+# The calibrated compression commands (`cps prune`, `cps quantize`)
+CalibLang = Annotated[
+    str | None,
+    typer.Option("--lang", "-l", help="Calibration language, mixture (en:0.5,sw:0.5), recipe (sw+en, all)."),
+]
+CalibRun = Annotated[
+    str | None, typer.Option("--calib", help="Reuse the calibration set of this calibrate run.")
+]
+TrueSequential = Annotated[bool, typer.Option(help="Attention then MLP sub-blocks in order.")]
+ComputeDevice = Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto.")]
+ComputeDtype = Annotated[str, typer.Option(help="auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16.")]
+BatchTokens = Annotated[int, typer.Option(help="Calibration tokens per forward batch.")]
+SaveModel = Annotated[
+    bool, typer.Option(help="Log the weights as model/ (compressed-tensors where quantized).")
+]

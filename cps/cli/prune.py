@@ -8,7 +8,12 @@ import typer
 
 from cps.cli.options import (
     ActOrder,
+    BatchTokens,
     Blocksize,
+    CalibLang,
+    CalibRun,
+    ComputeDevice,
+    ComputeDtype,
     Corpus,
     Dampening,
     DataDir,
@@ -17,11 +22,13 @@ from cps.cli.options import (
     Model,
     NSamples,
     OffloadActivations,
+    SaveModel,
     Seed,
     SeqLen,
     Stream,
     Symmetric,
     TrackingUri,
+    TrueSequential,
 )
 
 if TYPE_CHECKING:
@@ -30,12 +37,7 @@ if TYPE_CHECKING:
 
 
 def prune_command(
-    lang: Annotated[
-        str | None,
-        typer.Option(
-            "--lang", "-l", help="Calibration language, mixture (en:0.5,sw:0.5), recipe (sw+en, all)."
-        ),
-    ] = None,
+    lang: CalibLang = None,
     model: Model = "gemma3-270m",
     method: Annotated[
         str, typer.Option(help="wanda | sparsegpt | ria | magnitude | shortgpt (whole layers) | dense.")
@@ -50,12 +52,8 @@ def prune_command(
     nsamples: NSamples = 128,
     seqlen: SeqLen = 2048,
     seed: Seed = 0,
-    calib: Annotated[
-        str | None, typer.Option("--calib", help="Reuse the calibration set of this calibrate run.")
-    ] = None,
-    true_sequential: Annotated[
-        bool, typer.Option(help="Prune attention then MLP sub-blocks in order.")
-    ] = False,
+    calib: CalibRun = None,
+    true_sequential: TrueSequential = False,
     blocksize: Blocksize = 128,
     dampening: Dampening = 0.01,
     allocation: Annotated[
@@ -90,14 +88,12 @@ def prune_command(
     group_size: GroupSize = 128,
     sym: Symmetric = True,
     act_order: ActOrder = False,
-    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto.")] = "cpu",
-    dtype: Annotated[
-        str, typer.Option(help="auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16.")
-    ] = "auto",
+    device: ComputeDevice = "cpu",
+    dtype: ComputeDtype = "auto",
     offload_activations: OffloadActivations = False,
     stream: Stream = None,
-    batch_tokens: Annotated[int, typer.Option(help="Calibration tokens per forward batch.")] = 2048,
-    save_model: Annotated[bool, typer.Option(help="Log the pruned weights as model/.")] = True,
+    batch_tokens: BatchTokens = 2048,
+    save_model: SaveModel = True,
     data_dir: DataDir = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = "cps",

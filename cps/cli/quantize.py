@@ -12,7 +12,12 @@ import typer
 
 from cps.cli.options import (
     ActOrder,
+    BatchTokens,
     Blocksize,
+    CalibLang,
+    CalibRun,
+    ComputeDevice,
+    ComputeDtype,
     Corpus,
     Dampening,
     DataDir,
@@ -21,19 +26,18 @@ from cps.cli.options import (
     Model,
     NSamples,
     OffloadActivations,
+    SaveModel,
     Seed,
     SeqLen,
     Stream,
     Symmetric,
     TrackingUri,
+    TrueSequential,
 )
 
 
 def quantize_command(
-    lang: Annotated[
-        str | None,
-        typer.Option("--lang", "-l", help="Calibration language, mixture (en:0.5,sw:0.5) or recipe."),
-    ] = None,
+    lang: CalibLang = None,
     model: Model = "gemma3-270m",
     method: Annotated[
         str, typer.Option(help="gptq | rtn (round to nearest: reads no calibration).")
@@ -48,22 +52,14 @@ def quantize_command(
     nsamples: NSamples = 128,
     seqlen: SeqLen = 2048,
     seed: Seed = 0,
-    calib: Annotated[
-        str | None, typer.Option("--calib", help="Reuse the calibration set of this calibrate run.")
-    ] = None,
-    true_sequential: Annotated[
-        bool, typer.Option(help="Quantize attention then MLP sub-blocks in order.")
-    ] = False,
-    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto.")] = "cpu",
-    dtype: Annotated[
-        str, typer.Option(help="auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16.")
-    ] = "auto",
+    calib: CalibRun = None,
+    true_sequential: TrueSequential = False,
+    device: ComputeDevice = "cpu",
+    dtype: ComputeDtype = "auto",
     offload_activations: OffloadActivations = False,
     stream: Stream = None,
-    batch_tokens: Annotated[int, typer.Option(help="Calibration tokens per forward batch.")] = 2048,
-    save_model: Annotated[
-        bool, typer.Option(help="Log the quantized weights as model/ (compressed-tensors).")
-    ] = True,
+    batch_tokens: BatchTokens = 2048,
+    save_model: SaveModel = True,
     data_dir: DataDir = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = "cps",

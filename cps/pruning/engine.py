@@ -422,7 +422,9 @@ def prune_model(
         finite = [s.snr_db for s in result.stats[-len(layer_stats) :] if math.isfinite(s.snr_db)]
         return {"snr_db": f"{sum(finite) / len(finite):.1f}"} if finite else None
 
-    _layer_pass(model, batches, config, visit, f"{method.name} {target.pattern}")
+    grid = method.options.grid or (plan.quantizer.options.grid if plan.quantizer is not None else None)
+    desc = method.name if method.quantizes else f"{method.name} {target.pattern}"
+    _layer_pass(model, batches, config, visit, desc if grid is None else f"{desc} {grid.label}")
     result.seconds = time.perf_counter() - started
     return result
 
