@@ -16,8 +16,12 @@ apart, each layer's inputs coming from layers they quantized slightly differentl
 calibration set cps against itself with another `batch_tokens` drifts just as much), and the
 perplexity of llm-compressor's codes x scales put into cps's own model (the same evaluator as cps's).
 
-    .venv/bin/python benchmarks/gptq_fidelity.py [--seeds 0,1,2] [--peer-default] [--json out.json]
+    .venv/bin/python benchmarks/gptq_fidelity.py [--seeds 0,1,2] [--peer-default] [--self-noise] \
+        [--json out.json]
 
+`--self-noise` quantizes with cps a second time per seed, X^T X summed a window a batch (as
+llm-compressor sums it) instead of 2,048 tokens a batch: how far GPTQ alone moves with the order
+of fp32 sums, the yardstick for the distance between the two implementations.
 `--peer-default` also runs llm-compressor once (seed 0) with its default activation ordering
 ("static"; cps's act-order is off by default) and reports that perplexity.
 
@@ -77,13 +81,14 @@ def evaluation_lines(tokenizer, count: int, data_dir: str | None) -> list[torch.
     return [tokenizer(row.text, return_tensors="pt").input_ids[0] for row in rows]
 
 
-def cps_side(input_ids: torch.Tensor, lines: list[torch.Tensor]) -> dict:
+def cps_side(input_ids: torch.Tensor, lines: list[torch.Tensor], batch_tokens: int = 2048) -> dict:
     """cps's GPTQ on a freshly loaded dense model: seconds of `prune_model`, every linear's codes
     and scales (keyed as gptq_peer.quantized_grid keys them), the quantized model's perplexity."""
     model = load_model(MODEL, tokenizer=False).model
     method = get_method("gptq", MethodOptions(bits=4, group_size=128, sym=True, act_order=False))
     started = time.perf_counter()
-    result = prune_model(model, input_ids, method, SparsityTarget(0.0), EngineConfig())
+    config = EngineConfig(batch_tokens=batch_tokens)
+    result = prune_model(model, input_ids, method, SparsityTarget(0.0), config)
     seconds = time.perf_counter() - started
     codes, scales = {}, {}
     for key, linear in layer_linears(model).items():
@@ -165,7 +170,16 @@ def compare_seed(seed: int, args: argparse.Namespace, lines: list[torch.Tensor],
     agreement = code_agreement(ours["codes"], theirs["codes"])
     layers = len({key.split(".")[0] for key in agreement})
     share, total = identical_share(agreement, 0)
-    return {
+    noise = {}
+    if args.self_noise:  # cps against itself, X^T X summed in another order (a window a batch)
+        again = cps_side(input_ids, lines, batch_tokens=args.seqlen)
+        itself = code_agreement(ours["codes"], again["codes"])
+        noise = {
+            "ppl_cps_window_batches": again["perplexity"],
+            "ppl_self_rel_diff": (again["perplexity"] - ours["perplexity"]) / ours["perplexity"],
+            "codes_self_by_layer": [identical_share(itself, index)[0] for index in range(layers)],
+        }
+    return noise | {
         "seed": seed,
         "codes_identical": share,
         "codes_total": total,
@@ -203,6 +217,13 @@ def print_seed(row: dict, dense: float) -> None:
         f"relative difference {100 * row['ppl_rel_diff']:+.2f}% (llm-compressor's weights in cps's model: "
         f"{row['ppl_peer_weights_here']:.2f})"
     )
+    if "ppl_self_rel_diff" in row:
+        shares = " ".join(f"{100 * share:.1f}" for share in row["codes_self_by_layer"])
+        print(
+            f"  cps against itself (X^T X summed a window a batch): perplexity "
+            f"{row['ppl_cps_window_batches']:.2f} ({100 * row['ppl_self_rel_diff']:+.2f}%), "
+            f"identical codes by layer (%): {shares}"
+        )
     print(
         f"  seconds: cps {row['seconds_cps']:.1f} (GPTQ in prune_model), llm-compressor "
         f"{row['seconds_peer']:.1f} (oneshot), speedup {row['speedup']:.2f}x"
@@ -258,6 +279,11 @@ def main() -> None:
     )
     parser.add_argument("--peer-default", action="store_true", help="also llm-compressor's act-order, seed 0")
     parser.add_argument("--json", help="write every number here")
+    parser.add_argument(
+        "--self-noise",
+        action="store_true",
+        help="also cps against itself with X^T X summed in another order: GPTQ's own sensitivity",
+    )
     args = parser.parse_args()
     if not PEER_PYTHON.exists():
         print(

@@ -169,6 +169,8 @@ class PruneConfig:
         if self.method is None:
             if self.calibration is not None or self.calib_run:
                 raise CpsError("the dense baseline prunes nothing and takes no calibration")
+            if self.bits is not None:
+                raise CpsError("the dense baseline is not quantized: --bits needs a method")
         else:
             self._check_method()
             if self.calibration is None and self.calib_run is None:
@@ -205,6 +207,8 @@ class PruneConfig:
         problem = combination_error(str(self.method), self.pattern, self.allocation, self.refine, self.bits)
         if problem:
             raise CpsError(problem)
+        if self.act_order and self.bits is not None and self.quantizer_name != "gptq":
+            raise CpsError(f"--act-order orders GPTQ's columns; {self.variant} has no column order to change")
         if self.quantizes and self.sparsity not in (None, 0, 0.0):
             raise CpsError(f"{self.method} quantizes and prunes nothing: to prune too, cps prune --bits")
 
@@ -212,6 +216,15 @@ class PruneConfig:
     def quantizes(self) -> bool:
         """The method itself is a quantizer (gptq, rtn): `cps quantize`."""
         return self.method is not None and method_class(self.method).quantizes
+
+    @property
+    def quantizer_name(self) -> str | None:
+        """What rounds the weights: gptq, rtn, or sparsegpt's own loop (joint); None unquantized."""
+        if not self.quantized:
+            return None
+        if self.quantizes:
+            return self.method
+        return "sparsegpt" if self.joint else self.quant
 
     @property
     def quantized(self) -> bool:
@@ -258,13 +271,10 @@ class PruneConfig:
         if not self.quantized:
             return {}
         quant = self.method if self.quantizes else self.quant
-        return {
-            "bits": self.bits,
-            "group_size": self.group_size,
-            "sym": self.sym,
-            "act_order": self.act_order,
-            "quant": quant,
-        }
+        params: dict[str, object] = {"bits": self.bits, "group_size": self.group_size, "sym": self.sym}
+        if self.quantizer_name == "gptq":  # the options of a GPTQ that runs after a pruning method too
+            params |= {"act_order": self.act_order, "blocksize": self.blocksize, "dampening": self.dampening}
+        return params | {"quant": quant}
 
     @property
     def target(self) -> SparsityTarget:

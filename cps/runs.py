@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -24,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cps import tracking
-from cps.config import DENSE, QUANT_PARAMS, PruneConfig, quant_label, same_quantization, updates_weights
+from cps.config import DENSE, PruneConfig, quant_label, same_quantization, updates_weights
 from cps.data.calibration import CalibrationSet, load_calibration
 from cps.errors import CpsError
 from cps.models import (
@@ -41,7 +42,7 @@ from cps.models import (
     weights_folder,
 )
 from cps.paths import cache_dir, publish, staging
-from cps.pruning.base import get_method, method_class
+from cps.pruning.base import get_method
 from cps.pruning.compressed import dequantize_now, load_kwargs, quantized_config
 from cps.pruning.engine import prune_model
 from cps.pruning.masks import load_masks
@@ -450,11 +451,10 @@ def _prune_again(
         raise CpsError(f"run {record.run_id} saved no model and names no calibration run to rebuild it")
     log.warning("run %s saved no model: pruning again with %s to rebuild it", record.run_id, params["method"])
     calib = load_calibration_run(store, calib_run)
-    options = {name: _param(params[name]) for name in method_class(params["method"]).logged_options}
-    if quant_label(params) is not None:  # quantized: its grid and quantizer too
-        options |= {name: _param(params[name]) for name in QUANT_PARAMS if name in params}
-    if params.get("allocation") == "owl":  # (a run from before issue 26 logged none: uniform)
-        options |= {name: _param(params[name]) for name in ("allocation", "owl_m", "owl_lambda")}
+    # every setting the run logged (the method's options, its allocation, refinement and
+    # quantization); the dtype it pruned in (a quantized run's scales are fitted in it)
+    fields = {f.name for f in dataclasses.fields(PruneConfig)} - set(_REBUILT_HERE)
+    options = {name: _param(value) for name, value in params.items() if name in fields}
     config = PruneConfig(
         params["model"],
         params["method"],
@@ -463,16 +463,59 @@ def _prune_again(
         pattern=params["pattern"],
         sparsity=None if ":" in params["pattern"] else float(params["sparsity"]),
         device=device,
+        dtype=pruned_dtype(record),
         true_sequential=params.get("true_sequential") == "True",
         **options,
     )
+    stored = _stored_quant(store, record)
+    names = {id(module): name for name, module in loaded.model.named_modules()}
+
+    def checked(index: int, layer: torch.nn.Module) -> None:
+        """A quantized layer rebuilt holds the codes the run logged (same grid, same rounding)."""
+        for module in layer.modules():
+            name = names.get(id(module))
+            if stored and name in stored:
+                params_, codes = stored[name]
+                if not torch.equal(params_.codes(module.weight.data), codes):
+                    raise CpsError(
+                        f"rebuilding run {record.run_id} gave other quantization codes ({name}); "
+                        "cannot evaluate it faithfully"
+                    )
+        if on_layer is not None:
+            on_layer(index, layer)
+
     method = get_method(config.method_name, config.options)
     result = prune_model(
-        loaded.model, calib.input_ids, method, config.target, config.engine, on_layer, config.plan
+        loaded.model, calib.input_ids, method, config.target, config.engine, checked, config.plan
     )
     if result.masks.keys() != masks.keys() or any(not torch.equal(result.masks[k], masks[k]) for k in masks):
         raise CpsError(f"rebuilding run {record.run_id} gave different masks; cannot evaluate it faithfully")
     return loaded
+
+
+_REBUILT_HERE = (
+    "model",
+    "method",
+    "calibration",
+    "pattern",
+    "sparsity",
+    "device",
+    "dtype",
+    "true_sequential",
+)
+
+
+def _stored_quant(store: tracking.Store, record: tracking.RunRecord) -> dict | None:
+    """A quantized run's logged grid and codes per linear (None unquantized, or logged before
+    issue 27's artifact)."""
+    if quant_label(record.params) is None:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = tracking.download_artifact(store, record.run_id, "quant.safetensors", folder)
+        except CpsError:
+            return None
+        return load_quant(str(path))
 
 
 def _param(value: str) -> object:

@@ -189,3 +189,47 @@ def test_codes_artifact_round_trip(tmp_path):
         ((loaded, stored),) = load_quant(path).values()
         assert torch.equal(stored, codes)
         assert torch.equal(loaded.dequantize(stored), rounded)
+
+
+def test_codes_of_bfloat16_weights_give_the_stored_values_back():
+    """8 bits asymmetric in bfloat16: (code - zero) x scale rounded to bfloat16 can land past half
+    a step, where the nearest code would not give the stored weight back; its neighbour does."""
+    torch.manual_seed(0)  # (6 of these weights' nearest codes are off by one)
+    weight = torch.distributions.StudentT(3.0).sample((512, 1024))
+    params = QuantGrid(8, 128, sym=False).fit(weight, torch.bfloat16)
+    stored = params.round(weight).to(torch.bfloat16)
+    nearest = params.codes(stored.float())
+    codes = params.codes(stored)
+    assert torch.equal(params.dequantize(codes).to(torch.bfloat16), stored)
+    assert (params.dequantize(nearest).to(torch.bfloat16) != stored).any(), "the case is exercised"
+    assert (codes != nearest).sum() <= (params.dequantize(nearest).to(torch.bfloat16) != stored).sum()
+
+
+def test_gptq_after_wanda_keeps_wandas_own_masks():
+    """Wanda followed by GPTQ in the engine: on the same inputs its masks are bit for bit those of
+    Wanda alone (its column squares summed as always, beside the X^T X GPTQ reads), their zeros
+    stored, the kept weights on the grid; the dampening GPTQ ran with is logged."""
+    from cps.config import CalibrationConfig, PruneConfig
+    from cps.models import load_model
+    from cps.pruning.engine import prune_model
+
+    ids = torch.randint(0, 1000, (8, 64), generator=torch.Generator().manual_seed(0))
+    calibration = CalibrationConfig("tiny-llama", "sw", nsamples=8, seqlen=64)
+    masks = {}
+    for bits in (None, 4):
+        config = PruneConfig("tiny-llama", "wanda", calibration, bits=bits, group_size=32, dampening=0.05)
+        model = load_model("tiny-llama", tokenizer=False).model
+        method = get_method(config.method_name, config.options)
+        result = prune_model(model, ids, method, config.target, config.engine, plan=config.plan)
+        masks[bits] = result.masks
+        if bits is not None:
+            assert config.identity()["dampening"] == 0.05 and config.plan.quantizer.options.dampening == 0.05
+            modules = dict(model.named_modules())
+            for name, params in result.quant.items():
+                weight = modules[name].weight.data
+                assert torch.all(weight[result.masks[name]] == 0)
+                assert torch.equal(params.dequantize(params.codes(weight)), weight)
+    assert masks[None].keys() == masks[4].keys()
+    # layer 0 reads the same inputs either way (later layers read the quantized layers' outputs)
+    first = [name for name in masks[None] if ".layers.0." in name]
+    assert first and all(torch.equal(masks[None][name], masks[4][name]) for name in first)

@@ -149,7 +149,13 @@ def run_and_summarize(config: PruneConfig, store: Store) -> None:
     result = run_prune(config, store)
     metrics = result.metrics
     typer.echo(f"run {result.run_id}: {config.variant} {config.target.pattern} on {config.model}")
-    typer.echo(f"  actual sparsity {metrics['sparsity.actual']:.4f}")
+    if "sparsity.mask" in metrics:  # quantized
+        typer.echo(
+            f"  pruned share {metrics['sparsity.mask']:.4f}; zeros stored {metrics['sparsity.actual']:.4f} "
+            "(with the weights that round to 0)"
+        )
+    else:
+        typer.echo(f"  actual sparsity {metrics['sparsity.actual']:.4f}")
     if "calib_snr_db.mean" in metrics:
         typer.echo(
             f"  on its calibration tokens (in-sample): mean SNR {metrics['calib_snr_db.mean']:.2f} dB, "

@@ -182,7 +182,7 @@ def _make(entry: _Entry, weight: torch.Tensor, params: QuantParams) -> torch.Ten
         return scale
     if suffix == "weight_zero_point":
         return pack_to_int32(params.zero.to(torch.int8), bits, packed_dim=0)
-    codes = params.codes(weight.float())  # (out, in) int8
+    codes = params.codes(weight)  # (out, in) int8, as stored in the weight's dtype
     if not torch.equal(params.dequantize(codes).to(weight.dtype), weight):
         raise CpsError(
             f"{entry.module}.weight is not on its {params.grid.label} grid in {weight.dtype}: "

@@ -480,7 +480,9 @@ def _prune_layer(
     found on the first of them."""
     structure = tuple(_linears(layer))
     moments = step.refinement is not None and step.refinement.needs_moments
-    hooks = _StatsHooks(layer, layouts.get(structure), not step.needs_gram, step.sample, moments)
+    # a method that reads column squares gets them summed as always, even where a quantizer after
+    # it has X^T X summed too (its masks then equal its unquantized twin's)
+    hooks = _StatsHooks(layer, layouts.get(structure), not step.method.needs_gram, step.sample, moments)
     results: dict[str, tuple[torch.Tensor, float, float, float]] = {}
     try:
         # The first pass also finds the groups: it accumulates all of them, or only the first

@@ -104,9 +104,22 @@ class QuantParams:
         )
 
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
-        """The integer codes of W (out, in) on this grid, int8."""
+        """The integer codes of W (out, in) on this grid, int8. A weight stored in a narrower
+        dtype than fp32 is (code - zero) x scale rounded to it: on a wide grid (8 bits,
+        asymmetric, in bfloat16) that rounding can move it past half a step, so where the nearest
+        code does not give the stored value back, its neighbour that does is the code."""
         scale, zero = self.expanded(weight.shape[1])
-        codes = torch.clamp(weight.float() / scale + zero, self.grid.qmin, self.grid.qmax).round_()
+        low, high = self.grid.qmin, self.grid.qmax
+        codes = torch.clamp(weight.float() / scale + zero, low, high).round_()
+        if weight.dtype != torch.float32:
+            for shift in (-1, 1):
+                wrong = ((codes - zero) * scale).to(weight.dtype) != weight
+                if not wrong.any():
+                    break
+                neighbour = (codes + shift).clamp_(low, high)
+                codes = torch.where(
+                    wrong & (((neighbour - zero) * scale).to(weight.dtype) == weight), neighbour, codes
+                )
         return codes.to(torch.int8)
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
@@ -178,7 +191,7 @@ def save_quant(path: str, quant: dict[str, QuantParams], weight_of: Callable[[st
 
     tensors, meta = {}, {}
     for name, params in quant.items():
-        codes = params.codes(weight_of(name).float())
+        codes = params.codes(weight_of(name))
         grid = params.grid
         tensors[f"{name}.codes"] = pack_codes(codes, grid.bits).contiguous()
         tensors[f"{name}.scale"] = params.scale.contiguous()

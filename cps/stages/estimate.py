@@ -278,9 +278,11 @@ def task_power(study: Study, tasks: list[str]) -> list[TaskPower]:
 
 
 def _passes(config: PruneConfig) -> float:
-    """A cell's pruning work in dense passes over its calibration tokens: its method, OWL's pass,
-    DSnoT's loop."""
+    """A cell's pruning work in dense passes over its calibration tokens: its method (or, after a
+    method that reads no X^T X, a GPTQ that does: SparseGPT's cost), OWL's pass, DSnoT's loop."""
     passes = COSTS["prune_passes"].get(config.method_name, 3.0)
+    if config.quantizer_name not in (None, config.method_name):
+        passes = max(passes, COSTS["prune_passes"][config.quantizer_name])
     if config.allocation == "owl":
         passes += COSTS["owl_passes"]
     if config.refine != "none":

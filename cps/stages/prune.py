@@ -286,6 +286,9 @@ def _log_outputs(
     model from memory, or from the folder a streamed prune wrote (`saved`)."""
     stats = stats_frame(result)
     metrics = summary_metrics(stats, result.seconds)
+    if result.quant:  # the stored zeros count weights that round to 0: the pruned share apart
+        weights = stats["rows"] * stats["columns"]
+        metrics["sparsity.mask"] = float((stats["mask_sparsity"] * weights).sum() / weights.sum())
     run.log_metrics(metrics)
     run.set_tags({"cps.calib_error_estimate": result.error_estimate})
     weights = pl.col("rows") * pl.col("columns")
