@@ -20,9 +20,15 @@ from cps.stages.evaluate import run_eval
     ("method", "settings", "stream"),
     [
         ("gptq", {"bits": 4, "group_size": 32}, False),
-        ("gptq", {"bits": 3, "group_size": -1, "sym": False, "act_order": True}, True),
-        ("sparsegpt", {"bits": 4, "group_size": 32}, True),
-        ("wanda", {"bits": 4, "group_size": 32, "quant": "rtn"}, False),
+        # the other paths, ~15 s each: `make test-all` (CI)
+        pytest.param(
+            "gptq",
+            {"bits": 3, "group_size": -1, "sym": False, "act_order": True},
+            True,
+            marks=pytest.mark.slow,
+        ),
+        pytest.param("sparsegpt", {"bits": 4, "group_size": 32}, True, marks=pytest.mark.slow),
+        pytest.param("wanda", {"bits": 4, "group_size": 32, "quant": "rtn"}, False, marks=pytest.mark.slow),
     ],
 )
 def test_tiny_quantized_runs_load_anywhere(method, settings, stream, store, tmp_path):
