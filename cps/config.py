@@ -86,6 +86,15 @@ def same_quantization(wanted: Mapping[str, object], logged: Mapping[str, object]
     return ("bits" in wanted) == ("bits" in logged)
 
 
+def run_variant(params: Mapping[str, object]) -> str:
+    """A run's `variant` from its logged params: wanda+owl, gptq-w4g128, sparsegpt+gptq-w4g128;
+    a run that quantized another run's pruned model (`from_run`) reads `<its variant>|gptq-w4g128`."""
+    label = quant_label(params)
+    if params.get("from_method"):
+        return f"{params['from_method']}|{label}"
+    return variant(str(params.get("method", "")), params.get("allocation"), params.get("refine"), label)  # type: ignore[arg-type]
+
+
 def quant_label(params: Mapping[str, object]) -> str | None:
     """A quantized run's quantizer and grid from its params (gptq-w4g128, rtn-w3a), else None."""
     if params.get("bits") in (None, "", "None", "none"):
@@ -163,6 +172,7 @@ class PruneConfig:
     sym: bool = True
     act_order: bool = False
     quant: str = "gptq"  # what quantizes after a pruning method: gptq | rtn
+    from_run: str | None = None  # `cps quantize --from-run`: quantize this prune run's model, its zeros held
 
     def __post_init__(self) -> None:
         resolve_model(self.model)
@@ -209,6 +219,10 @@ class PruneConfig:
             raise CpsError(problem)
         if self.act_order and self.bits is not None and self.quantizer_name != "gptq":
             raise CpsError(f"--act-order orders GPTQ's columns; {self.variant} has no column order to change")
+        if self.from_run is not None and not self.quantizes:
+            raise CpsError(
+                "--from-run quantizes a pruned run's model: it takes a quantization method (gptq, rtn)"
+            )
         if self.quantizes and self.sparsity not in (None, 0, 0.0):
             raise CpsError(f"{self.method} quantizes and prunes nothing: to prune too, cps prune --bits")
 
@@ -342,6 +356,8 @@ class PruneConfig:
                 logged = refinement_class(self.refine).logged_options
                 params |= {name: getattr(options, name) for name in logged}
             params |= self.quant_params
+            if self.from_run is not None:  # (the run's model, sparsity and method: `run_prune` adds them)
+                params["from_run"] = self.from_run
         return params
 
 

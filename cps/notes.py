@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping
 
 from cps import tracking
-from cps.config import quant_label, variant
+from cps.config import quant_label, run_variant
 from cps.metrics import SHOWN_SCORE, metric_lang, split_task
 
 
@@ -59,9 +59,8 @@ def _what_was_pruned(params: Mapping[str, str]) -> str:
     calibration = (
         f"{params.get('calib_corpus', '?')} {params.get('nsamples', '?')} x {params.get('seqlen', '?')}"
     )
-    label = quant_label(params)  # quantized: gptq-w4g128 (at sparsity 0 nothing is pruned)
-    if label is not None:
-        shown = variant(method, params.get("allocation"), params.get("refine"), label)
+    if quant_label(params) is not None:  # quantized: gptq-w4g128 (at sparsity 0 nothing is pruned)
+        shown = run_variant(params)
         what = shown if sparsity in (None, "", "0.0", "0") else f"{shown} {share}"
     else:
         what = f"{method} {share}"

@@ -42,7 +42,7 @@ from cps.models import (
     weights_folder,
 )
 from cps.paths import cache_dir, publish, staging
-from cps.pruning.base import get_method
+from cps.pruning.base import get_method, method_class
 from cps.pruning.compressed import dequantize_now, load_kwargs, quantized_config
 from cps.pruning.engine import prune_model
 from cps.pruning.masks import load_masks
@@ -338,6 +338,11 @@ def _pruned_again_shards(
     folder = cache_dir() / "pruned" / f"{record.run_id}.layers"
     if (folder / "model.safetensors.index.json").is_file():
         return folder
+    if record.params.get("from_run"):
+        raise CpsError(
+            f"run {record.run_id} quantized run {record.params['from_run']}'s model: "
+            "evaluate it with --no-stream"
+        )
     again = replace(options, dtype=pruned_dtype(record))
     name = record.params["model"]
     loaded = open_loaded(name, weights_folder(resolve_model(name)), again, tokenizer=False)
@@ -409,7 +414,11 @@ def _rebuild_pruned_again(
     """Pruned again as `cps prune` pruned it: in the run's dtype, held on the CPU, each layer
     computed on the evaluation's device; then placed as the run's saved model would be loaded."""
     again = replace(options, dtype=pruned_dtype(record), hold_on_cpu=True)
-    loaded = load_model(record.params["model"], again)
+    source = record.params.get("from_run")  # --from-run: the pruned run's model, quantized again
+    if source:
+        loaded = load_run_model(store, tracking.get_run(store, source), again)
+    else:
+        loaded = load_model(record.params["model"], again)
     _prune_again(store, record, loaded, masks, placement(again).compute)
     where = placement(options)
     if where.dtype == loaded.model.dtype:
@@ -454,14 +463,16 @@ def _prune_again(
     # every setting the run logged (the method's options, its allocation, refinement and
     # quantization); the dtype it pruned in (a quantized run's scales are fitted in it)
     fields = {f.name for f in dataclasses.fields(PruneConfig)} - set(_REBUILT_HERE)
+    quantizes = method_class(params["method"]).quantizes
     options = {name: _param(value) for name, value in params.items() if name in fields}
     config = PruneConfig(
         params["model"],
         params["method"],
         # the calibrate run's file may name another model with the same tokenizer
         calibration=replace(calib.config, model=params["model"]),
-        pattern=params["pattern"],
-        sparsity=None if ":" in params["pattern"] else float(params["sparsity"]),
+        # (a quantization method's pattern and sparsity are its model's: a --from-run source's)
+        pattern="unstructured" if quantizes else params["pattern"],
+        sparsity=None if quantizes or ":" in params["pattern"] else float(params["sparsity"]),
         device=device,
         dtype=pruned_dtype(record),
         true_sequential=params.get("true_sequential") == "True",
@@ -485,9 +496,10 @@ def _prune_again(
             on_layer(index, layer)
 
     method = get_method(config.method_name, config.options)
-    result = prune_model(
-        loaded.model, calib.input_ids, method, config.target, config.engine, checked, config.plan
-    )
+    plan = config.plan
+    if config.from_run is not None:  # quantized around the pruned run's masks, as it was
+        plan = replace(plan, held=run_masks(store, config.from_run))
+    result = prune_model(loaded.model, calib.input_ids, method, config.target, config.engine, checked, plan)
     if result.masks.keys() != masks.keys() or any(not torch.equal(result.masks[k], masks[k]) for k in masks):
         raise CpsError(f"rebuilding run {record.run_id} gave different masks; cannot evaluate it faithfully")
     return loaded

@@ -46,7 +46,7 @@ def test_help_is_fast(command):
 
 # Fields whose flag is named otherwise (a repeatable flag, or the calibration spelled out in flags).
 FLAG_NAMES = {"task_limits": "--task-limit", "filters": "--filter", "calib_run": "--calib"}
-NOT_FLAGS = {"calibration"}  # PruneConfig.calibration comes from --lang, --corpus, --nsamples, ...
+NOT_FLAGS = {"calibration", "from_run"}  # calibration: from --lang, --corpus, ...; from_run: cps quantize's
 
 
 @pytest.mark.parametrize(
@@ -170,6 +170,7 @@ def _bad_inputs(tmp_path):
         "quantize a pruning method": ([*quantize, "--method", "wanda"], "wanda prunes"),
         "bits on layer removal": ([*prune, "--method", "shortgpt", "--bits", "4"], "removes whole layers"),
         "unknown quantizer": ([*prune, "--bits", "4", "--quant", "awq"], "unknown quantizer 'awq'"),
+        "quantize an unknown run": ([*quantize, "--from-run", "deadbeef"], "no run 'deadbeef'"),
         "bad recipe": ([*prune, "--lang", "sw+sw"], "names 'sw' twice"),
         "unknown calib run": ([*prune, "--calib", "deadbeef"], "no run 'deadbeef'"),
         "prune without language": (["prune", "--model", "tiny-llama"], "--lang is required"),
@@ -250,6 +251,7 @@ def cps_here(args: list[str], capsys: pytest.CaptureFixture) -> subprocess.Compl
         "quantize a pruning method",
         "bits on layer removal",
         "unknown quantizer",
+        "quantize an unknown run",
         "bad recipe",
         "unknown calib run",
         "prune without language",

@@ -14,6 +14,7 @@ from cps.config import EvalConfig
 from cps.pruning.compressed import quantized_config, read_codes
 from cps.runs import run_codes
 from cps.stages.evaluate import run_eval
+from cps.stages.prune import run_prune
 
 
 @pytest.mark.parametrize(
@@ -84,3 +85,36 @@ def test_quantize_cli_and_a_rebuilt_run_evaluates_as_saved(store, tmp_path, caps
 @pytest.mark.slow  # Gemma-3 270M quantized with GPTQ and saved, ~1 min (`make test-all`, CI)
 def test_gemma_gptq_saved_loads_anywhere(store, tmp_path):
     saved_run_loads_anywhere(store, tmp_path, "gemma3-270m", "gptq", False, bits=4, group_size=128)
+
+
+def test_gptq_on_a_pruned_run_holds_its_zeros_and_rebuilds(store):
+    """`cps quantize --from-run`: a Wanda run's model quantized with GPTQ around its masks (the
+    masks logged again, its zeros stored, the kept weights on the grid); evaluated rebuilt (the
+    source rebuilt from its masks, then quantized again, codes checked) as in memory."""
+    from cps.config import CalibrationConfig, PruneConfig
+    from cps.runs import run_masks
+
+    calibration = CalibrationConfig("tiny-llama", "sw", nsamples=4, seqlen=64)
+    source = run_prune(PruneConfig("tiny-llama", "wanda", calibration, save_model=False), store)
+    config = PruneConfig(
+        "tiny-llama", "gptq", calibration, bits=4, group_size=32, from_run=source.run_id, save_model=False
+    )
+    quantized = run_prune(config, store, keep_model=True)
+    record = tracking.get_run(store, quantized.run_id)
+    assert record.params["from_run"] == source.run_id and record.params["from_method"] == "wanda"
+    assert record.params["sparsity"] == "0.5" and record.metrics["sparsity.mask"] == 0.5
+    masks, codes = run_masks(store, source.run_id), run_codes(store, quantized.run_id)
+    assert run_masks(store, quantized.run_id).keys() == masks.keys()
+    model = quantized.model.model
+    for name, mask in masks.items():
+        weight = model.get_submodule(name).weight.data
+        assert torch.all(weight[mask] == 0) and torch.equal(run_masks(store, quantized.run_id)[name], mask)
+        assert bool((weight[~mask] != 0).any())
+    assert len(codes) == len(masks)
+    config = EvalConfig(langs=("sw",), seqlen=64, max_docs=2)
+    run_eval(config, store, quantized.run_id, quantized.model)
+    in_memory = tracking.get_run(store, quantized.run_id).metrics["ppl.sw"]
+    run_eval(config, store, quantized.run_id)  # no saved model: rebuilt
+    rebuilt = tracking.get_run(store, quantized.run_id)
+    assert rebuilt.metrics["ppl.sw"] == pytest.approx(in_memory, rel=1e-6)
+    assert rebuilt.tags["cps.eval.weights"] == "pruned again from the run's calibration set"

@@ -53,6 +53,12 @@ def quantize_command(
     seqlen: SeqLen = 2048,
     seed: Seed = 0,
     calib: CalibRun = None,
+    from_run: Annotated[
+        str | None,
+        typer.Option(
+            "--from-run", help="Quantize this prune run's model (saved or rebuilt), its pruned zeros held."
+        ),
+    ] = None,
     true_sequential: TrueSequential = False,
     device: ComputeDevice = "cpu",
     dtype: ComputeDtype = "auto",
@@ -95,5 +101,6 @@ def quantize_command(
         group_size=group_size,
         sym=sym,
         act_order=act_order,
+        from_run=from_run,
     )
     run_and_summarize(config, Store(tracking_uri, experiment))

@@ -25,7 +25,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -311,9 +311,14 @@ def _prune_group(group: _Group, layer: nn.Module, step: _LayerStep) -> dict[str,
     results = {}
     weights = [linears[name].weight.data.float() for name in group.names]  # the weights when fp32
     # a method that updates weights works on its own copies; a mask-only one reads them as they are
-    outcome = method.prune_group(
-        [W.clone() for W in weights] if method.updates_weights else weights, stats, target
-    )
+    copies = [W.clone() for W in weights] if method.updates_weights else weights
+    if step.held is not None and method.quantizes:  # a pruned run's model: its zeros held
+        held = [step.held.get(name) for name in group.names]
+        outcome = method.quantize_group(
+            copies, stats, [m if m is None else m.to(W.device) for m, W in zip(held, weights, strict=True)]
+        )
+    else:
+        outcome = method.prune_group(copies, stats, target)
     for name, W, pruned in zip(group.names, weights, outcome, strict=True):
         if refinement is not None:  # a mask-only method's mask (PruneConfig refuses the others)
             pruned.mask = refinement.refine(name, W, pruned.mask, stats, target)
@@ -414,7 +419,11 @@ def prune_model(
         result.error_estimate = sample.label
 
     def visit(index: int, layer: nn.Module, forward: Callable, hidden: Any) -> dict[str, str] | None:
-        step = _LayerStep(method, targets[index], plan.refinement, sample, plan.quantizer)
+        held = None
+        if plan.held is not None:  # this layer's masks of the pruned run being quantized
+            inside = f"{prefix[id(layer)]}."
+            held = {name.removeprefix(inside): m for name, m in plan.held.items() if name.startswith(inside)}
+        step = _LayerStep(method, targets[index], plan.refinement, sample, plan.quantizer, held)
         layer_stats = _prune_layer(layer, forward, hidden, step, config, layouts)
         if on_layer is not None:
             on_layer(index, layer)
@@ -456,6 +465,7 @@ class _LayerStep:
     refinement: MaskRefinement | None = None
     sample: TokenSample | None = None
     quantizer: PruningMethod | None = None
+    held: dict[str, torch.Tensor] | None = None  # a pruned run's masks in this layer (a quantizer holds them)
 
     @property
     def needs_gram(self) -> bool:
@@ -528,6 +538,7 @@ class PrunePlan:
     allocation: OwlAllocation | None = None
     refinement: MaskRefinement | None = None
     quantizer: PruningMethod | None = None  # a quantization method after a pruning method (--bits)
+    held: Mapping[str, torch.Tensor] | None = None  # a pruned run's masks (full names): quantized around
 
 
 def _layer_pass(

@@ -17,7 +17,7 @@ import polars as pl
 from cps import tracking
 from cps.analysis.findings import DELTA, shown_answers
 from cps.analysis.groups import calib_kind
-from cps.config import FINDINGS_DELTA_TAG, quant_label, variant
+from cps.config import FINDINGS_DELTA_TAG, run_variant
 from cps.metrics import INTERVAL, MARGIN_OF, SHOWN_SCORE, companion, metric, task_family
 
 # Prune metrics logged before the in-sample figures were named for what they are.
@@ -57,9 +57,7 @@ def prune_runs(store: tracking.Store, filters: Mapping[str, str]) -> pl.DataFram
     for record in matching_runs(store, "prune", filters):
         row: dict[str, object] = {"run_id": record.run_id, **record.params}
         params = record.params  # the method with its allocation and refinement: wanda+owl+dsnot
-        row["method"] = variant(
-            params.get("method", ""), params.get("allocation"), params.get("refine"), quant_label(params)
-        )
+        row["method"] = run_variant(params)
         row["calib_kind"] = calib_kind(params.get("calib_lang"))
         row |= {f"m:{name}": value for name, value in _normalised(record.metrics).items()}
         rows.append(row)
@@ -98,12 +96,7 @@ def analysis_runs(store: tracking.Store, filters: Mapping[str, str]) -> pl.DataF
         members = json.loads(record.params.get("runs", "{}"))
         row = {
             "model": record.params.get("model"),
-            "method": variant(
-                record.params.get("method", ""),
-                record.params.get("allocation"),
-                record.params.get("refine"),
-                quant_label(record.params),
-            ),
+            "method": run_variant(record.params),
             "pattern": record.params.get("pattern"),
             "sparsity": record.params.get("sparsity"),
             "calib_corpus": record.params.get("calib_corpus"),
@@ -167,12 +160,7 @@ def analysis_tables(
                 continue
             shown = {
                 **params,
-                "method": variant(
-                    params.get("method", ""),
-                    params.get("allocation"),
-                    params.get("refine"),
-                    quant_label(params),
-                ),
+                "method": run_variant(params),
             }
             setting = tuple(shown.get(key) for key in SETTING_PARAMS)
             if setting in seen:

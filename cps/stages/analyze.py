@@ -42,7 +42,7 @@ from cps.analysis.masks_overlap import (
     pairwise_iou,
     paper_agrees,
 )
-from cps.config import DENSE, PROTOCOL_VERSION, AnalyzeConfig, default_stride, quant_label, variant
+from cps.config import DENSE, PROTOCOL_VERSION, AnalyzeConfig, default_stride, quant_label, run_variant
 from cps.data import get_corpus
 from cps.errors import CpsError
 from cps.evaluation.activations import ActivationStats, activation_statistics
@@ -134,9 +134,7 @@ def analyze_group(
             "cross_snr.own_lang_best": own_language_best(tables["cross_snr"], vary),
         }
     shared = group.shared
-    method = variant(
-        str(shared.get("method")), shared.get("allocation"), shared.get("refine"), quant_label(shared)
-    )
+    method = run_variant(shared)
     name = f"analyze-{method}-{shared.get('model')}-by-{vary}"
     frames = {"iou": iou, "iou_pairs": language_pairs(iou), "calib_snr": calib_snr, **tables, **plans}
     if codes is not None:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from cps import tracking
-from cps.config import PruneConfig
+from cps.config import DENSE, PruneConfig, quant_label, run_variant
 from cps.data.calibration import CalibrationSet
 from cps.errors import CpsError
 from cps.models import (
@@ -41,7 +41,15 @@ from cps.pruning.compressed import write_compressed
 from cps.pruning.engine import EngineResult, prune_model
 from cps.pruning.masks import save_masks
 from cps.pruning.quant import QuantGrid, save_quant
-from cps.runs import DENSE_METRICS, ORIGINS, REMOVED_LAYERS_TAG, load_calibration_run, prune_params
+from cps.runs import (
+    DENSE_METRICS,
+    ORIGINS,
+    REMOVED_LAYERS_TAG,
+    load_calibration_run,
+    load_run_model,
+    prune_params,
+    run_masks,
+)
 from cps.stages.calibrate import calibration_dataset, run_calibrate
 from cps.streaming import (
     ShardWriter,
@@ -145,11 +153,17 @@ def run_prune(
         grid = QuantGrid(int(config.bits or 4), config.group_size, config.sym)
         for width in sorted(linear_input_widths(config.model, config.load_options.trust_remote_code)):
             grid.width(width)
+    source = _source_run(config, store)  # --from-run: the pruned run whose model is quantized
     calib, calib_run = (None, None) if config.dense else _calibration(config, store, tags)
     torch.manual_seed(calib.config.seed if calib else 0)
     params = prune_params(config, calib)
-    run_name = f"{config.variant}-{config.model}-{params['calib_lang']}-{params['pattern']}"
+    if source is not None:  # what the model is: the source run's sparsity, pattern and variant
+        params |= {key: source.params[key] for key in ("sparsity", "pattern")}
+        params["from_method"] = run_variant(source.params)
+    run_name = f"{run_variant(params)}-{config.model}-{params['calib_lang']}-{params['pattern']}"
     stream = not config.dense and wants_stream(config.model, config.load_options)
+    if stream and source is not None:
+        raise CpsError("--from-run quantizes the run's model in memory: use --no-stream")
     if stream and keep_model:
         raise CpsError("a streamed model is never whole in memory: keep_model needs --no-stream")
     if stream and config.save_model and method_class(config.method_name).removes_layers:
@@ -167,12 +181,27 @@ def run_prune(
         elif stream:
             loaded, stats, metrics = _prune_streamed(run, config, calib, Path(work), evaluated)
         else:
-            loaded, stats, metrics = _prune_in_memory(run, config, calib, evaluated)
+            loaded, stats, metrics = _prune_in_memory(run, config, calib, evaluated, source)
         describe(store, run.run_id)
         if then is not None:
             assert loaded is not None
             then(run.run_id, loaded)
     return PruneResult(run.run_id, stats, metrics, calib, loaded if keep_model else None)
+
+
+def _source_run(config: PruneConfig, store: tracking.Store) -> tracking.RunRecord | None:
+    """The finished prune run `--from-run` names, checked: pruned (not dense, not quantized), of
+    the same model."""
+    if config.from_run is None:
+        return None
+    record = tracking.get_run(store, config.from_run)
+    if record.stage != "prune" or record.status != "FINISHED":
+        raise CpsError(f"run {config.from_run} is not a finished prune run")
+    if record.params.get("method") == DENSE or quant_label(record.params) is not None:
+        raise CpsError(f"run {config.from_run} is not a pruned (unquantized) run: nothing to quantize around")
+    if record.params.get("model") != config.model:
+        raise CpsError(f"run {config.from_run} pruned {record.params.get('model')!r}, not {config.model!r}")
+    return record
 
 
 def _log_inputs(run: tracking.TrackedRun, calib: CalibrationSet | None, calib_run: str | None) -> None:
@@ -196,18 +225,28 @@ def _dense_baseline(run: tracking.TrackedRun, config: PruneConfig, wanted: bool)
 
 
 def _prune_in_memory(
-    run: tracking.TrackedRun, config: PruneConfig, calib: CalibrationSet, evaluated: bool
+    run: tracking.TrackedRun,
+    config: PruneConfig,
+    calib: CalibrationSet,
+    evaluated: bool,
+    source: tracking.RunRecord | None = None,
 ) -> Outcome:
     """The model stays on the CPU, in the dtype of the device it computes on; the engine moves one
     layer at a time to that device. The tokenizer only once pruned, for a saved model or an
-    evaluation next (the calibration set came by its fingerprint): not held through the pruning."""
+    evaluation next (the calibration set came by its fingerprint): not held through the pruning.
+    With `source` (--from-run), the model is that run's, quantized around its masks."""
     options = replace(config.load_options, hold_on_cpu=True)
-    loaded = load_model(config.model, options, tokenizer=False)
+    plan = config.plan
+    if source is not None:
+        loaded = load_run_model(run.store, source, options, tokenizer=False)
+        plan = replace(plan, held=run_masks(run.store, source.run_id))
+    else:
+        loaded = load_model(config.model, options, tokenizer=False)
     engine = replace(config.engine, device=placement(options).compute)
     if loaded.model.dtype != torch.float32 and engine.device == "cpu":
         log.info("pruning in %s on the CPU", loaded.model.dtype)
     method = get_method(config.method_name, config.options)
-    result = prune_model(loaded.model, calib.input_ids, method, config.target, engine, plan=config.plan)
+    result = prune_model(loaded.model, calib.input_ids, method, config.target, engine, plan=plan)
     if loaded.tokenizer is None and (config.save_model or evaluated):
         loaded.tokenizer = _tokenizer(config.model)
     loaded.origin = ORIGINS["pruned"]
