@@ -76,6 +76,7 @@ def test_a_grid_leaves_out_quantizers_without_bits(tmp_path):
     assert sum(cell.prune.quantizes for cell in study.cells) == 4  # gptq and rtn at 4 bits only
 
 
+@pytest.mark.slow  # ~30 s: nine cells, four analyses with activations (`make test-all`, CI)
 def test_tiny_quant_study_sweeps_analyses_and_reports(tmp_path, store):
     path = tmp_path / "tinyquant.toml"
     path.write_text(STUDY, encoding="utf-8")

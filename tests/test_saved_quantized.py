@@ -87,6 +87,7 @@ def test_gemma_gptq_saved_loads_anywhere(store, tmp_path):
     saved_run_loads_anywhere(store, tmp_path, "gemma3-270m", "gptq", False, bits=4, group_size=128)
 
 
+@pytest.mark.slow  # ~25 s (`make test-all`, CI)
 def test_gptq_on_a_pruned_run_holds_its_zeros_and_rebuilds(store):
     """`cps quantize --from-run`: a Wanda run's model quantized with GPTQ around its masks (the
     masks logged again, its zeros stored, the kept weights on the grid); evaluated rebuilt (the
