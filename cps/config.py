@@ -30,7 +30,6 @@ FINDINGS_DELTA_TAG = "cps.findings_delta"  # on a sweep run: its study's [findin
 
 ALLOCATIONS = ("uniform", "owl")
 QUANTIZERS = ("gptq", "rtn")  # what quantizes after a pruning method (`--quant`, with `--bits`)
-QUANT_PARAMS = ("bits", "group_size", "sym", "act_order", "quant")  # a quantized run's params
 
 
 def combination_error(
@@ -212,8 +211,7 @@ class PruneConfig:
             refinement_class(self.refine)
         if self.quant not in QUANTIZERS:
             raise CpsError(f"unknown quantizer {self.quant!r}; use {' or '.join(QUANTIZERS)}")
-        if self.bits is not None:
-            QuantGrid(self.bits, self.group_size, self.sym)
+        self.grid  # noqa: B018  (validated)
         problem = combination_error(str(self.method), self.pattern, self.allocation, self.refine, self.bits)
         if problem:
             raise CpsError(problem)
@@ -225,6 +223,11 @@ class PruneConfig:
             )
         if self.quantizes and self.sparsity not in (None, 0, 0.0):
             raise CpsError(f"{self.method} quantizes and prunes nothing: to prune too, cps prune --bits")
+
+    @property
+    def grid(self) -> QuantGrid | None:
+        """The grid the weights are rounded to (None unquantized)."""
+        return None if self.bits is None else QuantGrid(self.bits, self.group_size, self.sym)
 
     @property
     def quantizes(self) -> bool:

@@ -46,7 +46,7 @@ from cps.pruning.base import get_method, method_class
 from cps.pruning.compressed import dequantize_now, load_kwargs, quantized_config
 from cps.pruning.engine import prune_model
 from cps.pruning.masks import load_masks
-from cps.pruning.quant import load_quant
+from cps.pruning.quant import QuantParams, load_quant
 from cps.streaming import (
     ShardWriter,
     WeightReader,
@@ -143,11 +143,16 @@ def run_masks(store: tracking.Store, run_id: str) -> dict[str, torch.Tensor]:
         return load_masks(str(tracking.download_artifact(store, run_id, "masks.safetensors", folder)))
 
 
-def run_codes(store: tracking.Store, run_id: str) -> dict[str, torch.Tensor]:
-    """A quantized run's integer codes per linear (`quant.safetensors`), int8 (out, in)."""
+def run_quant(store: tracking.Store, run_id: str) -> dict[str, tuple[QuantParams, torch.Tensor]]:
+    """A quantized run's grid and integer codes per linear (`quant.safetensors`); CpsError where
+    it logged none."""
     with tempfile.TemporaryDirectory() as folder:
-        stored = load_quant(str(tracking.download_artifact(store, run_id, "quant.safetensors", folder)))
-    return {name: codes for name, (_, codes) in stored.items()}
+        return load_quant(str(tracking.download_artifact(store, run_id, "quant.safetensors", folder)))
+
+
+def run_codes(store: tracking.Store, run_id: str) -> dict[str, torch.Tensor]:
+    """A quantized run's integer codes per linear, int8 (out, in)."""
+    return {name: codes for name, (_, codes) in run_quant(store, run_id).items()}
 
 
 def run_layer_stats(store: tracking.Store, run_id: str) -> pl.DataFrame:
@@ -475,7 +480,6 @@ def _prune_again(
         sparsity=None if quantizes or ":" in params["pattern"] else float(params["sparsity"]),
         device=device,
         dtype=pruned_dtype(record),
-        true_sequential=params.get("true_sequential") == "True",
         **options,
     )
     stored = _stored_quant(store, record)
@@ -513,7 +517,6 @@ _REBUILT_HERE = (
     "sparsity",
     "device",
     "dtype",
-    "true_sequential",
 )
 
 
@@ -522,12 +525,10 @@ def _stored_quant(store: tracking.Store, record: tracking.RunRecord) -> dict | N
     issue 27's artifact)."""
     if quant_label(record.params) is None:
         return None
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            path = tracking.download_artifact(store, record.run_id, "quant.safetensors", folder)
-        except CpsError:
-            return None
-        return load_quant(str(path))
+    try:
+        return run_quant(store, record.run_id)
+    except CpsError:
+        return None
 
 
 def _param(value: str) -> object:

@@ -50,6 +50,7 @@ from safetensors import safe_open
 
 from cps.errors import CpsError
 from cps.pruning.quant import QuantGrid, QuantParams
+from cps.streaming import WeightReader, _header
 
 # compressed_tensors (and transformers, which it imports: seconds) is imported inside the
 # functions that write, read or load a folder, so that importing the pruning package stays light.
@@ -57,7 +58,6 @@ from cps.pruning.quant import QuantGrid, QuantParams
 FORMAT = "pack-quantized"
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-COPY_CHUNK = 64 << 20  # bytes per read when copying an untouched tensor
 INDEX_BYTES = {"I32": 4, "I64": 8}  # the integer tensors a compressed linear adds
 
 
@@ -101,14 +101,6 @@ def _files(folder: Path) -> list[Path]:
     if (folder / SINGLE).exists():
         return [folder / SINGLE]
     raise CpsError(f"{folder} holds no {SINGLE} nor {INDEX}: not a save_pretrained folder")
-
-
-def _header(path: Path) -> tuple[dict[str, Any], int]:
-    """A safetensors file's header (tensor name -> dtype, shape, data_offsets; `__metadata__`) and
-    where its data starts."""
-    with path.open("rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        return json.loads(handle.read(size)), 8 + size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +186,8 @@ def _make(entry: _Entry, weight: torch.Tensor, params: QuantParams) -> torch.Ten
 def _write_file(source: Path, target: Path, quant: Mapping[str, QuantParams]) -> dict[str, int]:
     """`source` rewritten to `target` with its quantized linears compressed, one tensor held at a
     time; returns each tensor's size in bytes."""
-    header, data_start = _header(source)
+    header, _ = _header(source)
+    reader = WeightReader(source)
     entries = _plan(header, quant)
     new_header: dict[str, Any] = {"__metadata__": header["__metadata__"]} if "__metadata__" in header else {}
     offset = 0
@@ -207,18 +200,15 @@ def _write_file(source: Path, target: Path, quant: Mapping[str, QuantParams]) ->
         offset += entry.nbytes
     encoded = json.dumps(new_header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # tensors start 8-byte aligned
-    with safe_open(str(source), "pt") as tensors, source.open("rb") as raw, target.open("wb") as out:
+    with target.open("wb") as out:
         out.write(len(encoded).to_bytes(8, "little"))
         out.write(encoded)
         for entry in entries:
-            if entry.source is not None:
-                begin, end = header[entry.source]["data_offsets"]
-                raw.seek(data_start + begin)
-                for position in range(begin, end, COPY_CHUNK):
-                    out.write(raw.read(min(COPY_CHUNK, end - position)))
+            if entry.source is not None:  # byte for byte
+                reader.copy_raw(entry.source, out)
                 continue
             params = quant[entry.module]
-            made = _make(entry, tensors.get_tensor(f"{entry.module}.weight"), params).contiguous()
+            made = _make(entry, reader.read(f"{entry.module}.weight"), params).contiguous()
             assert tuple(made.shape) == entry.shape and made.nbytes == entry.nbytes, entry
             out.write(made.reshape(-1).view(torch.uint8).numpy().tobytes())
     return {entry.name: entry.nbytes for entry in entries}

@@ -40,7 +40,7 @@ from cps.pruning.base import get_method, method_class
 from cps.pruning.compressed import write_compressed
 from cps.pruning.engine import EngineResult, prune_model
 from cps.pruning.masks import save_masks
-from cps.pruning.quant import QuantGrid, save_quant
+from cps.pruning.quant import save_quant
 from cps.runs import (
     DENSE_METRICS,
     ORIGINS,
@@ -149,8 +149,8 @@ def run_prune(
     """
     tracking.client(store)  # an unreachable store fails before any work,
     placement(config.load_options)  # and so does a device this machine lacks,
-    if config.quantized and config.group_size != -1:  # or a group size the model's widths refuse
-        grid = QuantGrid(int(config.bits or 4), config.group_size, config.sym)
+    grid = config.grid if config.quantized else None
+    if grid is not None and grid.group_size != -1:  # or a group size the model's widths refuse
         for width in sorted(linear_input_widths(config.model, config.load_options.trust_remote_code)):
             grid.width(width)
     source = _source_run(config, store)  # --from-run: the pruned run whose model is quantized
